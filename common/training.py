@@ -1,0 +1,376 @@
+"""The parts every training stage shares, so each stage's loop can read top to bottom.
+
+`Trainer` owns accelerate (device placement, DDP, mixed precision on CUDA only), the AdamW
+optimizers with a cosine warm-up schedule, the EMA copies, the resume state, logging, the progress
+bar, Ctrl-C/SIGTERM and non-finite losses. A stage writes:
+
+    trainer = Trainer("vae", config, config.vae)
+    model = trainer.add("vae", model, ema=True)
+    for step in trainer.steps(total_steps):          # sets lr, reseeds, saves, handles Ctrl-C
+        loss = ...
+        trainer.backward(loss)
+        trainer.optimizer_step("vae")
+        trainer.log(loss=loss)
+
+Resume is exact: every random draw of a step comes from a generator reseeded from
+(seed, stage, rank, step) (as EDM2 does), the data order from (seed, epoch), and the learning rate
+is a function of the step, so the state file only needs weights, EMA and optimizer moments.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from common.checkpoint import load_tensors, save_tensors
+from common.config import Config, TrainConfig, to_dict
+from common.data import seed_from
+from common.errors import RunFolderError, UserError
+from common.run import RunFolder
+
+
+class TrainingDiverged(UserError):
+    """Too many non-finite losses in a row; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(SystemExit):
+    """Ctrl-C or SIGTERM: the state was saved and the process exits (130 or 143) without a traceback."""
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """bf16 (or fp16 on older GPUs) on CUDA; never on CPU, where bf16/fp16 matmuls are very slow."""
+    if not torch.cuda.is_available():
+        if setting in ("fp16", "bf16"):
+            print(f"note: mixed_precision={setting} ignored: no CUDA device, training in fp32 on the CPU")
+        return "no"
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return setting
+
+
+def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), step_scheduler_with_optimizer=False)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Linear warm-up to 1, then a cosine to `min_ratio` at `total_steps` (Loshchilov & Hutter 2017)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameters and float buffers alike."""
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param.detach().to(ema_param.dtype), 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put a model in eval mode for a block, then back to the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON (the rest)."""
+    state = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for param_id, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{param_id}.{key}"] = value
+            else:
+                plain.setdefault(str(param_id), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "state": plain}
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict, prefix: str) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            param_id, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in meta["state"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class StopSignals:
+    """Turns the first Ctrl-C/SIGTERM into a flag the loop checks after each step (a second Ctrl-C aborts)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step "
+              f"(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class Trainer:
+    def __init__(self, stage: str, config: Config, train: TrainConfig):
+        self.stage, self.config, self.train = stage, config, train
+        self.accelerator = make_accelerator(train.mixed_precision)
+        self.device = self.accelerator.device
+        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        self.run = RunFolder(config.run_dir)
+        self.state_dir = self.run.train_state(stage)
+        self.global_batch = train.batch_size * self.world_size * train.grad_accum
+        self.lr_scale = self.world_size * train.grad_accum if train.scale_lr else 1
+        self.models: dict[str, torch.nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.base_lrs: dict[str, float] = {}
+        self.emas: dict[str, torch.nn.Module] = {}
+        self.step = 0
+        self.total_steps = 0
+        self.bad_steps_in_row = 0
+        self.skipped_steps = 0
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._signals = StopSignals()
+        self._saved_step = -1
+        self._progress = None
+        self._started = time.time()
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def print(self, *args) -> None:
+        self.accelerator.print(*args)
+
+    def add(self, name: str, model: torch.nn.Module, lr: float | None = None, ema: bool = False) -> torch.nn.Module:
+        """Register a trainable model with its own AdamW; returns it prepared (on device, DDP-wrapped)."""
+        base_lr = (lr if lr is not None else self.train.lr) * self.lr_scale
+        params = [p for p in model.parameters() if p.requires_grad]
+        fused = self.device.type in ("cuda", "cpu") and all(p.dtype.is_floating_point for p in params)
+        optimizer = torch.optim.AdamW(params, lr=base_lr, betas=tuple(self.train.adam_betas),
+                                      weight_decay=self.train.weight_decay, fused=fused)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        self.models[name], self.optimizers[name], self.base_lrs[name] = model, optimizer, base_lr
+        if ema and self.train.ema_decay > 0:
+            self.emas[name] = copy.deepcopy(self.unwrap(name)).requires_grad_(False).eval()
+        return model
+
+    def unwrap(self, name: str) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.models[name])
+
+    def inference_model(self, name: str) -> torch.nn.Module:
+        """The EMA weights where there are some, else the trained ones."""
+        return self.emas.get(name) or self.unwrap(name)
+
+    def describe_batch(self) -> None:
+        t = self.train
+        lrs = ", ".join(f"{name} {lr:.3g}" for name, lr in self.base_lrs.items())
+        self.print(f"[{self.stage}] device {self.device} | mixed precision {self.accelerator.mixed_precision} | "
+                   f"effective batch {t.batch_size} per process x {self.world_size} processes x "
+                   f"{t.grad_accum} accumulation = {self.global_batch} | lr {lrs}"
+                   f"{' (scaled with the batch)' if t.scale_lr else ''}")
+
+    # ---- resume state ------------------------------------------------------------------------
+
+    def _state_files(self) -> list[Path]:
+        if not self.state_dir.is_dir():
+            return []
+        return sorted(self.state_dir.glob("state-*.safetensors"), reverse=True)
+
+    def save(self) -> None:
+        """Write the full resume state atomically (main process only) and prune old ones."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            tensors, optimizers = {}, {}
+            for name in self.models:
+                for key, value in self.unwrap(name).state_dict().items():
+                    tensors[f"model.{name}.{key}"] = value
+                opt_tensors, optimizers[name] = optimizer_to_tensors(self.optimizers[name], f"optim.{name}")
+                tensors.update(opt_tensors)
+            for name, ema in self.emas.items():
+                for key, value in ema.state_dict().items():
+                    tensors[f"ema.{name}.{key}"] = value
+            meta = {"stage": self.stage, "step": self.step, "world_size": self.world_size,
+                    "skipped_steps": self.skipped_steps, "bad_steps_in_row": self.bad_steps_in_row,
+                    "optimizers": optimizers, "config": to_dict(self.config),
+                    "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None}
+            save_tensors(self.state_dir / f"state-{self.step:08d}.safetensors", tensors, meta)
+            for old in self._state_files()[max(1, self.train.keep_checkpoints):]:
+                old.unlink(missing_ok=True)
+        self._saved_step = self.step
+        self.accelerator.wait_for_everyone()
+
+    def resume(self) -> int:
+        """Load the newest complete state file, if any; returns the step to continue from."""
+        for path in self._state_files():
+            try:
+                tensors, meta = load_tensors(path)
+            except Exception as error:  # a damaged file (e.g. a disk error): fall back to the one before
+                self.print(f"[{self.stage}] ignoring unreadable checkpoint {path.name}: {error}")
+                continue
+            if not meta or meta.get("stage") != self.stage:
+                continue
+            self._load(path, tensors, meta)
+            return self.step
+        return 0
+
+    def _load(self, path: Path, tensors: dict, meta: dict) -> None:
+        try:
+            for name in self.models:
+                prefix = f"model.{name}."
+                self.unwrap(name).load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+                optimizer_from_tensors(self.optimizers[name], tensors, meta["optimizers"][name], f"optim.{name}")
+            for name, ema in self.emas.items():
+                prefix = f"ema.{name}."
+                ema_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                ema.load_state_dict(ema_state if ema_state else self.unwrap(name).state_dict())
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise RunFolderError(
+                f"the checkpoint {path} was written by a different {self.stage} model or optimizer setup "
+                f"({str(error).splitlines()[0][:200]}). Use a new run_dir, or delete {self.state_dir} to start "
+                f"this stage over") from None
+        if meta.get("scaler") and self.accelerator.scaler:
+            self.accelerator.scaler.load_state_dict(meta["scaler"])
+        self.step = self._saved_step = meta["step"]
+        self.skipped_steps = meta.get("skipped_steps", 0)
+        self.bad_steps_in_row = meta.get("bad_steps_in_row", 0)
+        saved_by = meta.get("world_size", 1)
+        note = f" (saved by {saved_by} processes, resumed on {self.world_size})" if saved_by != self.world_size else ""
+        self.print(f"[{self.stage}] resumed from {path} at step {self.step}{note}")
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def steps(self, total_steps: int) -> Iterator[int]:
+        """Yield the steps still to run, doing the shared bookkeeping around each one."""
+        self.total_steps = total_steps
+        self._progress = tqdm(total=total_steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
+                              disable=not self.accelerator.is_local_main_process, smoothing=0.05)
+        with self._signals:
+            while self.step < total_steps:
+                step = self.step
+                factor = lr_factor(step, self.train.warmup_steps, total_steps, self.train.min_lr_ratio)
+                for name, optimizer in self.optimizers.items():
+                    for group in optimizer.param_groups:
+                        group["lr"] = self.base_lrs[name] * factor
+                torch.manual_seed(seed_from(self.config.seed, self.stage, self.rank, step))
+                yield step
+                self.step = step + 1
+                decay = ema_decay_at(step, self.train.ema_decay, self.train.ema_warmup)
+                for name, ema in self.emas.items():
+                    update_ema(ema, self.unwrap(name), decay)
+                self._progress.update(1)
+                if self._stop_requested():
+                    self.save()
+                    self._progress.close()
+                    code = 128 + self._signals.received
+                    self.print(f"[{self.stage}] stopped at step {self.step}; checkpoint saved in {self.state_dir}. "
+                               f"Re-run the same command to resume.")
+                    raise TrainingInterrupted(code)
+                if self.step % self.train.save_every == 0 and self.step < total_steps:
+                    self.save()
+        if self._saved_step != self.step:
+            self.save()
+        self._progress.close()
+        if self.skipped_steps:
+            self.print(f"[{self.stage}] skipped {self.skipped_steps} step(s) with a non-finite loss")
+
+    def _stop_requested(self) -> bool:
+        stop = self._signals.received is not None
+        if self.world_size > 1:  # every rank must stop at the same step, or the collectives hang
+            flag = torch.tensor([float(stop)], device=self.device)
+            stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+            if stop and self._signals.received is None:
+                self._signals.received = signal.SIGTERM
+        return stop
+
+    def no_sync(self, name: str, micro: int):
+        """Skip the DDP gradient all-reduce on all but the last micro-batch of a step."""
+        last = micro == self.train.grad_accum - 1
+        return nullcontext() if last else self.accelerator.no_sync(self.models[name])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def optimizer_step(self, name: str) -> bool:
+        """Clip and apply the gradients; a non-finite gradient norm skips the step instead.
+
+        After `max_bad_steps` non-finite steps in a row, training stops with the last checkpoint kept.
+        """
+        model, optimizer = self.models[name], self.optimizers[name]
+        max_norm = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
+        norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        finite = norm is None or bool(torch.isfinite(norm))
+        if not finite and self.accelerator.scaler is None:
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.bad_steps_in_row += 1
+            if self.bad_steps_in_row >= self.train.max_bad_steps:
+                raise TrainingDiverged(
+                    f"[{self.stage}] {self.bad_steps_in_row} steps in a row had a non-finite loss at step {self.step}; "
+                    f"stopped. The last good checkpoint is in {self.state_dir}. Lower {self.stage}.lr or check the data")
+            return False
+        optimizer.step()  # with an fp16 GradScaler, this itself skips steps with inf gradients
+        optimizer.zero_grad(set_to_none=True)
+        self.bad_steps_in_row = 0
+        return True
+
+    # ---- logging -----------------------------------------------------------------------------
+
+    def log(self, **values: float | torch.Tensor) -> None:
+        """Average values over `log_every` steps; show them on the bar and append them to logs/<stage>.jsonl."""
+        for key, value in values.items():
+            self._sums[key] = self._sums.get(key, 0.0) + float(value)
+        self._count += 1
+        done = self.step + 1  # log() is called inside the step, before the step counter moves on
+        if done % self.train.log_every and done != self.total_steps:
+            return
+        means = {k: v / self._count for k, v in self._sums.items()}
+        self._sums, self._count = {}, 0
+        lr = next(iter(self.optimizers.values())).param_groups[0]["lr"] if self.optimizers else 0.0
+        if self._progress is not None:
+            self._progress.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
+        self.write_log({"step": done, "lr": lr, **means})
+
+    def write_log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        self.run.logs.mkdir(parents=True, exist_ok=True)
+        record = {"time": round(time.time() - self._started, 2), **record}
+        with open(self.run.logs / f"{self.stage}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+

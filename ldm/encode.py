@@ -1,0 +1,134 @@
+"""encode-dataset: encode every image once with the trained VAE and cache the latents in `run/latents/`.
+
+    encode-dataset --config configs/mnist.yaml
+
+Stores the posterior's mean and std of every image (training and held-out, flagged) in safetensors
+shards of `encode.shard_size` images, written one at a time so memory does not grow with the
+dataset. A manifest fingerprints the VAE weights and the dataset; re-running with a current cache
+does nothing, and an interrupted run keeps its finished shards and resumes after them. On N
+processes (`accelerate launch`), shard k is encoded by rank k mod N; the result is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+
+import torch
+from diffusers import AutoencoderKL
+from tqdm.auto import tqdm
+
+from common.checkpoint import read_metadata, save_tensors, write_text
+from common.config import Config, dump_config, run_cli
+from common.data import image_batches, load_split
+from common.errors import UserError
+from common.run import RunFolder
+from common.training import StopSignals, TrainingInterrupted, make_accelerator
+from ldm.latents import FORMAT_VERSION, MANIFEST, load_cache, read_manifest, shard_name, vae_fingerprint
+
+
+def load_vae(run: RunFolder) -> AutoencoderKL:
+    folder = run.component("vae")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"no trained VAE in {folder}; run `train-vae --config ...` first")
+    return AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
+
+
+def main(config: Config, args: argparse.Namespace | None = None) -> dict:
+    accelerator = make_accelerator("no")  # the VAE encodes in fp32: fp16 VAEs are known to overflow
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    run = RunFolder(config.run_dir)
+    accelerator.print(dump_config(config))
+    if accelerator.is_main_process:
+        run.save_config(config)
+
+    vae = load_vae(run).to(device)
+    dataset = load_split(config.data, "all")
+    vae_hash, dataset_hash = vae_fingerprint(run.component("vae")), dataset.fingerprint()
+    key = hashlib.sha256(f"{vae_hash}|{dataset_hash}|{config.encode.shard_size}|{FORMAT_VERSION}".encode()).hexdigest()
+    manifest = read_manifest(run.latents)
+    if manifest and manifest.get("complete") and manifest.get("key") == key:
+        accelerator.print(f"[encode] the latent cache in {run.latents} is current ({manifest['num_images']} images); "
+                          f"nothing to do")
+        return manifest
+
+    size = config.encode.shard_size
+    num_shards = math.ceil(len(dataset) / size)
+    mine = [k for k in range(num_shards) if k % world == rank]
+    todo = [k for k in mine if not _shard_done(run, k, key)]
+    images = sum(min(size, len(dataset) - k * size) for k in todo)
+    accelerator.print(f"[encode] {len(dataset)} images -> {num_shards} shard(s) of up to {size}; "
+                      f"{len(mine) - len(todo)} of this process's {len(mine)} already done")
+    max_captions = max(len(ids) for ids in dataset.caption_ids)
+    progress = tqdm(total=images, desc="encode", unit="img", disable=not accelerator.is_local_main_process)
+    started = time.time()
+    with StopSignals() as signals, torch.no_grad():
+        for k in todo:
+            rows = list(range(k * size, min(len(dataset), (k + 1) * size)))
+            means, stds = [], []
+            for batch in image_batches(dataset, config.encode.batch_size, indices=rows,
+                                       num_workers=config.data.num_workers):
+                posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
+                means.append(posterior.mean.cpu())
+                stds.append(posterior.std.cpu())
+                progress.update(len(batch["pixel_values"]))
+                if signals.received is not None:
+                    progress.close()
+                    print("[encode] interrupted; finished shards are kept. Re-run the same command to resume.")
+                    raise TrainingInterrupted(128 + signals.received)
+            captions = torch.full((len(rows), max_captions), -1, dtype=torch.int32)
+            for j, row in enumerate(rows):
+                captions[j, :len(dataset.caption_ids[row])] = torch.tensor(dataset.caption_ids[row])
+            save_tensors(run.latents / shard_name(k), {
+                "mean": torch.cat(means), "std": torch.cat(stds), "row": torch.tensor(rows),
+                "label": torch.tensor([dataset.labels[r] for r in rows]),
+                "holdout": torch.tensor([dataset.holdout[r] for r in rows], dtype=torch.uint8),
+                "captions": captions}, {"key": key, "shard": k})
+    progress.close()
+    seconds = time.time() - started
+    accelerator.wait_for_everyone()
+    manifest = {}
+    if accelerator.is_main_process:
+        manifest = _write_manifest(run, dataset, key, vae_hash, dataset_hash, num_shards)
+        manifest["images_per_second"] = images * world / max(seconds, 1e-9)
+        accelerator.print(f"[encode] {images} images in {seconds:.1f} s on this process = "
+                          f"{images / max(seconds, 1e-9):.0f} images/s; cache in {run.latents}")
+    accelerator.wait_for_everyone()
+    return manifest
+
+
+def _shard_done(run: RunFolder, k: int, key: str) -> bool:
+    path = run.latents / shard_name(k)
+    try:
+        return path.is_file() and (read_metadata(path) or {}).get("key") == key
+    except Exception:  # an unreadable shard is simply encoded again
+        return False
+
+
+def _write_manifest(run: RunFolder, dataset, key: str, vae_hash: str, dataset_hash: str, num_shards: int) -> dict:
+    shards = [{"file": shard_name(k)} for k in range(num_shards)]
+    for stale in run.latents.glob("shard-*.safetensors"):
+        if stale.name not in {s["file"] for s in shards}:
+            stale.unlink()
+    manifest = {"format": FORMAT_VERSION, "key": key, "vae": vae_hash, "dataset": dataset_hash,
+                "num_images": len(dataset), "shards": shards, "captions": dataset.captions,
+                "classes": [{"key": c.key, "fields": c.fields} for c in dataset.classes], "complete": True}
+    # written once without the statistics so that load_cache can read the shards to measure them
+    write_text(run.latents / MANIFEST, json.dumps(manifest))
+    cache = load_cache(run.latents, vae_hash, dataset_hash)
+    manifest["latent_shape"] = list(cache.mean.shape[1:])
+    manifest["channel_mean"] = cache.mean.mean((0, 2, 3)).tolist()
+    manifest["channel_std"] = (cache.mean.var((0, 2, 3)) + cache.std.pow(2).mean((0, 2, 3))).sqrt().tolist()
+    write_text(run.latents / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_cli(__doc__.splitlines()[0], main, argv)
+
+
+if __name__ == "__main__":
+    cli()

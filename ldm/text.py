@@ -1,0 +1,97 @@
+"""The text side: a CLIP tokenizer trained on the captions, loading a CLIP text encoder, encoding prompts.
+
+Whether the text encoder was trained here (`train-clip`) or is a pretrained CLIP, it is a transformers
+`CLIPTextModel` + `CLIPTokenizer` pair in `run/text_encoder/` and `run/tokenizer/`, so one loading path
+serves both and the run folder also loads in diffusers' StableDiffusionPipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import pre_tokenizers, trainers
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from common.config import Config
+from common.errors import UserError
+from common.run import RunFolder
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int, max_length: int) -> CLIPTokenizer:
+    """A byte-level BPE with CLIP's normalisation and pre-tokenisation, learned from `corpus`.
+
+    Every byte (alone and word-final) is in the vocabulary, so any prompt tokenizes, including
+    words and scripts the captions never used. Ids: 0 = start, 1 = end (also the padding).
+    """
+    tokenizer = CLIPTokenizer(vocab={BOS: 0, EOS: 1}, merges=[])
+    backend = tokenizer.backend_tokenizer
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>")
+    backend.train_from_iterator(corpus, trainer)
+    with tempfile.TemporaryDirectory() as folder:
+        backend.model.save(folder)
+        vocab = json.loads(Path(folder, "vocab.json").read_text(encoding="utf-8"))
+        merges = [tuple(line.split(" ")) for line in Path(folder, "merges.txt").read_text(encoding="utf-8").splitlines()
+                  if line and not line.startswith("#version")]
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        for piece in (symbol, symbol + "</w>"):
+            vocab.setdefault(piece, len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return tokenizer
+
+
+def text_encoder_source(config: Config) -> tuple[Path | str, Path | str]:
+    """Where the text encoder and tokenizer come from: a pretrained CLIP, or the run's own."""
+    name = config.text_encoder.pretrained
+    if not name:
+        run = RunFolder(config.run_dir)
+        return run.component("text_encoder"), run.component("tokenizer")
+    folder = Path(name).expanduser()
+    if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():  # a diffusers pipeline folder
+        return folder / "text_encoder", folder / "tokenizer"
+    return name, name
+
+
+def load_text_encoder(config: Config) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """The frozen CLIP tokenizer and text encoder this run is conditioned on, read offline."""
+    encoder_source, tokenizer_source = text_encoder_source(config)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_source), local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(str(encoder_source), local_files_only=True,
+                                                     use_safetensors=True)
+    except (OSError, ValueError) as error:
+        if config.text_encoder.pretrained:
+            raise UserError(
+                f"text_encoder.pretrained='{config.text_encoder.pretrained}' cannot be loaded offline "
+                f"({str(error).splitlines()[0][:160]}). Point it at a local CLIP folder (or one in the "
+                f"Hugging Face cache), or leave it empty and run `train-clip --config ...` to train a small "
+                f"CLIP on this dataset") from None
+        raise UserError(f"this run has no text encoder yet ({encoder_source} is missing). Run "
+                        f"`train-clip --config ...` first, or set text_encoder.pretrained to a local CLIP") from None
+    return tokenizer, text_encoder.eval().requires_grad_(False)
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """(N,) prompts -> (N, L) ids, padded/truncated to the tokenizer's max length as SD pipelines do."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str],
+                batch_size: int = 256) -> torch.Tensor:
+    """Token states the UNet cross-attends to: (N,) prompts -> (N, L, D) `last_hidden_state`."""
+    device = text_encoder.device
+    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+    states = []
+    for start in range(0, len(prompts), batch_size):
+        inputs = tokenizer(prompts[start:start + batch_size], padding="max_length", truncation=True,
+                           max_length=tokenizer.model_max_length, return_tensors="pt")
+        mask = inputs.attention_mask.to(device) if use_mask else None
+        states.append(text_encoder(inputs.input_ids.to(device), attention_mask=mask)[0])
+    return torch.cat(states)

@@ -1,0 +1,247 @@
+"""evaluate: quality metrics of a run, printed as one JSON object and written to `run/eval.json`.
+
+    evaluate --config configs/mnist.yaml
+
+- VAE: held-out PSNR and SSIM.
+- Recognition accuracy: a small CNN, trained here on the training split only (cached in
+  `run/evaluator/`), classifies images generated for each class prompt; per class and overall, with
+  the classifier's own held-out accuracy as the ceiling.
+- Frechet distance in that classifier's feature space between generated and held-out images, beside
+  the same distance between real training and held-out images (the floor).
+- Paraphrase accuracy: the same on prompts that are not training templates ("Sketch the number 4").
+- Diversity: mean pairwise feature distance within each class, relative to held-out real images.
+- Memorization: the share of generated images that are near-copies of one training image
+  (nearest-neighbour ratio test of Carlini et al. 2023), beside the same share for held-out images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from common.checkpoint import load_tensors, save_tensors, write_text
+from common.config import AugmentConfig, Config, EvalConfig, dump_config, run_cli
+from common.data import ImageDataset, StepBatches, image_batches, load_split
+from common.errors import UserError
+from common.run import RunFolder
+from pipelines.generate import load_pipeline
+from vae.reconstruct import reconstruction_metrics
+
+CLASSIFIER_FILE = "classifier.safetensors"
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN; its 128-d penultimate layer is the feature space of the Frechet distance."""
+
+    def __init__(self, channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # -> logits (N, K), features (N, 128)
+        features = self.features(images)
+        return self.head(features), features
+
+
+def train_classifier(config: Config, train_set: ImageDataset, holdout_set: ImageDataset, device: torch.device) -> tuple[DigitClassifier, float]:
+    """Train the evaluator on the training split, or load it from run/evaluator/.
+
+    It always trains with small random shifts, rotations and zooms, whatever the dataset's own augmentation.
+    """
+    cfg: EvalConfig = config.evaluate
+    folder = RunFolder(config.run_dir).root / "evaluator"
+    model = DigitClassifier(config.data.channels, len(train_set.classes)).to(device)
+    key = {"dataset": train_set.fingerprint(), "steps": cfg.classifier_steps, "batch": cfg.classifier_batch_size,
+           "seed": config.seed, "classes": len(train_set.classes)}
+    if (folder / CLASSIFIER_FILE).is_file():
+        tensors, meta = load_tensors(folder / CLASSIFIER_FILE)
+        if meta and meta.get("key") == key:
+            model.load_state_dict(tensors)
+            return model.eval(), meta["heldout_accuracy"]
+    torch.manual_seed(config.seed)
+    shifted = replace(config.data, augment=AugmentConfig(rotate_degrees=10, translate=0.1, scale=0.1))
+    augmented = load_split(shifted, "train", augment=True, seed=config.seed, listing=train_set.listing)
+    sampler = StepBatches(len(augmented), cfg.classifier_batch_size, config.seed)
+    loader = iter(torch.utils.data.DataLoader(augmented, batch_sampler=sampler))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=cfg.classifier_steps)
+    model.train()
+    for _ in range(cfg.classifier_steps):
+        batch = next(loader)
+        logits, _ = model(batch["pixel_values"].to(device))
+        loss = F.cross_entropy(logits, batch["label"].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    accuracy = classify(model, real_images(holdout_set), device)[0].eq(torch.tensor(holdout_set.labels)).float().mean().item()
+    save_tensors(folder / CLASSIFIER_FILE, model.state_dict(), {"key": key, "heldout_accuracy": accuracy})
+    return model, accuracy
+
+
+def real_images(dataset: ImageDataset, limit: int | None = None) -> torch.Tensor:
+    return torch.cat([b["pixel_values"] for b in image_batches(dataset, 256, limit)])
+
+
+@torch.no_grad()
+def classify(model: DigitClassifier, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C, H, W) in [-1, 1] -> predicted labels (N,), features (N, 128)."""
+    labels, features = [], []
+    for start in range(0, len(images), 512):
+        logits, feats = model(images[start:start + 512].to(device))
+        labels.append(logits.argmax(1).cpu())
+        features.append(feats.cpu())
+    return torch.cat(labels), torch.cat(features)
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between two feature sets (Heusel et al. 2017)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    # Tr((S_a S_b)^(1/2)) = sum of the square roots of the eigenvalues of S_a S_b (real, >= 0 up to round-off)
+    sqrt_trace = torch.linalg.eigvals(cov_a @ cov_b).real.clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * sqrt_trace)
+
+
+def mean_pairwise_distance(features: torch.Tensor) -> float:
+    n = len(features)
+    if n < 2:
+        return float("nan")
+    return float(torch.cdist(features, features).sum() / (n * (n - 1)))
+
+
+def near_copy_rate(images: torch.Tensor, train_images: torch.Tensor, ratio: float = 1 / 3, neighbours: int = 50) -> float:
+    """Share of `images` whose nearest training image is much closer than the next `neighbours` ones.
+
+    An image counts as a near-copy when d(nearest) < ratio * mean d(2nd .. 51st nearest), in pixel
+    space: the relative test of Carlini et al. 2023 (Extracting training data from diffusion models).
+    """
+    flat_train = train_images.flatten(1).float()
+    copies = 0
+    for start in range(0, len(images), 256):
+        d = torch.cdist(images[start:start + 256].flatten(1).float(), flat_train)
+        nearest = d.topk(neighbours + 1, largest=False).values  # (n, 51), ascending
+        copies += (nearest[:, 0] < ratio * nearest[:, 1:].mean(1)).sum().item()
+    return copies / len(images)
+
+
+def class_prompt(fields: dict, templates: list[str]) -> str | None:
+    for template in templates:
+        try:
+            return template.format_map(fields)
+        except (KeyError, IndexError):
+            continue
+    return None
+
+
+@torch.no_grad()
+def generate_for(pipe, prompts: list[str], per_prompt: int, config: Config, seed: int) -> torch.Tensor:
+    """`per_prompt` images for each prompt, in prompt order: (len(prompts) * per_prompt, C, H, W) in [-1, 1]."""
+    images = []
+    generator = torch.Generator(pipe.device).manual_seed(seed)
+    for start in range(0, len(prompts), 4):  # a few prompts per batch bounds memory
+        chunk = prompts[start:start + 4]
+        out = pipe(chunk, num_images_per_prompt=per_prompt, num_inference_steps=config.sample.num_inference_steps,
+                   guidance_scale=config.sample.guidance_scale, generator=generator, output_type="pt").images
+        images.append(out.cpu() * 2 - 1)
+    return torch.cat(images)
+
+
+def main(config: Config, args: argparse.Namespace | None = None) -> dict:
+    started = time.time()
+    cfg = config.evaluate
+    run = RunFolder(config.run_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(dump_config(config))
+    train_set = load_split(config.data, "train", seed=config.seed)
+    holdout_set = load_split(config.data, "holdout", listing=train_set.listing)
+    if not train_set.classes:
+        raise UserError("evaluate measures class datasets (recognition, paraphrases); this dataset has free captions only")
+    results: dict = {"run": str(run.root), "sampler": None, "num_inference_steps": config.sample.num_inference_steps,
+                     "guidance_scale": config.sample.guidance_scale}
+
+    vae = AutoencoderKL.from_pretrained(run.component("vae"), use_safetensors=True).to(device).eval()
+    vae_metrics = reconstruction_metrics(vae, holdout_set, len(holdout_set))
+    results["vae"] = {"heldout_psnr": vae_metrics["psnr"], "heldout_ssim": vae_metrics["ssim"]}
+
+    classifier, ceiling = train_classifier(config, train_set, holdout_set, device)
+    pipe = load_pipeline(run.root, device)
+    pipe.set_progress_bar_config(disable=True)
+    results["sampler"] = type(pipe.scheduler).__name__
+    templates = config.data.captions or _default_templates(config)
+    names = [c.fields.get("name", c.key) for c in train_set.classes]
+    prompts = [class_prompt(c.fields, templates) for c in train_set.classes]
+    labels = torch.arange(len(prompts)).repeat_interleave(cfg.images_per_class)
+    generated = generate_for(pipe, prompts, cfg.images_per_class, config, config.seed)
+    predicted, gen_features = classify(classifier, generated, device)
+    correct = predicted.eq(labels)
+    per_class = {name: correct[labels == k].float().mean().item() for k, name in enumerate(names)}
+    results["recognition"] = {"accuracy": correct.float().mean().item(), "per_class": per_class,
+                              "min_class": min(per_class.values()), "classifier_heldout_accuracy": ceiling,
+                              "prompts": prompts, "images_per_class": cfg.images_per_class}
+
+    holdout = real_images(holdout_set)
+    train_images = real_images(train_set)
+    _, holdout_features = classify(classifier, holdout, device)
+    reference = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))[:len(generated)]]
+    _, reference_features = classify(classifier, reference, device)
+    fd = frechet_distance(gen_features, holdout_features)
+    floor = frechet_distance(reference_features, holdout_features)
+    results["frechet"] = {"generated_vs_heldout": fd, "train_vs_heldout_floor": floor, "ratio": fd / max(floor, 1e-12)}
+
+    holdout_labels = torch.tensor(holdout_set.labels)
+    gen_spread = [mean_pairwise_distance(gen_features[labels == k]) for k in range(len(names))]
+    real_spread = [mean_pairwise_distance(holdout_features[holdout_labels == k]) for k in range(len(names))]
+    results["diversity"] = {"relative": sum(gen_spread) / sum(real_spread), "generated": sum(gen_spread) / len(names),
+                            "heldout": sum(real_spread) / len(names)}
+    results["memorization"] = {"rate": near_copy_rate(generated, train_images),
+                               "heldout_rate": near_copy_rate(holdout, train_images)}
+
+    if cfg.paraphrases:
+        items = [(template, k, prompt) for template in cfg.paraphrases for k, c in enumerate(train_set.classes)
+                 if (prompt := class_prompt(c.fields, [template])) is not None]
+        per_prompt = max(1, cfg.images_per_class // len(cfg.paraphrases))
+        para_images = generate_for(pipe, [prompt for _, _, prompt in items], per_prompt, config, config.seed + 1)
+        para_predicted = classify(classifier, para_images, device)[0].view(len(items), per_prompt)
+        para_correct = para_predicted.eq(torch.tensor([k for _, k, _ in items])[:, None]).float()
+        by_template = {t: para_correct[[i for i, item in enumerate(items) if item[0] == t]].mean().item()
+                       for t in cfg.paraphrases}
+        results["paraphrase"] = {"accuracy": para_correct.mean().item(), "per_template": by_template,
+                                 "images_per_prompt": per_prompt}
+
+    results["evaluation_seconds"] = time.time() - started
+    write_text(run.root / "eval.json", json.dumps(results, indent=2, ensure_ascii=False))
+    print(json.dumps(results, indent=2, ensure_ascii=False))
+    return results
+
+
+def _default_templates(config: Config) -> list[str]:
+    from common.data import DEFAULT_CAPTIONS
+
+    return DEFAULT_CAPTIONS.get(config.data.name or "folder", DEFAULT_CAPTIONS["folder"])
+
+
+def cli(argv: list[str] | None = None) -> None:
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--run", help="a run folder (default: the config's run_dir)")
+
+    run_cli(__doc__.splitlines()[0], main, argv, add_arguments=add_arguments, config_required=False)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,71 @@
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from common.config import Config, ConfigError, dump_config, from_dict, load_config
+from conftest import ROOT, TINY, tiny_config
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        config = load_config(path)
+        assert config.run_dir == f"checkpoints/{path.stem}"
+
+
+def test_overrides_are_typed(tmp_path):
+    config = tiny_config(tmp_path, "vae.lr=3e-4", "vae.max_steps=7", "data.augment.hflip=true",
+                         "ldm.block_out_channels=[32, 64]", "ldm.cross_attention=[true, true]",
+                         "ldm.prediction_type=v_prediction")
+    assert config.vae.lr == pytest.approx(3e-4) and isinstance(config.vae.lr, float)
+    assert config.vae.max_steps == 7
+    assert config.data.augment.hflip is True
+    assert config.ldm.block_out_channels == [32, 64]
+    assert config.ldm.prediction_type == "v_prediction"
+    assert config.run_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("vae.learning_rate=1", "vae.learning_rate"),  # unknown key
+    ("vae.max_steps=ten", "vae.max_steps"),  # wrong type
+    ("vae.max_steps=1.5", "vae.max_steps"),  # a float is not an int
+    ("data.augment.hflip=3", "data.augment.hflip"),  # not a bool
+    ("ldm.beta_schedule=cosine", "ldm.beta_schedule"),  # not one of the choices
+    ("vae.block_out_channels=[8, x]", "vae.block_out_channels[1]"),
+    ("nonsense.key=1", "nonsense"),
+])
+def test_bad_keys_and_types_name_the_key(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}")):
+        tiny_config(tmp_path, override)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("vae.max_steps=-1", "vae.max_steps"),
+    ("ldm.cond_dropout=1.5", "ldm.cond_dropout"),
+    ("data.image_size=17", "data.image_size"),  # not divisible by the VAE's factor 2
+    ("data.channels=2", "data.channels"),
+    ("ldm.cross_attention=[true]", "ldm.cross_attention"),
+])
+def test_out_of_range_values_are_refused(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key):
+        tiny_config(tmp_path, override)
+
+
+def test_round_trip_through_yaml(tmp_path):
+    config = tiny_config(tmp_path, "seed=5", "data.captions=['Draw a {name}']")
+    again = from_dict(Config, yaml.safe_load(dump_config(config)))
+    assert again == config
+
+
+def test_cli_dry_run_prints_resolved_config_and_errors_are_one_line(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "vae.train", "--config", str(TINY), "--set", "vae.max_steps=3",
+                         "--set", f"run_dir={tmp_path}", "--dry-run"], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert yaml.safe_load(ok.stdout)["vae"]["max_steps"] == 3
+    assert not (tmp_path / "config.yaml").exists()  # a dry run writes nothing
+    bad = subprocess.run([sys.executable, "-m", "vae.train", "--config", str(TINY), "--set", "vae.typo=1"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2
+    assert "unknown config key 'vae.typo'" in bad.stderr and "Traceback" not in bad.stderr

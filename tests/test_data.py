@@ -1,0 +1,119 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.config import DataConfig
+from common.data import ImageDataset, StepBatches, fit_image, list_dataset, load_split, to_mode
+from common.errors import DatasetError
+
+
+def folder_config(path, **kwargs) -> DataConfig:
+    return DataConfig(name="", path=str(path), **kwargs)
+
+
+def test_mnist_is_offline_real_digits_with_a_per_class_holdout():
+    listing = list_dataset(DataConfig(name="mnist"))
+    labels, holdout = np.array(listing.labels), np.array(listing.holdout)
+    assert len(labels) == 5000 and len(listing.classes) == 10
+    for digit in range(10):
+        members = np.flatnonzero(labels == digit)
+        assert holdout[members].sum() == 50
+        assert holdout[members[-50:]].all()  # the last 10% of each class
+    train = ImageDataset(DataConfig(name="mnist"), "train")
+    item = train[0]
+    assert item["pixel_values"].shape == (1, 32, 32)
+    assert -1.0 <= item["pixel_values"].min() and item["pixel_values"].max() <= 1.0
+    assert item["pixel_values"].max() > 0.9 and item["pixel_values"].min() == -1.0  # white digit on black
+    assert "Draw a six" in train.captions and "a handwritten 6" in train.captions
+    six = train.labels.index(6)
+    assert {train.captions[i] for i in train.caption_ids[six]} >= {"Draw a six", "the digit six"}
+
+
+def test_class_folders_with_odd_sizes_and_mixed_modes(class_folder):
+    for channels in (1, 3):
+        dataset = load_split(folder_config(class_folder, image_size=16, channels=channels, holdout_fraction=0.34), "all")
+        assert [c.key for c in dataset.classes] == ["circle", "square", "triangle"]
+        assert len(dataset) == 18 and sum(dataset.holdout) == 6  # floor(6 * 0.34) = 2 per class
+        for i in range(len(dataset)):
+            assert dataset[i]["pixel_values"].shape == (channels, 16, 16)
+        assert "Draw a square" in dataset.captions
+
+
+def test_train_test_folders_hold_out_the_test_folder(tmp_path, class_folder):
+    root = tmp_path / "dhcd"
+    for split, count in [("Train", 4), ("Test", 2)]:
+        for name in ["character_1_ka", "digit_3"]:
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("L", (32, 32), 255 * (i % 2)).save(root / split / name / f"{i}.png")
+    dataset = ImageDataset(folder_config(root), "holdout")
+    assert len(dataset) == 4
+    assert all("Test" in dataset.listing.sources[r] for r in dataset.rows)
+    assert {"Draw the letter ka", "क", "Draw the Devanagari digit three", "३"} <= set(dataset.captions)
+
+
+def test_class_index_files(flowers_folder):
+    dataset = ImageDataset(folder_config(flowers_folder, channels=3, image_size=32, fit="crop"), "all")
+    assert [c.key for c in dataset.classes] == ["orchids", "tulips"]
+    assert "Draw a tulips" in dataset.captions and "orchids" in dataset.captions
+    assert dataset[0]["pixel_values"].shape == (3, 32, 32)
+
+
+def test_metadata_jsonl_free_captions(jsonl_folder):
+    dataset = ImageDataset(folder_config(jsonl_folder, channels=3, image_size=16), "all")
+    assert dataset.classes == [] and all(label == -1 for label in dataset.labels)
+    assert dataset.captions[dataset.caption_ids[4][0]] == "a bright square number 4"
+    assert sum(dataset.holdout) == 1  # floor(12 * 0.1)
+
+
+def test_metadata_jsonl_refuses_paths_outside_the_folder(jsonl_folder):
+    (jsonl_folder / "metadata.jsonl").write_text(json.dumps({"file_name": "../x.png", "text": "escape"}) + "\n")
+    with pytest.raises(DatasetError, match="outside the dataset folder"):
+        list_dataset(folder_config(jsonl_folder))
+
+
+def test_modes_and_fits():
+    sixteen_bit = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    assert sixteen_bit.mode.startswith("I;16")
+    assert np.asarray(to_mode(sixteen_bit, 1)).max() > 200  # scaled down from 16 bits, not clipped to white
+    assert to_mode(Image.new("CMYK", (4, 4)), 3).mode == "RGB"
+    transparent = Image.new("RGBA", (4, 4), (255, 255, 255, 0))
+    assert np.asarray(to_mode(transparent, 1)).max() == 0  # transparent becomes black
+    wide = Image.new("L", (40, 10), 255)
+    padded = np.asarray(fit_image(wide, 20, "pad"))
+    assert padded.shape == (20, 20) and padded[0].max() == 0 and padded[10].min() == 255  # letterboxed
+    assert np.asarray(fit_image(wide, 20, "crop")).min() == 255  # centre square of the white bar
+
+
+def test_augmentation_is_deterministic_by_seed_epoch_and_index():
+    config = DataConfig(name="mnist", max_per_class=5)
+    config.augment.rotate_degrees, config.augment.translate = 15, 0.1
+    a = ImageDataset(config, "train", augment=True, seed=1)
+    b = ImageDataset(config, "train", augment=True, seed=1)
+    assert torch.equal(a[(3, 0)]["pixel_values"], b[(3, 0)]["pixel_values"])
+    assert not torch.equal(a[(3, 0)]["pixel_values"], a[(3, 1)]["pixel_values"])  # another epoch, another draw
+
+
+def test_step_batches_are_resumable_and_disjoint_across_ranks():
+    full = StepBatches(100, 8, seed=3, world_size=1)
+    resumed = StepBatches(100, 8, seed=3, start_step=5, world_size=1)
+    assert next(iter(resumed)) == full.batch(5)
+    ranks = [StepBatches(100, 8, seed=3, rank=r, world_size=2).indices(0) for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1])
+    # one epoch visits every image once
+    seen = [i for step in range(13) for i in full.indices(step)][:100]
+    assert sorted(seen) == list(range(100))
+
+
+def test_missing_and_empty_folders_are_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        list_dataset(folder_config(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images"):
+        list_dataset(folder_config(tmp_path / "empty"))
+    (tmp_path / "classes" / "cats").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="cats"):
+        list_dataset(folder_config(tmp_path / "classes"))

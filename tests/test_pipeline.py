@@ -1,0 +1,100 @@
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+from pipelines import LatentPipeline
+from pipelines.generate import cli as generate_cli
+
+
+def run_pipe(pipe, prompt="Draw a six", seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", 3)
+    kwargs.setdefault("guidance_scale", 2.0)
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_run):
+    pipe = LatentPipeline.from_pretrained(tiny_run)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_prompt_in_pil_image_of_the_configured_size_out(pipe):
+    image = run_pipe(pipe)[0]
+    assert isinstance(image, PIL.Image.Image)
+    assert image.size == (16, 16) and image.mode == "L"
+
+
+def test_seeded_generation_is_deterministic_and_seeds_differ(pipe):
+    a = run_pipe(pipe, output_type="np", seed=1)
+    b = run_pipe(pipe, output_type="np", seed=1)
+    c = run_pipe(pipe, output_type="np", seed=2)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_guidance_scale_one_is_the_conditional_prediction_alone(pipe):
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = pipe.encode_prompt(["Draw a six"], "cpu", 1, None, False)[0]
+    t = pipe.scheduler.timesteps[0] if pipe.scheduler.timesteps is not None else torch.tensor(999)
+    conditional = pipe.unet(noise, t, encoder_hidden_states=text).sample
+    guided, negative = pipe.encode_prompt(["Draw a six"], "cpu", 1, None, True)
+    at_one = pipe.predict_noise(noise, t, guided, negative, guidance_scale=1.0)
+    assert torch.allclose(at_one, conditional, atol=1e-5)
+    # and the pipeline skips the unconditional half altogether at <= 1
+    a = run_pipe(pipe, output_type="np", guidance_scale=1.0, latents=noise)
+    b = run_pipe(pipe, output_type="np", guidance_scale=0.5, latents=noise)
+    assert np.array_equal(a, b)
+
+
+def test_a_list_of_prompts_and_several_images_each(pipe):
+    images = run_pipe(pipe, ["Draw a six", "Draw a 7", ""], num_images_per_prompt=2, output_type="pt")
+    assert images.shape == (6, 1, 16, 16)
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    single = run_pipe(pipe, "Draw a 7", num_images_per_prompt=2, output_type="pt", seed=0)
+    assert not torch.equal(images[:2], single)  # different prompts, different images
+
+
+def test_save_and_reload_gives_identical_images(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "copy")
+    again = LatentPipeline.from_pretrained(tmp_path / "copy")
+    again.set_progress_bar_config(disable=True)
+    assert np.array_equal(run_pipe(pipe, output_type="np"), run_pipe(again, output_type="np"))
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerAncestralDiscreteScheduler])
+def test_a_swapped_scheduler_runs(pipe, scheduler_class):
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = scheduler_class.from_config(original.config)
+        images = run_pipe(pipe, output_type="np", num_inference_steps=4)
+        assert images.shape == (1, 16, 16, 1) and np.isfinite(images).all()
+    finally:
+        pipe.scheduler = original
+
+
+def test_stock_stable_diffusion_pipeline_loads_the_run(tiny_run, pipe):
+    stock = StableDiffusionPipeline.from_pretrained(tiny_run, safety_checker=None, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    ours = run_pipe(pipe, output_type="np")
+    theirs = run_pipe(stock, output_type="np")
+    assert theirs.shape == ours.shape
+    assert np.allclose(theirs, ours, atol=1e-5)  # the same model, the same sampler, the same images
+
+
+def test_bad_arguments_are_clear_errors(pipe):
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        pipe("Draw a six", num_inference_steps=0)
+    with pytest.raises(ValueError, match="num_images_per_prompt"):
+        pipe("Draw a six", num_images_per_prompt=0)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe("Draw a six", output_type="jpeg")
+
+
+def test_generate_command_writes_pngs_and_a_grid(tiny_run, tmp_path):
+    generate_cli(["--run", str(tiny_run), "Draw a six", "Draw a 7", "--num", "2", "--steps", "2", "--out", str(tmp_path)])
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["00-draw-a-six-0.png", "00-draw-a-six-1.png", "01-draw-a-7-0.png", "01-draw-a-7-1.png", "grid.png"]
+    assert PIL.Image.open(tmp_path / "00-draw-a-six-0.png").size == (16, 16)

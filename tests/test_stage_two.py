@@ -1,0 +1,78 @@
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from common.data import ImageDataset
+from conftest import tiny_config
+from ldm.encode import main as encode_main
+from ldm.latents import StaleCacheError, load_cache, vae_fingerprint
+from ldm.text import encode_text, train_tokenizer
+from ldm.train import main as ldm_main
+
+
+def test_tokenizer_covers_unseen_words_and_scripts(tmp_path):
+    tokenizer = train_tokenizer(["Draw a six", "the digit six", "Draw the letter ka", "क्ष"] * 20, 400, 16)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = CLIPTokenizer.from_pretrained(tmp_path)
+    for text in ["Sketch the number 4", "ज्ञ and 🎉", "a four, handwritten"]:
+        ids = loaded(text).input_ids
+        assert ids[0] == 0 and ids[-1] == 1  # start and end tokens
+        assert loaded.decode(ids, skip_special_tokens=True).replace(" ", "") == text.lower().replace(" ", "")
+    assert len(loaded("Draw a six").input_ids) < len(loaded("Dxrzw q sjx").input_ids)  # merges learned from captions
+    padded = loaded(["six"], padding="max_length", max_length=loaded.model_max_length).input_ids[0]
+    assert len(padded) == 16
+
+
+def test_train_clip_writes_a_pretrained_style_text_encoder(tiny_run):
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_run / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(tiny_run / "text_encoder")
+    states = encode_text(tokenizer, encoder, ["Draw a six", "Draw a seven", ""])
+    assert states.shape == (3, 12, 32)
+    assert not torch.allclose(states[0], states[1])
+    metrics = json.loads((tiny_run / "clip_metrics.json").read_text())
+    assert 0.0 <= metrics["zero_shot_accuracy"] <= 1.0
+
+
+def test_latent_cache_holds_every_image_with_mean_and_std(tiny_run):
+    config = tiny_config(tiny_run)
+    dataset = ImageDataset(config.data, "all")
+    cache = load_cache(tiny_run / "latents", vae_fingerprint(tiny_run / "vae"), dataset.fingerprint())
+    assert len(cache) == len(dataset) == 200
+    assert cache.mean.shape == cache.std.shape == (200, 4, 8, 8)
+    assert (cache.std > 0).all()
+    assert int(cache.holdout.sum()) == sum(dataset.holdout) == 40
+    assert cache.labels.tolist() == dataset.labels
+    six = dataset.labels.index(6)
+    assert cache.captions[int(cache.captions_per_image[six, 0])] == dataset.captions[dataset.caption_ids[six][0]]
+    # the cache equals a fresh encoding of the same image with the saved VAE
+    vae = AutoencoderKL.from_pretrained(tiny_run / "vae")
+    posterior = vae.encode(dataset[six]["pixel_values"][None]).latent_dist
+    assert torch.allclose(cache.mean[six], posterior.mean[0], atol=1e-5)
+
+
+def test_encode_again_does_nothing_and_stale_caches_are_refused(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    manifest = (run / "latents" / "manifest.json").stat().st_mtime_ns
+    encode_main(tiny_config(run))
+    assert "nothing to do" in capsys.readouterr().out
+    assert (run / "latents" / "manifest.json").stat().st_mtime_ns == manifest
+
+    # a dataset change (fewer images per class) makes the cache stale for train-ldm
+    with pytest.raises(StaleCacheError, match="re-run `encode-dataset"):
+        ldm_main(tiny_config(run, "data.max_per_class=10"))
+
+    # so does a retrained VAE
+    vae = AutoencoderKL.from_pretrained(run / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.1)
+    vae.save_pretrained(run / "vae")
+    with pytest.raises(StaleCacheError, match="different VAE"):
+        ldm_main(tiny_config(run))
+    encode_main(tiny_config(run))  # re-encoding makes it current again
+    cache = load_cache(run / "latents", vae_fingerprint(run / "vae"), ImageDataset(tiny_config(run).data, "all").fingerprint())
+    assert len(cache) == 200

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from common.checkpoint import load_tensors
+from common.config import VAEConfig
+from conftest import tiny_config
+from vae.model import PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, build_perceptual_loss, build_vae
+from vae.train import main as train_vae
+
+
+def test_train_vae_writes_a_loadable_autoencoder_with_measured_scale(tmp_path):
+    config = tiny_config(tmp_path / "run")
+    results = train_vae(config)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "run" / "vae")
+    assert vae.config.scaling_factor == pytest.approx(results["scaling_factor"])
+    assert vae.config.scaling_factor != 1.0  # measured from the data, not the default
+    assert vae.config.in_channels == 1 and vae.config.latent_channels == 4
+    latents = vae.encode(torch.zeros(2, 1, 16, 16)).latent_dist.mode()
+    assert latents.shape == (2, 4, 8, 8)
+    metrics = json.loads((tmp_path / "run" / "vae_metrics.json").read_text())
+    assert metrics["heldout_psnr"] == pytest.approx(results["heldout_psnr"]) and metrics["heldout_psnr"] > 0
+    assert (tmp_path / "run" / "samples" / "vae-reconstructions.png").is_file()
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"run_dir: {tmp_path / 'run'}" in saved
+    _, meta = load_tensors(tmp_path / "run" / "train_state" / "vae" / "state-00000004.safetensors")
+    assert meta["config"]["vae"]["max_steps"] == 4  # the resolved config travels with each checkpoint
+    log = [json.loads(line) for line in (tmp_path / "run" / "logs" / "vae.jsonl").read_text().splitlines()]
+    assert {"rec", "kl", "gan", "disc"} <= set(log[-2])  # the GAN terms are on after disc_start
+
+
+def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(tmp_path):
+    config = tiny_config(tmp_path / "run", "vae.max_steps=6", "vae.save_every=3")
+    state = tmp_path / "run" / "train_state" / "vae"
+    train_vae(config)
+    straight, _ = load_tensors(state / "state-00000006.safetensors")
+    (state / "state-00000006.safetensors").unlink()  # as if the run had died after step 3's checkpoint
+    train_vae(config)
+    resumed, meta = load_tensors(state / "state-00000006.safetensors")
+    log = [json.loads(line) for line in (tmp_path / "run" / "logs" / "vae.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "rec" in r] == [1, 2, 3, 4, 5, 6, 4, 5, 6]  # the re-run started at step 4
+    assert meta["step"] == 6 and straight.keys() == resumed.keys()
+    worst = max((straight[k].float() - resumed[k].float()).abs().max().item() for k in straight)
+    assert worst <= 1e-6
+
+
+def test_lpips_code_path_with_an_untrained_backbone():
+    loss = PerceptualLoss("vgg", random_backbone=True)
+    images = torch.rand(2, 1, 32, 32) * 2 - 1
+    assert torch.allclose(loss(images, images), torch.zeros(2), atol=1e-6)
+    noisy = (images + 0.5 * torch.randn_like(images)).requires_grad_()
+    value = loss(noisy, images)
+    assert (value > 0).all()
+    value.sum().backward()
+    assert noisy.grad is not None and noisy.grad.abs().sum() > 0
+
+
+def test_lpips_auto_is_off_without_backbone_weights_and_on_is_an_error(monkeypatch):
+    import vae.model
+
+    monkeypatch.setattr(vae.model, "lpips_backbone_available", lambda net: False)
+    assert build_perceptual_loss(VAEConfig(lpips="auto")) is None
+    assert build_perceptual_loss(VAEConfig(lpips=False)) is None
+    with pytest.raises(Exception, match="vae.lpips=true needs"):
+        build_perceptual_loss(VAEConfig(lpips=True))
+
+
+def test_discriminator_and_adaptive_weight():
+    disc = PatchDiscriminator(1, width=8, layers=2)
+    logits = disc(torch.randn(3, 1, 32, 32))
+    assert logits.shape[0] == 3 and logits.shape[1] == 1 and logits.shape[-1] > 1  # one logit per patch
+    vae = build_vae(VAEConfig(block_out_channels=[8, 16], norm_num_groups=8), 1, 16)
+    images = torch.randn(2, 1, 16, 16)
+    recon = vae(images).sample
+    rec = (recon - images).abs().mean()
+    gan = -PatchDiscriminator(1, 8, 1)(recon).mean()
+    weight = adaptive_gan_weight(rec, gan, vae.decoder.conv_out.weight)
+    assert weight.ndim == 0 and 0 < weight.item() < 1e4

@@ -1,0 +1,108 @@
+"""Stage one's models and losses: diffusers' AutoencoderKL, a PatchGAN discriminator, LPIPS.
+
+The loss is latent diffusion's autoencoder loss (Rombach et al. 2022, appendix G; Esser et al. 2021):
+L1 reconstruction + LPIPS + a small KL + a PatchGAN hinge loss whose weight adapts to the ratio of
+the reconstruction and adversarial gradients at the decoder's last layer, switched on at `disc_start`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from common.config import VAEConfig
+from common.errors import UserError
+
+
+def build_vae(config: VAEConfig, channels: int, image_size: int) -> AutoencoderKL:
+    """Residual down/up blocks, attention in the middle block; image_size / 2**(levels-1) latents."""
+    levels = len(config.block_out_channels)
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=config.layers_per_block,
+        latent_channels=config.latent_channels,
+        norm_num_groups=config.norm_num_groups,
+        sample_size=image_size,
+        mid_block_add_attention=config.mid_attention,
+        scaling_factor=1.0,  # measured from the data at the end of training
+    )
+
+
+class PatchDiscriminator(nn.Module):
+    """The pix2pix PatchGAN (Isola et al. 2017): one real/fake logit per overlapping patch."""
+
+    def __init__(self, channels: int, width: int = 64, layers: int = 3):
+        super().__init__()
+        blocks = [nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        multiplier = 1
+        for n in range(1, layers + 1):
+            previous, multiplier = multiplier, min(2**n, 8)
+            stride = 2 if n < layers else 1
+            blocks += [nn.Conv2d(width * previous, width * multiplier, 4, stride=stride, padding=1, bias=False),
+                       nn.BatchNorm2d(width * multiplier), nn.LeakyReLU(0.2, True)]
+        blocks += [nn.Conv2d(width * multiplier, 1, 4, stride=1, padding=1)]
+        self.net = nn.Sequential(*blocks)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, 1, h, w)
+        return self.net(images)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """||grad rec|| / ||grad gan|| at the decoder's last layer (Esser et al. 2021, eq. 7)."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def lpips_backbone_available(net: str) -> bool:
+    """LPIPS needs torchvision's ImageNet backbone, which these machines cannot download."""
+    import torchvision.models as tvm
+
+    weights = {"vgg": tvm.VGG16_Weights, "alex": tvm.AlexNet_Weights, "squeeze": tvm.SqueezeNet1_1_Weights}[net]
+    filename = os.path.basename(weights.IMAGENET1K_V1.url)
+    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", filename))
+
+
+class PerceptualLoss(nn.Module):
+    """LPIPS (Zhang et al. 2018) on images in [-1, 1]; grayscale is repeated to three channels."""
+
+    def __init__(self, net: str = "vgg", random_backbone: bool = False):
+        super().__init__()
+        import lpips
+
+        self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False).eval()
+        self.lpips.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:  # -> (N,)
+        if images.shape[1] == 1:
+            images, references = images.repeat(1, 3, 1, 1), references.repeat(1, 3, 1, 1)
+        return self.lpips(images, references).flatten(1).mean(1)
+
+
+def build_perceptual_loss(config: VAEConfig) -> PerceptualLoss | None:
+    """LPIPS as configured: `auto` uses it when its backbone is on disk and says once when it is not."""
+    if config.lpips is False or config.lpips_weight == 0:
+        return None
+    if lpips_backbone_available(config.lpips_net):
+        return PerceptualLoss(config.lpips_net)
+    if config.lpips == "auto":
+        print(f"note: LPIPS is off: torchvision's {config.lpips_net} ImageNet weights are not in "
+              f"{torch.hub.get_dir()}/checkpoints and cannot be downloaded here; training with L1 + KL + GAN")
+        return None
+    raise UserError(f"vae.lpips=true needs torchvision's {config.lpips_net} ImageNet weights in "
+                    f"{torch.hub.get_dir()}/checkpoints; copy them there or set vae.lpips=auto")

@@ -1,0 +1,136 @@
+"""train-vae: stage one. Trains an AutoencoderKL on the dataset's images and writes `run/vae/`.
+
+    train-vae --config configs/mnist.yaml [--set vae.max_steps=2000 ...]
+
+Re-running the same command resumes from `run/train_state/vae/`. At the end the VAE (EMA weights
+when `vae.ema_decay` > 0) is saved with `scaling_factor` = 1 / std of its latents on the training
+set, and held-out PSNR/SSIM are printed and logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+
+import torch
+
+from common.checkpoint import atomic_directory, write_text
+from common.config import Config, dump_config, run_cli
+from common.data import StepBatches, load_split, steps_for
+from common.images import save_image
+from common.training import Trainer, evaluating
+from vae.model import PatchDiscriminator, adaptive_gan_weight, build_perceptual_loss, build_vae, hinge_d_loss
+from vae.reconstruct import latent_std, reconstruction_grid, reconstruction_metrics
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """Use a module without accumulating gradients into it (the discriminator in the VAE's step)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def main(config: Config, args: argparse.Namespace | None = None) -> dict:
+    cfg = config.vae
+    trainer = Trainer("vae", config, cfg)
+    run, device = trainer.run, trainer.device
+    trainer.print(dump_config(config))
+    if trainer.is_main:
+        run.save_config(config)
+
+    train_set = load_split(config.data, "train", augment=True, seed=config.seed)
+    holdout_set = load_split(config.data, "holdout", listing=train_set.listing)
+    trainer.print(f"[vae] {len(train_set)} training images, {len(holdout_set)} held out, "
+                  f"{config.data.image_size}x{config.data.image_size}x{config.data.channels}")
+
+    vae = trainer.add("vae", build_vae(cfg, config.data.channels, config.data.image_size), ema=True)
+    use_gan = cfg.disc_start >= 0 and cfg.disc_weight > 0
+    disc = trainer.add("disc", PatchDiscriminator(config.data.channels, cfg.disc_channels, cfg.disc_layers)) if use_gan else None
+    perceptual = build_perceptual_loss(cfg)
+    if perceptual is not None:
+        perceptual.to(device)
+    trainer.describe_batch()
+    last_layer = trainer.unwrap("vae").decoder.conv_out.weight
+    pixels_per_image = config.data.channels * config.data.image_size**2
+
+    total_steps = steps_for(cfg.max_steps, cfg.epochs, len(train_set), trainer.global_batch)
+    start = trainer.resume()
+    batches = iter(torch.utils.data.DataLoader(
+        train_set, num_workers=config.data.num_workers, persistent_workers=config.data.num_workers > 0,
+        batch_sampler=StepBatches(len(train_set), cfg.batch_size, config.seed, start, trainer.rank,
+                                  trainer.world_size, cfg.grad_accum)))
+    spread = torch.linspace(0, len(holdout_set) - 1, min(32, len(holdout_set))).long().tolist()  # every class
+    grid_images = torch.stack([holdout_set[i]["pixel_values"] for i in spread]).to(device)
+
+    for step in trainer.steps(total_steps):
+        gan_on = use_gan and step >= cfg.disc_start
+        for micro in range(cfg.grad_accum):
+            images = next(batches)["pixel_values"].to(device)  # (B, C, H, W) in [-1, 1]
+            with trainer.no_sync("vae", micro):
+                posterior = vae.encode(images).latent_dist
+                recon = vae.decode(posterior.sample()).sample
+                rec_loss = (recon - images).abs().mean()
+                if perceptual is not None:
+                    rec_loss = rec_loss + cfg.lpips_weight * perceptual(recon, images).mean()
+                kl_loss = posterior.kl().mean() / pixels_per_image  # KL per pixel: LDM's weight scale
+                loss = rec_loss + cfg.kl_weight * kl_loss
+                terms = {"rec": rec_loss.detach(), "kl": kl_loss.detach()}
+                if gan_on:
+                    with frozen(trainer.unwrap("disc")) as judge:
+                        gan_loss = -judge(recon).mean()
+                    gan_weight = adaptive_gan_weight(rec_loss, gan_loss, last_layer) * cfg.disc_weight
+                    loss = loss + gan_weight * gan_loss
+                    terms.update(gan=gan_loss.detach(), gan_weight=gan_weight)
+                trainer.backward(loss / cfg.grad_accum)
+            if gan_on:
+                with trainer.no_sync("disc", micro):
+                    disc_loss = hinge_d_loss(disc(images), disc(recon.detach()))
+                    trainer.backward(disc_loss / cfg.grad_accum)
+                terms["disc"] = disc_loss.detach()
+        trainer.optimizer_step("vae")
+        if gan_on:
+            trainer.optimizer_step("disc")
+        trainer.log(**terms)
+        if trainer.is_main and (step + 1) % cfg.sample_every == 0:
+            with evaluating(trainer.inference_model("vae")) as model:
+                save_image(reconstruction_grid(model, grid_images), run.samples / f"vae-step{step + 1:06d}.png")
+
+    results = {}
+    if trainer.is_main:
+        results = export(trainer, config, train_set, holdout_set, grid_images)
+    trainer.accelerator.wait_for_everyone()
+    return results
+
+
+def export(trainer: Trainer, config: Config, train_set, holdout_set, grid_images: torch.Tensor) -> dict:
+    """Measure the latent scale, save `run/vae/`, report held-out PSNR/SSIM and a reconstruction grid."""
+    run, cfg = trainer.run, config.vae
+    vae = trainer.inference_model("vae").eval()
+    scaling_factor = 1.0 / latent_std(vae, train_set, cfg.scale_images)
+    vae.register_to_config(scaling_factor=scaling_factor)
+    with atomic_directory(run.component("vae")) as folder:
+        vae.save_pretrained(folder, safe_serialization=True)
+    metrics = reconstruction_metrics(vae, holdout_set, cfg.eval_images)
+    grid_path = save_image(reconstruction_grid(vae, grid_images), run.samples / "vae-reconstructions.png")
+    results = {"step": trainer.step, "heldout_psnr": metrics["psnr"], "heldout_ssim": metrics["ssim"],
+               "heldout_images": metrics["images"], "scaling_factor": scaling_factor, "grid": str(grid_path)}
+    trainer.write_log({"event": "final", **results})
+    write_text(run.root / "vae_metrics.json", json.dumps(results, indent=2))
+    trainer.print(f"[vae] held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f} "
+                  f"({metrics['images']} images); scaling_factor {scaling_factor:.4f}")
+    trainer.print(f"[vae] saved {run.component('vae')}; reconstructions in {grid_path}")
+    return results
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_cli(__doc__.splitlines()[0], main, argv)
+
+
+if __name__ == "__main__":
+    cli()
