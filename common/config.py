@@ -46,6 +46,7 @@ class DataConfig:
     holdout_fraction: float = 0.1  # the last fraction of each class, never trained on
     max_per_class: int = 0  # 0: all images
     per_class: int = 2000  # images rendered per class by generated datasets (devanagari)
+    seed: int = 0  # seed of generated datasets (a dataset does not change with the training seed)
     captions: list[str] = field(default_factory=list)  # templates; empty: the dataset's defaults
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     on_bad_image: Literal["skip", "error"] = "skip"
@@ -59,6 +60,7 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps (a cap; `epochs` may stop earlier)
     epochs: float = 0.0  # 0: no epoch limit
     batch_size: int = 64  # per process, per micro-batch
+    augment: bool = True  # apply data.augment to this stage's training images
     grad_accum: int = 1
     lr: float = 1e-3
     scale_lr: bool = False  # multiply lr by processes x grad_accum (batch-size scaling)
@@ -108,6 +110,7 @@ class ClipConfig(TrainConfig):
     vision_heads: int = 4
     patch_size: int = 4
     projection_dim: int = 128
+    caption_variants: int = 0  # perturbed copies of each caption (made-up words inserted) to train on too
 
 
 @dataclass
@@ -132,11 +135,15 @@ class LDMConfig(TrainConfig):
     norm_num_groups: int = 32
     cond_dropout: float = 0.1  # probability of the empty prompt, for classifier-free guidance
     num_train_timesteps: int = 1000
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    # Stable Diffusion's schedule: its last step keeps a little signal (alpha_bar 0.0047), which every
+    # diffusers sampler handles; the cosine schedule's last step (alpha_bar 2e-9) breaks epsilon
+    # prediction and ancestral samplers
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 disables
     offset_noise: float = 0.0  # Guttenberg 2023; 0 disables
     validation_prompts: list[str] = field(default_factory=list)  # empty: one prompt per class
+    caption_variants: int = 0  # perturbed copies of each caption (made-up words inserted) to train on too
 
 
 @dataclass

@@ -27,10 +27,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
+import torch.nn.functional as F
 from PIL import Image, ImageFile
 
-from common.config import DataConfig
+from common.config import AugmentConfig, DataConfig
 from common.errors import DatasetError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -80,6 +80,7 @@ class Listing:
     texts: list[list[str]] | None = None  # free captions per image (metadata.jsonl)
     pixels: np.ndarray | None = None  # (N, H, W[, C]) uint8, for in-memory datasets
     identity: str = ""  # what the fingerprint hashes besides the config
+    fitted: dict = field(default_factory=dict, repr=False)  # in-memory pixels resized to (size, channels, fit)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,19 +327,27 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def augment(image: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
-    """Small random rotation, zoom and shift (and optional mirror), drawn from `generator`."""
-    u = torch.rand(5, generator=generator).tolist()
-    size = image.shape[-1]
-    angle = (2 * u[0] - 1) * config.rotate_degrees
-    scale = 1.0 + (2 * u[1] - 1) * config.scale
-    shift = [round((2 * u[2] - 1) * config.translate * size), round((2 * u[3] - 1) * config.translate * size)]
-    if angle or scale != 1.0 or any(shift):
-        image = TF.affine(image, angle=angle, translate=shift, scale=scale, shear=[0.0],
-                          interpolation=TF.InterpolationMode.BILINEAR, fill=[-1.0] * image.shape[0])
-    if config.hflip and u[4] < 0.5:
-        image = image.flip(-1)
-    return image
+def augment_batch(images: torch.Tensor, config: AugmentConfig) -> torch.Tensor:
+    """Small random rotation, zoom and shift (and optional mirror) of each image, as one resampling.
+
+    images: (N, C, H, W) in [-1, 1], on any device. Draws come from the global RNG, which the
+    trainer reseeds from (seed, rank, step) every step, so a resumed run augments identically.
+    """
+    if not (config.rotate_degrees or config.translate or config.scale or config.hflip):
+        return images
+    n = len(images)
+    rand = torch.rand(n, 5) * 2 - 1  # (N, 5) uniform in [-1, 1]
+    angle = rand[:, 0] * math.radians(config.rotate_degrees)
+    zoom = 1.0 + rand[:, 1] * config.scale
+    mirror = torch.where(rand[:, 4] < 0, -1.0, 1.0) if config.hflip else torch.ones(n)
+    # affine_grid maps output coordinates to input ones: the inverse of rotate-zoom-shift
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    shift = rand[:, 2:4] * config.translate * 2  # normalised coordinates span [-1, 1]
+    theta = torch.stack([torch.stack([cos * mirror, -sin, -shift[:, 0]], 1),
+                         torch.stack([sin * mirror, cos, -shift[:, 1]], 1)], 1).to(images)  # (N, 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # sample (x + 1) with zero padding, so what comes in from outside is black (-1), not grey
+    return F.grid_sample(images + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,14 +385,10 @@ def build_captions(listing: Listing, templates: list[str], dataset_kind: str) ->
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images of one split (`train`, `holdout` or `all`) with labels and captions.
+    """Images of one split (`train`, `holdout` or `all`) with labels and captions, un-augmented:
+    training loops augment whole batches with `augment_batch`."""
 
-    Augmentation is drawn from (seed, epoch, index), so it is the same whatever the worker count and
-    after a resume: index it with `(index, epoch)` pairs, as `StepBatches` yields them.
-    """
-
-    def __init__(self, config: DataConfig, split: str = "train", augment: bool = False, seed: int = 0,
-                 listing: Listing | None = None):
+    def __init__(self, config: DataConfig, split: str = "train", listing: Listing | None = None):
         self.config = config
         self.listing = listing if listing is not None else list_dataset(config)
         # the Devanagari dataset's folders (character_1_ka, ...) get its templates, like the built-in one
@@ -401,8 +406,6 @@ class ImageDataset(torch.utils.data.Dataset):
         self.labels = [self.listing.labels[i] for i in rows]
         self.caption_ids = [caption_ids[i] for i in rows]
         self.holdout = [self.listing.holdout[i] for i in rows]
-        self.augment = augment and _augments(config)
-        self.seed = seed
         self.bad_images: list[str] = []
 
     def __len__(self) -> int:
@@ -421,18 +424,21 @@ class ImageDataset(torch.utils.data.Dataset):
         source = self.listing.sources[self.rows[i]]
         c = self.config
         if self.listing.pixels is not None:
-            image = Image.fromarray(self.listing.pixels[source])
-            array = np.asarray(fit_image(to_mode(image, c.channels), c.image_size, c.fit), dtype=np.uint8)
-            return array[..., None] if array.ndim == 2 else array
+            return self._fitted_in_memory()[source]
         return load_image(source, c.image_size, c.channels, c.fit)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        i, epoch = key if isinstance(key, tuple) else (key, 0)
-        image = to_tensor(self.pixels(i))
-        if self.augment:
-            generator = torch.Generator().manual_seed(seed_from(self.seed, "augment", epoch, i))
-            image = augment(image, self.config.augment, generator)
-        return {"pixel_values": image, "label": self.labels[i], "index": i}
+    def _fitted_in_memory(self) -> np.ndarray:
+        """In-memory datasets are converted and resized once, not once per epoch: (N, H, W, C) uint8."""
+        c = self.config
+        key = (c.image_size, c.channels, c.fit)
+        if key not in self.listing.fitted:  # shared by the splits made from one listing
+            arrays = [np.asarray(fit_image(to_mode(Image.fromarray(a), c.channels), c.image_size, c.fit), dtype=np.uint8)
+                      for a in self.listing.pixels]
+            self.listing.fitted[key] = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
+        return self.listing.fitted[key]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": to_tensor(self.pixels(i)), "label": self.labels[i], "index": i}
 
     def fingerprint(self) -> str:
         """Changes when the images, their classes/captions or the preprocessing change."""
@@ -445,11 +451,6 @@ class ImageDataset(torch.utils.data.Dataset):
                 stat = os.stat(source)
                 h.update(f"{source}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         return h.hexdigest()
-
-
-def _augments(config: DataConfig) -> bool:
-    a = config.augment
-    return bool(a.rotate_degrees or a.translate or a.scale or a.hflip)
 
 
 def scan_images(dataset: ImageDataset, on_bad_image: str) -> ImageDataset:
@@ -481,10 +482,9 @@ def scan_images(dataset: ImageDataset, on_bad_image: str) -> ImageDataset:
     return dataset
 
 
-def load_split(config: DataConfig, split: str, augment: bool = False, seed: int = 0,
-               listing: Listing | None = None) -> ImageDataset:
+def load_split(config: DataConfig, split: str, listing: Listing | None = None) -> ImageDataset:
     """The dataset of one split, with unreadable files handled as `data.on_bad_image` says."""
-    dataset = ImageDataset(config, split, augment=augment, seed=seed, listing=listing)
+    dataset = ImageDataset(config, split, listing=listing)
     if len(dataset) == 0:
         raise DatasetError(f"the '{split}' split of the dataset is empty; add images or change data.holdout_fraction")
     return scan_images(dataset, config.on_bad_image)
@@ -501,7 +501,7 @@ class StepBatches(torch.utils.data.Sampler):
     The data is one endless stream of epochs, each a fresh permutation drawn from (seed, epoch). The
     micro-batch `m` of step `s` on rank `r` takes the `batch_size` stream positions starting at
     ((s * accum + m) * world + r) * batch_size. So every rank sees different images, and the
-    batches of a step do not depend on worker count or on where a run was resumed.
+    batches of a step do not depend on the worker count or on where a run was resumed.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
@@ -518,23 +518,18 @@ class StepBatches(torch.utils.data.Sampler):
             self._permutations[epoch] = torch.randperm(self.size, generator=generator).tolist()
         return self._permutations[epoch]
 
-    def batch(self, step: int, micro: int = 0) -> list[tuple[int, int]]:
-        """(index, epoch) pairs: the epoch seeds the index's augmentation."""
-        start = ((step * self.grad_accum + micro) * self.world_size + self.rank) * self.batch_size
-        return [(self.permutation(p // self.size)[p % self.size], p // self.size)
-                for p in range(start, start + self.batch_size)]
-
     def indices(self, step: int, micro: int = 0) -> list[int]:
-        return [i for i, _ in self.batch(step, micro)]
+        start = ((step * self.grad_accum + micro) * self.world_size + self.rank) * self.batch_size
+        return [self.permutation(p // self.size)[p % self.size] for p in range(start, start + self.batch_size)]
 
     def epoch_of(self, step: int) -> float:
         return step * self.grad_accum * self.world_size * self.batch_size / self.size
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[int]]:
         step = self.start_step
         while True:
             for micro in range(self.grad_accum):
-                yield self.batch(step, micro)
+                yield self.indices(step, micro)
             step += 1
 
     def __len__(self) -> int:  # endless; DataLoader only needs this for len(loader)

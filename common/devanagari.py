@@ -7,6 +7,15 @@ each class gets caption fields: a readable romanized `name`, its Devanagari `sym
 
 from __future__ import annotations
 
+import functools
+import io
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
 # (folder name, romanized name, Devanagari); the last three are conjuncts that need shaping.
 CONSONANTS = [
     ("character_1_ka", "ka", "क"), ("character_2_kha", "kha", "ख"), ("character_3_ga", "ga", "ग"),
@@ -37,3 +46,133 @@ def devanagari_class_fields(folder: str) -> dict | None:
     """Caption fields for a folder name of the Devanagari dataset, or None for any other name."""
     fields = CLASS_FIELDS.get(folder)
     return dict(fields) if fields is not None else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The built-in `devanagari` dataset: the 46 classes rendered from a variable font, with a hand's variation
+# --------------------------------------------------------------------------------------------------
+
+RENDER_VERSION = 1  # bump when the renderer changes, so cached renders are not reused
+CLASSES = CONSONANTS + DIGITS
+
+
+def font_path() -> Path:
+    from fontpkg_noto_sans_devanagari import ROOT
+
+    return next((ROOT / "files").glob("*.ttf"))
+
+
+WEIGHTS = np.linspace(250, 850, 13)  # the font's wght axis: thin to heavy strokes
+WIDTHS = (70, 85, 100)  # its wdth axis
+
+
+@functools.lru_cache(maxsize=4)
+def _fonts(size: int, shaping: bool) -> list[ImageFont.FreeTypeFont]:
+    """One font object per (weight, width): changing a variable font's axes costs ~15 ms, drawing ~1 ms."""
+    layout = ImageFont.Layout.RAQM if shaping else ImageFont.Layout.BASIC
+    fonts = []
+    for weight in WEIGHTS:
+        for width in WIDTHS:
+            font = ImageFont.truetype(str(font_path()), size, layout_engine=layout)
+            font.set_variation_by_axes([float(weight), float(width)])  # axes in the font's order: wght, wdth
+            fonts.append(font)
+    return fonts
+
+
+def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """A smooth random field in [-1, 1]: uniform noise on a coarse cells x cells grid, upsampled bicubically."""
+    coarse = Image.fromarray(rng.uniform(-1, 1, (cells, cells)).astype(np.float32), "F")
+    return np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _elastic(image: np.ndarray, rng: np.random.Generator, alpha: float, cells: int = 5) -> np.ndarray:
+    """Elastic distortion (Simard et al. 2003): a smooth random displacement field, bilinear resampling."""
+    h, w = image.shape
+    dy, dx = _smooth_field(rng, h, cells) * alpha, _smooth_field(rng, w, cells) * alpha
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    y, x = np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)
+    y0, x0 = np.floor(y).astype(int), np.floor(x).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = y - y0, x - x0
+    img = image.astype(np.float32)
+    top = img[y0, x0] * (1 - fx) + img[y0, x1] * fx
+    bottom = img[y1, x0] * (1 - fx) + img[y1, x1] * fx
+    return np.clip(top * (1 - fy) + bottom * fy, 0, 255).astype(np.uint8)
+
+
+def render_glyph(text: str, rng: np.random.Generator, size: int = 32, shaping: bool = True) -> np.ndarray:
+    """One handwritten-looking glyph, white on black like the Devanagari dataset: (size, size) uint8.
+
+    Drawn at 4x with a random stroke weight (the font's wght axis) and width, scaled, rotated, shifted
+    and elastically distorted, then downsampled. `shaping=False` skips HarfBuzz shaping (for tests:
+    conjuncts such as क्ष then fall apart into their parts).
+    """
+    canvas = 4 * size
+    fonts = _fonts(canvas, shaping)
+    font = fonts[rng.integers(len(fonts))]
+    big = Image.new("L", (2 * canvas, 2 * canvas), 0)
+    ImageDraw.Draw(big).text((canvas, canvas), text, font=font, fill=255, anchor="mm")
+    ink = big.crop(big.getbbox())
+    scale = rng.uniform(0.62, 0.82) * canvas / max(ink.size)  # the glyph fills 62-82% of the box
+    ink = ink.resize((max(1, round(ink.width * scale * rng.uniform(0.9, 1.1))), max(1, round(ink.height * scale))),
+                     Image.Resampling.BICUBIC)
+    ink = ink.rotate(rng.uniform(-10, 10), resample=Image.Resampling.BICUBIC, expand=True)
+    glyph = Image.new("L", (canvas, canvas), 0)
+    shift = rng.uniform(-0.06, 0.06, 2) * canvas
+    glyph.paste(ink, (round((canvas - ink.width) / 2 + shift[0]), round((canvas - ink.height) / 2 + shift[1])))
+    distorted = _elastic(np.asarray(glyph), rng, alpha=rng.uniform(0.6, 1.4) * canvas / 32)
+    return np.asarray(Image.fromarray(distorted).resize((size, size), Image.Resampling.LANCZOS))
+
+
+def _render_class(args: tuple[int, int, int]) -> np.ndarray:
+    from common.data import seed_from
+
+    class_index, per_class, seed = args
+    text = CLASSES[class_index][2]
+    return np.stack([render_glyph(text, np.random.default_rng(seed_from(seed, "devanagari", class_index, i)))
+                     for i in range(per_class)])
+
+
+def render_dataset(per_class: int, seed: int = 0, processes: int | None = None) -> np.ndarray:
+    """All 46 classes, `per_class` images each, in class order: (46 * per_class, 32, 32) uint8.
+
+    Deterministic in (per_class, seed); cached under ~/.cache/latent-toolkit (or $XDG_CACHE_HOME) as
+    a plain .npy file, since rendering 92,000 glyphs takes a minute or two.
+    """
+    from common.checkpoint import write_bytes
+    from common.data import seed_from
+
+    key = f"{seed_from(RENDER_VERSION, per_class, seed, font_path().stat().st_size):016x}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "latent-toolkit" / f"devanagari-{key}.npy"
+    if cache.is_file():
+        try:
+            return np.load(cache, allow_pickle=False)
+        except (OSError, ValueError):
+            pass  # a damaged cache is rendered again
+    jobs = [(k, per_class, seed) for k in range(len(CLASSES))]
+    processes = processes or min(len(jobs), os.cpu_count() or 1)
+    if processes > 1 and per_class * len(CLASSES) >= 2000:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            parts = pool.map(_render_class, jobs)
+    else:
+        parts = [_render_class(job) for job in jobs]
+    pixels = np.concatenate(parts)
+    buffer = io.BytesIO()
+    np.save(buffer, pixels, allow_pickle=False)
+    try:
+        write_bytes(cache, buffer.getvalue())
+    except OSError:
+        pass  # no writable cache folder: render again next time
+    return pixels
+
+
+def list_devanagari(config) -> "Listing":
+    """The built-in dataset: rendered glyphs of the 46 classes, the last holdout_fraction of each held out."""
+    from common.data import ImageClass, Listing, _split_last
+
+    pixels = render_dataset(config.per_class, config.seed)
+    labels = np.repeat(np.arange(len(CLASSES)), config.per_class).tolist()
+    classes = [ImageClass(folder, devanagari_class_fields(folder)) for folder, _, _ in CLASSES]
+    identity = f"devanagari:v{RENDER_VERSION}:{config.per_class}:{config.seed}"
+    return Listing(list(range(len(labels))), labels, _split_last(labels, config.holdout_fraction), classes,
+                   pixels=pixels, identity=identity)

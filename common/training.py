@@ -60,7 +60,10 @@ def resolve_mixed_precision(setting: str) -> str:
 
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
-    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), step_scheduler_with_optimizer=False)
+    """Accelerate on CUDA when there is a GPU; otherwise the CPU, where several processes started by
+    `accelerate launch --multi_gpu` / torchrun train together over gloo."""
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), cpu=not torch.cuda.is_available(),
+                       step_scheduler_with_optimizer=False)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -165,12 +168,15 @@ class Trainer:
         self.total_steps = 0
         self.bad_steps_in_row = 0
         self.skipped_steps = 0
+        self._step_was_bad = False
         self._sums: dict[str, float] = {}
         self._count = 0
         self._signals = StopSignals()
         self._saved_step = -1
         self._progress = None
         self._started = time.time()
+        # models are built next: their initial weights come from the seed too (same on every rank)
+        torch.manual_seed(seed_from(config.seed, stage, "init"))
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -195,7 +201,7 @@ class Trainer:
 
     def inference_model(self, name: str) -> torch.nn.Module:
         """The EMA weights where there are some, else the trained ones."""
-        return self.emas.get(name) or self.unwrap(name)
+        return self.emas[name] if name in self.emas else self.unwrap(name)
 
     def describe_batch(self) -> None:
         t = self.train
@@ -237,6 +243,9 @@ class Trainer:
 
     def resume(self) -> int:
         """Load the newest complete state file, if any; returns the step to continue from."""
+        if self.is_main and self.state_dir.is_dir():
+            for leftover in self.state_dir.glob(".state-*.tmp"):  # from a process killed mid-write
+                leftover.unlink(missing_ok=True)
         for path in self._state_files():
             try:
                 tensors, meta = load_tensors(path)
@@ -290,6 +299,7 @@ class Trainer:
                 torch.manual_seed(seed_from(self.config.seed, self.stage, self.rank, step))
                 yield step
                 self.step = step + 1
+                self._count_bad_step()
                 decay = ema_decay_at(step, self.train.ema_decay, self.train.ema_warmup)
                 for name, ema in self.emas.items():
                     update_ema(ema, self.unwrap(name), decay)
@@ -301,9 +311,10 @@ class Trainer:
                     self.print(f"[{self.stage}] stopped at step {self.step}; checkpoint saved in {self.state_dir}. "
                                f"Re-run the same command to resume.")
                     raise TrainingInterrupted(code)
-                if self.step % self.train.save_every == 0 and self.step < total_steps:
+                healthy = self.bad_steps_in_row == 0  # never checkpoint in the middle of a non-finite streak
+                if healthy and self.step % self.train.save_every == 0 and self.step < total_steps:
                     self.save()
-        if self._saved_step != self.step:
+        if self._saved_step != self.step and self.bad_steps_in_row == 0:
             self.save()
         self._progress.close()
         if self.skipped_steps:
@@ -338,16 +349,21 @@ class Trainer:
         if not finite and self.accelerator.scaler is None:
             optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
-            self.bad_steps_in_row += 1
-            if self.bad_steps_in_row >= self.train.max_bad_steps:
-                raise TrainingDiverged(
-                    f"[{self.stage}] {self.bad_steps_in_row} steps in a row had a non-finite loss at step {self.step}; "
-                    f"stopped. The last good checkpoint is in {self.state_dir}. Lower {self.stage}.lr or check the data")
+            self._step_was_bad = True
             return False
         optimizer.step()  # with an fp16 GradScaler, this itself skips steps with inf gradients
         optimizer.zero_grad(set_to_none=True)
-        self.bad_steps_in_row = 0
         return True
+
+    def _count_bad_step(self) -> None:
+        """After each step: a run of `max_bad_steps` steps with a non-finite loss stops training."""
+        self.bad_steps_in_row = self.bad_steps_in_row + 1 if self._step_was_bad else 0
+        self._step_was_bad = False
+        if self.bad_steps_in_row >= self.train.max_bad_steps:
+            self._progress.close()
+            raise TrainingDiverged(
+                f"[{self.stage}] {self.bad_steps_in_row} steps in a row had a non-finite loss (up to step {self.step}); "
+                f"stopped. The last good checkpoint is in {self.state_dir}. Lower {self.stage}.lr or check the data")
 
     # ---- logging -----------------------------------------------------------------------------
 

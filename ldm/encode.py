@@ -119,9 +119,8 @@ def _write_manifest(run: RunFolder, dataset, key: str, vae_hash: str, dataset_ha
     # written once without the statistics so that load_cache can read the shards to measure them
     write_text(run.latents / MANIFEST, json.dumps(manifest))
     cache = load_cache(run.latents, vae_hash, dataset_hash)
-    manifest["latent_shape"] = list(cache.mean.shape[1:])
-    manifest["channel_mean"] = cache.mean.mean((0, 2, 3)).tolist()
-    manifest["channel_std"] = (cache.mean.var((0, 2, 3)) + cache.std.pow(2).mean((0, 2, 3))).sqrt().tolist()
+    manifest["latent_shape"] = list(cache.latent_shape)
+    manifest["channel_mean"], manifest["channel_std"] = cache.channel_statistics()
     write_text(run.latents / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from common.checkpoint import load_tensors
 from common.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -51,12 +53,42 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                      "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def memory_map(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Map a safetensors file's tensors as read-only numpy arrays, without reading them into memory.
+
+    The format is an 8-byte header length, a JSON header (dtype, shape, byte offsets per tensor), then
+    the raw little-endian data; pages are read from disk (and the page cache) only when rows are used.
+    """
+    with open(path, "rb") as f:
+        header_size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_size))
+    metadata = header.pop("__metadata__", None) or {}
+    arrays = {}
+    for name, info in header.items():
+        shape = tuple(info["shape"])
+        begin = info["data_offsets"][0]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        arrays[name] = (np.memmap(path, dtype=dtype, mode="r", offset=8 + header_size + begin, shape=shape)
+                        if math.prod(shape) else np.zeros(shape, dtype))
+    return arrays, json.loads(metadata["json"]) if "json" in metadata else {}
+
+
 @dataclass
 class LatentCache:
-    """All cached latents in memory: (N, C, h, w) mean/std, (N,) labels/holdout, (N, K) caption ids."""
+    """The cached latents, memory-mapped shard by shard so a cache larger than memory still trains.
 
-    mean: torch.Tensor
-    std: torch.Tensor
+    Per image, in dataset-listing order: `labels` (N,), `holdout` (N,), `captions_per_image` (N, K)
+    (caption indices, -1 padded) are held in memory; `latents(items)` reads the posterior mean and
+    std of just those images: (B, C, h, w) each.
+    """
+
+    shards: list[dict[str, np.ndarray]]
+    shard_of: np.ndarray  # (N,) the shard each image is in
+    row_in_shard: np.ndarray  # (N,) its row there
     labels: torch.Tensor
     holdout: torch.Tensor
     captions_per_image: torch.Tensor
@@ -67,13 +99,44 @@ class LatentCache:
     def num_captions(self) -> torch.Tensor:  # (N,) how many captions each image has
         return (self.captions_per_image >= 0).sum(1)
 
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.shards[0]["mean"].shape[1:])
+
+    def latents(self, items: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and std of the images `items` (indices into this cache): (B, C, h, w) float32 each."""
+        items = np.asarray(items)
+        mean = np.empty((len(items), *self.latent_shape), np.float32)
+        std = np.empty_like(mean)
+        shards = self.shard_of[items]
+        for shard in np.unique(shards):
+            where = np.flatnonzero(shards == shard)
+            rows = self.row_in_shard[items[where]]
+            order = np.argsort(rows)  # ascending reads are kinder to the disk
+            mean[where[order]] = self.shards[shard]["mean"][rows[order]]
+            std[where[order]] = self.shards[shard]["std"][rows[order]]
+        return torch.from_numpy(mean), torch.from_numpy(std)
+
     def split(self, holdout: bool) -> "LatentCache":
-        keep = self.holdout == holdout
-        return LatentCache(self.mean[keep], self.std[keep], self.labels[keep], self.holdout[keep],
-                           self.captions_per_image[keep], self.captions, self.manifest)
+        keep = (self.holdout == holdout).numpy()
+        return LatentCache(self.shards, self.shard_of[keep], self.row_in_shard[keep], self.labels[keep],
+                           self.holdout[keep], self.captions_per_image[keep], self.captions, self.manifest)
 
     def __len__(self) -> int:
-        return len(self.mean)
+        return len(self.labels)
+
+    def channel_statistics(self, chunk: int = 4096) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the latent distribution (posterior mean + std * noise), streamed."""
+        total = total_sq = count = 0.0
+        for shard in self.shards:
+            for start in range(0, len(shard["mean"]), chunk):
+                mean = torch.from_numpy(np.asarray(shard["mean"][start:start + chunk])).double()
+                std = torch.from_numpy(np.asarray(shard["std"][start:start + chunk])).double()
+                total = total + mean.sum((0, 2, 3))
+                total_sq = total_sq + (mean.pow(2) + std.pow(2)).sum((0, 2, 3))  # E[z^2] = mean^2 + std^2
+                count += mean.numel() / mean.shape[1]
+        average = total / count
+        return average.tolist(), (total_sq / count - average.pow(2)).sqrt().tolist()
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -103,14 +166,18 @@ def check_current(manifest: dict | None, folder: Path, vae_hash: str, dataset_ha
 def load_cache(folder: Path, vae_hash: str, dataset_hash: str) -> LatentCache:
     manifest = read_manifest(folder)
     check_current(manifest, folder, vae_hash, dataset_hash)
-    parts: dict[str, list[torch.Tensor]] = {}
-    for shard in manifest["shards"]:
-        tensors, meta = load_tensors(folder / shard["file"])
-        if not meta or meta.get("key") != manifest["key"]:
+    shards, columns = [], {}
+    for number, shard in enumerate(manifest["shards"]):
+        arrays, meta = memory_map(folder / shard["file"])
+        if meta.get("key") != manifest["key"]:
             raise StaleCacheError(f"{shard['file']} in {folder} belongs to another cache; re-run `encode-dataset`")
-        for name, value in tensors.items():
-            parts.setdefault(name, []).append(value)
-    data = {name: torch.cat(values) for name, values in parts.items()}
-    order = data["row"].argsort()  # shard order = listing order, whatever process wrote which shard
-    return LatentCache(data["mean"][order].float(), data["std"][order].float(), data["label"][order].long(),
-                       data["holdout"][order].bool(), data["captions"][order].long(), manifest["captions"], manifest)
+        shards.append(arrays)
+        rows = len(arrays["row"])
+        for name, values in [("shard", np.full(rows, number)), ("local", np.arange(rows)), ("row", arrays["row"]),
+                             ("label", arrays["label"]), ("holdout", arrays["holdout"]), ("captions", arrays["captions"])]:
+            columns.setdefault(name, []).append(np.asarray(values))
+    data = {name: np.concatenate(values) for name, values in columns.items()}
+    order = np.argsort(data["row"])  # listing order, whichever process wrote which shard
+    return LatentCache(shards, data["shard"][order], data["local"][order], torch.from_numpy(data["label"][order]).long(),
+                       torch.from_numpy(data["holdout"][order]).bool(), torch.from_numpy(data["captions"][order]).long(),
+                       manifest["captions"], manifest)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.training_utils import compute_snr
 
 from common.config import LDMConfig
 
@@ -43,3 +46,30 @@ def build_noise_scheduler(config: LDMConfig) -> DDPMScheduler:
 def inference_scheduler(noise_scheduler: DDPMScheduler) -> DPMSolverMultistepScheduler:
     """DPM-Solver++ (Lu et al. 2022), 2nd order: good images in ~20 steps, same noise schedule as training."""
     return DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
+
+
+def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v."""
+    if gamma <= 0:
+        return torch.ones_like(timesteps, dtype=torch.float32)
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def diffusion_loss(unet: torch.nn.Module, noise_scheduler: DDPMScheduler, latents: torch.Tensor,
+                   text_states: torch.Tensor, config: LDMConfig) -> torch.Tensor:
+    """The denoising objective for one batch: latents (B, C, h, w), text states (B, L, D) -> scalar.
+
+    Noise the latents to random timesteps and regress the UNet's output on the noise (epsilon) or
+    on v = alpha * noise - sigma * x0 (Salimans & Ho 2022), optionally min-SNR weighted.
+    """
+    noise = torch.randn_like(latents)
+    if config.offset_noise > 0:  # a per-channel constant, so the model can change mean brightness
+        noise = noise + config.offset_noise * torch.randn(*latents.shape[:2], 1, 1, device=latents.device)
+    timesteps = torch.randint(0, config.num_train_timesteps, (len(latents),), device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = noise if config.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states=text_states).sample
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean((1, 2, 3))  # (B,)
+    return (loss * min_snr_weights(noise_scheduler, timesteps, config.snr_gamma, config.prediction_type)).mean()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import pre_tokenizers, trainers
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import BatchEncoding, CLIPTextModel, CLIPTokenizer
 
 from common.config import Config
 from common.errors import UserError
@@ -43,6 +45,39 @@ def train_tokenizer(corpus: list[str], vocab_size: int, max_length: int) -> CLIP
             vocab.setdefault(piece, len(vocab))
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
     return tokenizer
+
+
+def perturb_caption(text: str, rng: np.random.Generator) -> str:
+    """The caption with one or two made-up words inserted at random places (and sometimes a comma).
+
+    Trained on a handful of caption templates, a text encoder learns nothing about words it never
+    saw, and one unknown word can then change what a prompt means to it ("Sketch the number 4").
+    Training on captions sprinkled with random non-words teaches the text side, and the UNet reading
+    it, that such words do not change what is asked for.
+    """
+    words = text.split()
+    for _ in range(int(rng.integers(1, 3))):
+        word = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), int(rng.integers(2, 7))))
+        words.insert(int(rng.integers(0, len(words) + 1)), word)
+    if len(words) > 1 and rng.random() < 0.3:
+        words[int(rng.integers(0, len(words) - 1))] += ","
+    return " ".join(words)
+
+
+def caption_variants(tokenizer: CLIPTokenizer, captions: list[str], count: int, seed: int) -> list[list[str]]:
+    """Each caption followed by `count` perturbed versions that still fit the tokenizer's length."""
+    variants = []
+    for k, caption in enumerate(captions):
+        rng = np.random.default_rng([seed, k])
+        found = [caption]
+        for _ in range(20 * count):
+            if len(found) > count:
+                break
+            candidate = perturb_caption(caption, rng)
+            if len(tokenizer(candidate, verbose=False).input_ids) <= tokenizer.model_max_length:
+                found.append(candidate)
+        variants.append(found + [caption] * (count + 1 - len(found)))  # a caption too long to perturb stays as is
+    return variants
 
 
 def text_encoder_source(config: Config) -> tuple[Path | str, Path | str]:
@@ -76,10 +111,17 @@ def load_text_encoder(config: Config) -> tuple[CLIPTokenizer, CLIPTextModel]:
     return tokenizer, text_encoder.eval().requires_grad_(False)
 
 
-def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
-    """(N,) prompts -> (N, L) ids, padded/truncated to the tokenizer's max length as SD pipelines do."""
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> BatchEncoding:
+    """(N,) prompts -> `input_ids` (N, L), padded/truncated to the tokenizer's max length as SD pipelines do.
+
+    Prompts longer than that are truncated with a warning that shows what was cut.
+    """
+    limit = tokenizer.model_max_length
+    for prompt, ids in zip(prompts, tokenizer(prompts, verbose=False).input_ids):
+        if len(ids) > limit:
+            kept = tokenizer.decode(ids[1:limit - 1])
+            warnings.warn(f"prompt truncated to the text encoder's {limit} tokens: {prompt!r} is read as {kept!r}")
+    return tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
 
 
 @torch.no_grad()
@@ -90,8 +132,7 @@ def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: 
     use_mask = getattr(text_encoder.config, "use_attention_mask", False)
     states = []
     for start in range(0, len(prompts), batch_size):
-        inputs = tokenizer(prompts[start:start + batch_size], padding="max_length", truncation=True,
-                           max_length=tokenizer.model_max_length, return_tensors="pt")
+        inputs = tokenize(tokenizer, prompts[start:start + batch_size])
         mask = inputs.attention_mask.to(device) if use_mask else None
         states.append(text_encoder(inputs.input_ids.to(device), attention_mask=mask)[0])
     return torch.cat(states)

@@ -13,22 +13,21 @@ are computed once per distinct caption. Writes `run/unet/` (EMA weights), `run/s
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from diffusers.training_utils import compute_snr
 
 from common.checkpoint import atomic_directory, write_text
-from common.config import Config, dump_config, run_cli
+from common.config import Config, LDMConfig, dump_config, run_cli
 from common.data import ImageDataset, StepBatches, steps_for
 from common.errors import UserError
 from common.images import prompt_grid, save_image
 from common.training import Trainer, evaluating
-from ldm.latents import load_cache, vae_fingerprint
-from ldm.model import build_noise_scheduler, build_unet, inference_scheduler
-from ldm.text import encode_text, load_text_encoder
-from pipelines.latent_pipeline import LatentPipeline
+from ldm.latents import LatentCache, load_cache, vae_fingerprint
+from ldm.model import build_noise_scheduler, build_unet, diffusion_loss, inference_scheduler
+from ldm.text import caption_variants, encode_text, load_text_encoder
+from pipelines.latent_pipeline import CLASSES_FILE, LatentPipeline
 
 
 def main(config: Config, args: argparse.Namespace | None = None) -> dict:
@@ -49,11 +48,16 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     train_latents = cache.split(holdout=False)
     tokenizer, text_encoder = load_text_encoder(config)
     text_encoder.to(device)
-    caption_states = encode_text(tokenizer, text_encoder, cache.captions + [""])  # (K + 1, L, D), once
+    # text states of every caption and its perturbed variants, computed once: (K + 1, V + 1, L, D)
+    variants = caption_variants(tokenizer, cache.captions + [""], cfg.caption_variants, config.seed)
+    variants[-1] = [""] * (cfg.caption_variants + 1)  # the empty prompt stays empty
+    caption_states = encode_text(tokenizer, text_encoder, [v for group in variants for v in group])
+    caption_states = caption_states.view(len(variants), cfg.caption_variants + 1, *caption_states.shape[1:])
     empty_caption = len(cache.captions)
-    latent_channels, latent_size = train_latents.mean.shape[1], train_latents.mean.shape[-1]
+    latent_channels, latent_size = train_latents.latent_shape[0], train_latents.latent_shape[-1]
     trainer.print(f"[ldm] {len(train_latents)} training latents of {latent_channels}x{latent_size}x{latent_size}, "
-                  f"{len(cache.captions)} distinct captions, text states {tuple(caption_states.shape[1:])}")
+                  f"{len(cache.captions)} distinct captions x {cfg.caption_variants + 1} variants, "
+                  f"text states {tuple(caption_states.shape[2:])}")
 
     unet = trainer.add("unet", build_unet(cfg, latent_channels, latent_size, text_encoder.config.hidden_size), ema=True)
     trainer.print(f"[ldm] UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
@@ -66,26 +70,14 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     start = trainer.resume()
     sampler = StepBatches(len(train_latents), cfg.batch_size, config.seed, start, trainer.rank,
                           trainer.world_size, cfg.grad_accum)
-    captions_per_image, num_captions = train_latents.captions_per_image, train_latents.num_captions
 
     for step in trainer.steps(total_steps):
         for micro in range(cfg.grad_accum):
             rows = torch.tensor(sampler.indices(step, micro))
-            mean, std = train_latents.mean[rows].to(device), train_latents.std[rows].to(device)
-            latents = (mean + std * torch.randn_like(mean)) * scaling_factor  # (B, C, h, w), unit variance
-            chosen = captions_per_image[rows, (torch.rand(len(rows)) * num_captions[rows]).long()]
-            chosen[torch.rand(len(rows)) < cfg.cond_dropout] = empty_caption  # for classifier-free guidance
-            text_states = caption_states[chosen.to(device)]  # (B, L, D)
-            noise = torch.randn_like(latents)
-            if cfg.offset_noise > 0:
-                noise = noise + cfg.offset_noise * torch.randn(*latents.shape[:2], 1, 1, device=device)
-            timesteps = torch.randint(0, cfg.num_train_timesteps, (len(rows),), device=device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+            latents, text_states = training_batch(train_latents, rows, caption_states, cfg, scaling_factor,
+                                                  empty_caption, device)
             with trainer.no_sync("unet", micro):
-                prediction = unet(noisy, timesteps, encoder_hidden_states=text_states).sample
-                loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean((1, 2, 3))  # (B,)
-                loss = (loss * min_snr_weights(noise_scheduler, timesteps, cfg.snr_gamma, cfg.prediction_type)).mean()
+                loss = diffusion_loss(unet, noise_scheduler, latents, text_states, cfg)
                 trainer.backward(loss / cfg.grad_accum)
         trainer.optimizer_step("unet")
         trainer.log(loss=loss.detach())
@@ -97,18 +89,25 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
             trainer.print(f"\n[ldm] samples at step {step + 1}: {path}")
 
     if trainer.is_main:
-        export(trainer, config, tokenizer, text_encoder, noise_scheduler)
+        export(trainer, config, tokenizer, text_encoder, noise_scheduler, cache.manifest["classes"],
+               listing_only.class_prompts())
     trainer.accelerator.wait_for_everyone()
     return {"step": trainer.step}
 
 
-def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v."""
-    if gamma <= 0:
-        return torch.ones_like(timesteps, dtype=torch.float32)
-    snr = compute_snr(noise_scheduler, timesteps)
-    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+def training_batch(cache: LatentCache, rows: torch.Tensor, caption_states: torch.Tensor, cfg: LDMConfig,
+                   scaling_factor: float, empty_caption: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents and text states for the images `rows` of the cache: (B, C, h, w), (B, L, D).
+
+    A fresh sample from each image's cached posterior, scaled to unit variance; one of its captions
+    (in one of its perturbed variants), replaced by the empty prompt with probability cond_dropout.
+    """
+    mean, std = (t.to(device) for t in cache.latents(rows))
+    latents = (mean + std * torch.randn_like(mean)) * scaling_factor
+    chosen = cache.captions_per_image[rows, (torch.rand(len(rows)) * cache.num_captions[rows]).long()]
+    chosen[torch.rand(len(rows)) < cfg.cond_dropout] = empty_caption  # for classifier-free guidance
+    variant = torch.randint(caption_states.shape[1], (len(rows),))
+    return latents, caption_states[chosen.to(device), variant.to(device)]
 
 
 def make_pipeline(run, tokenizer, text_encoder, unet, noise_scheduler) -> LatentPipeline:
@@ -126,7 +125,8 @@ def sample_sheet(pipe: LatentPipeline, prompts: list[str], config: Config, per_p
     return prompt_grid(images, prompts, per_prompt)
 
 
-def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_scheduler) -> None:
+def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_scheduler, classes: list[dict],
+           class_prompts: list[str]) -> None:
     """Write the inference half of the run folder: unet (EMA), scheduler, text encoder copies, model_index."""
     run = trainer.run
     unet = trainer.inference_model("unet")
@@ -142,6 +142,9 @@ def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_sche
             tokenizer.save_pretrained(folder)
     pipe = make_pipeline(run, tokenizer, text_encoder, unet, noise_scheduler)
     write_text(run.root / "model_index.json", pipe.to_json_string())
+    if class_prompts:
+        classes = [{**c, "prompt": p} for c, p in zip(classes, class_prompts)]
+        write_text(run.root / CLASSES_FILE, json.dumps(classes, ensure_ascii=False, indent=1))
     trainer.print(f"[ldm] saved {run.component('unet')}, {run.component('scheduler')} and {run.root / 'model_index.json'}; "
                   f"load it with LatentPipeline.from_pretrained('{run.root}')")
 

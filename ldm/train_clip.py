@@ -21,9 +21,9 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
 from common.checkpoint import atomic_directory, write_text
 from common.config import ClipConfig, Config, dump_config, run_cli
-from common.data import ImageDataset, StepBatches, image_batches, load_split, steps_for
+from common.data import ImageDataset, StepBatches, augment_batch, image_batches, load_split, steps_for
 from common.training import Trainer
-from ldm.text import tokenize, train_tokenizer
+from ldm.text import caption_variants, tokenize, train_tokenizer
 
 
 def build_clip(cfg: ClipConfig, vocab_size: int, channels: int, image_size: int) -> CLIPModel:
@@ -56,7 +56,7 @@ def zero_shot_accuracy(model: CLIPModel, tokenizer, dataset: ImageDataset, batch
     class_embeddings = []
     for label in classes:
         ids = dataset.caption_ids[dataset.labels.index(label)]
-        inputs = tokenize(tokenizer, [dataset.captions[i] for i in ids]).to(device)
+        inputs = tokenize(tokenizer, [dataset.captions[i] for i in ids]).input_ids.to(device)
         embedding = F.normalize(model.get_text_features(input_ids=inputs).pooler_output, dim=-1).mean(0)
         class_embeddings.append(F.normalize(embedding, dim=-1))
     text = torch.stack(class_embeddings)  # (K, D)
@@ -76,12 +76,15 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     if trainer.is_main:
         run.save_config(config)
 
-    train_set = load_split(config.data, "train", augment=True, seed=config.seed)
+    train_set = load_split(config.data, "train")
     holdout_set = load_split(config.data, "holdout", listing=train_set.listing)
     tokenizer = train_tokenizer(train_set.captions, cfg.vocab_size, cfg.max_length)
     trainer.print(f"[clip] {len(train_set)} images, {len(train_set.captions)} distinct captions, "
                   f"vocabulary {len(tokenizer)} tokens")
-    caption_ids = tokenize(tokenizer, train_set.captions).to(device)  # (K, L): every caption, tokenized once
+    # every caption and its perturbed variants, tokenized once: (K, V + 1, L)
+    variants = caption_variants(tokenizer, train_set.captions, cfg.caption_variants, config.seed)
+    caption_ids = tokenize(tokenizer, [v for group in variants for v in group]).input_ids
+    caption_ids = caption_ids.view(len(variants), cfg.caption_variants + 1, -1).to(device)
     captions_per_image = [torch.tensor(ids) for ids in train_set.caption_ids]
     labels = torch.tensor(train_set.labels)
 
@@ -104,8 +107,12 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                 positives = labels[index][:, None] == labels[index][None, :]
             else:  # free captions: identical text = positive pair
                 positives = chosen[:, None] == chosen[None, :]
+            images = batch["pixel_values"].to(device)
+            if cfg.augment:
+                images = augment_batch(images, config.data.augment)
+            variant = torch.randint(cfg.caption_variants + 1, (len(chosen),))
             with trainer.no_sync("clip", micro):
-                out = model(input_ids=caption_ids[chosen.to(device)], pixel_values=batch["pixel_values"].to(device))
+                out = model(input_ids=caption_ids[chosen.to(device), variant.to(device)], pixel_values=images)
                 loss = contrastive_loss(out.logits_per_image, positives.to(device))
                 trainer.backward(loss / cfg.grad_accum)
         trainer.optimizer_step("clip")

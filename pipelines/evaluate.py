@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -28,7 +27,7 @@ from diffusers import AutoencoderKL
 
 from common.checkpoint import load_tensors, save_tensors, write_text
 from common.config import AugmentConfig, Config, EvalConfig, dump_config, run_cli
-from common.data import ImageDataset, StepBatches, image_batches, load_split
+from common.data import ImageDataset, augment_batch, image_batches, load_split
 from common.errors import UserError
 from common.run import RunFolder
 from pipelines.generate import load_pipeline
@@ -40,14 +39,19 @@ CLASSIFIER_FILE = "classifier.safetensors"
 class DigitClassifier(nn.Module):
     """A small CNN; its 128-d penultimate layer is the feature space of the Frechet distance."""
 
+    VERSION = 2  # part of the cache key: a changed architecture retrains
+
     def __init__(self, channels: int, num_classes: int, width: int = 32):
         super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
         self.features = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            *block(channels, width), nn.MaxPool2d(2),  # (N, 32, H/2, W/2)
+            *block(width, 2 * width), nn.MaxPool2d(2),  # (N, 64, H/4, W/4)
+            *block(2 * width, 4 * width), nn.MaxPool2d(2),  # (N, 128, H/8, W/8)
+            *block(4 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (N, 128)
         )
         self.head = nn.Linear(4 * width, num_classes)
 
@@ -65,24 +69,22 @@ def train_classifier(config: Config, train_set: ImageDataset, holdout_set: Image
     folder = RunFolder(config.run_dir).root / "evaluator"
     model = DigitClassifier(config.data.channels, len(train_set.classes)).to(device)
     key = {"dataset": train_set.fingerprint(), "steps": cfg.classifier_steps, "batch": cfg.classifier_batch_size,
-           "seed": config.seed, "classes": len(train_set.classes)}
+           "seed": config.seed, "classes": len(train_set.classes), "version": DigitClassifier.VERSION}
     if (folder / CLASSIFIER_FILE).is_file():
         tensors, meta = load_tensors(folder / CLASSIFIER_FILE)
         if meta and meta.get("key") == key:
             model.load_state_dict(tensors)
             return model.eval(), meta["heldout_accuracy"]
     torch.manual_seed(config.seed)
-    shifted = replace(config.data, augment=AugmentConfig(rotate_degrees=10, translate=0.1, scale=0.1))
-    augmented = load_split(shifted, "train", augment=True, seed=config.seed, listing=train_set.listing)
-    sampler = StepBatches(len(augmented), cfg.classifier_batch_size, config.seed)
-    loader = iter(torch.utils.data.DataLoader(augmented, batch_sampler=sampler))
+    images, labels = real_images(train_set).to(device), torch.tensor(train_set.labels, device=device)
+    shifts = AugmentConfig(rotate_degrees=10, translate=0.1, scale=0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=cfg.classifier_steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=cfg.classifier_steps)
     model.train()
     for _ in range(cfg.classifier_steps):
-        batch = next(loader)
-        logits, _ = model(batch["pixel_values"].to(device))
-        loss = F.cross_entropy(logits, batch["label"].to(device))
+        batch = torch.randint(len(images), (cfg.classifier_batch_size,), device=device)
+        logits, _ = model(augment_batch(images[batch], shifts))
+        loss = F.cross_entropy(logits, labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -168,7 +170,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     run = RunFolder(config.run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(dump_config(config))
-    train_set = load_split(config.data, "train", seed=config.seed)
+    train_set = load_split(config.data, "train")
     holdout_set = load_split(config.data, "holdout", listing=train_set.listing)
     if not train_set.classes:
         raise UserError("evaluate measures class datasets (recognition, paraphrases); this dataset has free captions only")

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import re
 from pathlib import Path
 
@@ -13,9 +14,12 @@ import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
 
+from PIL import Image
+
+from common.checkpoint import write_bytes
 from common.config import Config, run_cli
-from common.errors import RunFolderError
-from common.images import prompt_grid, save_image
+from common.errors import RunFolderError, UserError
+from common.images import make_grid, prompt_grid, save_image
 from pipelines.latent_pipeline import LatentPipeline
 
 SCHEDULERS = {
@@ -44,28 +48,88 @@ def load_pipeline(run_dir: str | Path, device: str | torch.device | None = None,
     return pipe
 
 
+STEPS_GRID = (1, 2, 3, 5, 10, 20, 50)
+
+
+def steps_grid(pipe: LatentPipeline, prompt: str, seed: int, guidance_scale: float,
+               steps: tuple[int, ...] = STEPS_GRID) -> Image.Image:
+    """The same prompt and seed sampled with 1, 2, 3, 5, 10, 20 and 50 steps, side by side and labelled."""
+    images = [pipe(prompt, num_inference_steps=n, guidance_scale=guidance_scale,
+                   generator=torch.Generator(pipe.device).manual_seed(seed)).images[0] for n in steps]
+    return make_grid(images, len(images), column_labels=[f"{n} step{'s' * (n > 1)}" for n in steps],
+                     row_labels=[prompt or "(unconditional)"], scale=4)
+
+
+def denoising_frames(pipe: LatentPipeline, prompt: str, steps: int, seed: int, guidance_scale: float) -> list[Image.Image]:
+    """One sampling run's prediction of the clean image after each step, decoded through the VAE."""
+    frames = []
+
+    def keep(pipe: LatentPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
+        decoded = pipe.decode_latents(tensors["pred_original_sample"])
+        frames.append(pipe.image_processor.postprocess(decoded, output_type="pil")[0])
+        return {}
+
+    pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, callback_on_step_end=keep,
+         callback_on_step_end_tensor_inputs=["pred_original_sample"], generator=torch.Generator(pipe.device).manual_seed(seed))
+    return frames
+
+
+def save_gif(frames: list[Image.Image], path: str | Path, scale: int = 4, milliseconds: int = 150) -> Path:
+    """An endlessly looping animation; the last frame is held three times as long."""
+    frames = [f.resize((f.width * scale, f.height * scale), Image.Resampling.NEAREST) for f in frames]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], loop=0,
+                   duration=[milliseconds] * (len(frames) - 1) + [3 * milliseconds])
+    write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^\w]+", "-", text, flags=re.UNICODE).strip("-").lower()[:40] or "unconditional"
 
 
 def main(config: Config, args: argparse.Namespace) -> list[Path]:
+    if args.num < 1 or (args.steps is not None and args.steps < 1):
+        raise UserError(f"--num and --steps must be at least 1 (got --num {args.num}, --steps {args.steps})")
     pipe = load_pipeline(args.run or config.run_dir, scheduler=args.scheduler)
+    try:
+        return _generate(pipe, config, args)
+    except ValueError as error:  # bad prompts or characters: the pipeline's message says what is wrong
+        raise UserError(str(error)) from None
+
+
+def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace) -> list[Path]:
     steps = args.steps or config.sample.num_inference_steps
     guidance = args.guidance if args.guidance is not None else config.sample.guidance_scale
     out = Path(args.out or Path(args.run or config.run_dir) / "samples" / "generate")
     out.mkdir(parents=True, exist_ok=True)
     prompts = args.prompts or [""]
-    generator = torch.Generator(pipe.device).manual_seed(args.seed)
-    images = pipe(prompts, negative_prompt=args.negative, num_images_per_prompt=args.num, num_inference_steps=steps,
-                  guidance_scale=guidance, generator=generator).images
     paths = []
-    for i, image in enumerate(images):
-        prompt_index, k = divmod(i, args.num)
-        paths.append(save_image(image, out / f"{prompt_index:02d}-{slug(prompts[prompt_index])}-{k}.png"))
-    labels = [p if p else "(unconditional)" for p in prompts]
-    grid = save_image(prompt_grid(images, labels, args.num), out / "grid.png")
-    print(f"[generate] {len(images)} images ({steps} steps, guidance {guidance}, seed {args.seed}) in {out}; grid: {grid}")
-    return paths + [grid]
+    if args.prompts or not args.write:
+        generator = torch.Generator(pipe.device).manual_seed(args.seed)
+        images = pipe(prompts, negative_prompt=args.negative, num_images_per_prompt=args.num, num_inference_steps=steps,
+                      guidance_scale=guidance, generator=generator).images
+        for i, image in enumerate(images):
+            prompt_index, k = divmod(i, args.num)
+            paths.append(save_image(image, out / f"{prompt_index:02d}-{slug(prompts[prompt_index])}-{k}.png"))
+        labels = [p if p else "(unconditional)" for p in prompts]
+        paths.append(save_image(prompt_grid(images, labels, args.num), out / "grid.png"))
+        print(f"[generate] {len(images)} images ({steps} steps, guidance {guidance}, seed {args.seed}) in {out}; "
+              f"grid: {paths[-1]}")
+    if args.write:
+        line = pipe.write(args.write, num_inference_steps=steps, guidance_scale=guidance,
+                          generator=torch.Generator(pipe.device).manual_seed(args.seed))
+        paths.append(save_image(line, out / f"write-{slug(args.write)}.png"))
+        print(f"[generate] wrote {args.write!r}: {paths[-1]}")
+    if args.steps_grid:
+        paths.append(save_image(steps_grid(pipe, prompts[0], args.seed, guidance), out / "steps-grid.png"))
+        print(f"[generate] steps grid for {prompts[0]!r}: {paths[-1]}")
+    if args.gif:
+        for prompt in prompts:
+            frames = denoising_frames(pipe, prompt, steps, args.seed, guidance)
+            paths.append(save_gif(frames, out / f"denoising-{slug(prompt)}.gif"))
+            print(f"[generate] denoising animation for {prompt!r} ({len(frames)} frames): {paths[-1]}")
+    return paths
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="sampler (default: the run's, DPM-Solver++)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output folder (default: RUN/samples/generate)")
+    parser.add_argument("--write", metavar="TEXT", help='also write TEXT as one line of generated glyphs, e.g. "2026"')
+    parser.add_argument("--steps-grid", action="store_true", help="also the first prompt after 1, 2, 3, 5, 10, 20, 50 steps")
+    parser.add_argument("--gif", action="store_true", help="also an animation of each prompt's denoising")
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from common.config import DataConfig
-from common.data import ImageDataset, StepBatches, fit_image, list_dataset, load_split, to_mode
+from common.data import ImageDataset, StepBatches, augment_batch, fit_image, list_dataset, load_split, to_mode
 from common.errors import DatasetError
 
 
@@ -88,19 +88,32 @@ def test_modes_and_fits():
     assert np.asarray(fit_image(wide, 20, "crop")).min() == 255  # centre square of the white bar
 
 
-def test_augmentation_is_deterministic_by_seed_epoch_and_index():
-    config = DataConfig(name="mnist", max_per_class=5)
-    config.augment.rotate_degrees, config.augment.translate = 15, 0.1
-    a = ImageDataset(config, "train", augment=True, seed=1)
-    b = ImageDataset(config, "train", augment=True, seed=1)
-    assert torch.equal(a[(3, 0)]["pixel_values"], b[(3, 0)]["pixel_values"])
-    assert not torch.equal(a[(3, 0)]["pixel_values"], a[(3, 1)]["pixel_values"])  # another epoch, another draw
+def test_batch_augmentation_is_seeded_and_keeps_a_black_background():
+    from common.config import AugmentConfig
+
+    images = torch.full((4, 1, 16, 16), -1.0)
+    images[:, :, 6:10, 6:10] = 1.0  # a white square on black
+    assert augment_batch(images, AugmentConfig()) is images  # nothing configured: untouched
+    config = AugmentConfig(rotate_degrees=15, translate=0.1, scale=0.1)
+    torch.manual_seed(0)
+    a = augment_batch(images, config)
+    torch.manual_seed(0)
+    b = augment_batch(images, config)
+    assert torch.equal(a, b) and a.shape == images.shape
+    assert not torch.equal(a[0], a[1])  # each image its own draw
+    assert a[:, :, 0, 0].max() < -0.99  # corners stay black, not grey
+    ramp = (torch.arange(4.0) / 3 * 2 - 1).view(1, 1, 1, 4).expand(8, 1, 4, 4)  # dark left, bright right
+    torch.manual_seed(1)
+    flipped = augment_batch(ramp, AugmentConfig(hflip=True))
+    mirrored = [torch.allclose(f, r.flip(-1), atol=1e-5) for f, r in zip(flipped, ramp)]
+    kept = [torch.allclose(f, r, atol=1e-5) for f, r in zip(flipped, ramp)]
+    assert all(m or k for m, k in zip(mirrored, kept)) and any(mirrored) and any(kept)
 
 
 def test_step_batches_are_resumable_and_disjoint_across_ranks():
     full = StepBatches(100, 8, seed=3, world_size=1)
     resumed = StepBatches(100, 8, seed=3, start_step=5, world_size=1)
-    assert next(iter(resumed)) == full.batch(5)
+    assert next(iter(resumed)) == full.indices(5)
     ranks = [StepBatches(100, 8, seed=3, rank=r, world_size=2).indices(0) for r in range(2)]
     assert not set(ranks[0]) & set(ranks[1])
     # one epoch visits every image once

@@ -106,3 +106,44 @@ def build_perceptual_loss(config: VAEConfig) -> PerceptualLoss | None:
         return None
     raise UserError(f"vae.lpips=true needs torchvision's {config.lpips_net} ImageNet weights in "
                     f"{torch.hub.get_dir()}/checkpoints; copy them there or set vae.lpips=auto")
+
+
+class AutoencoderWithPosterior(nn.Module):
+    """AutoencoderKL as one forward pass, images -> (reconstruction, posterior).
+
+    DistributedDataParallel synchronises the gradients of what runs through `forward`, so training
+    calls this rather than `vae.encode` / `vae.decode`. `.vae` is the AutoencoderKL itself.
+    """
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor):  # (N, C, H, W) -> (N, C, H, W), posterior over (N, c, h, w)
+        posterior = self.vae.encode(images).latent_dist
+        return self.vae.decode(posterior.sample()).sample, posterior
+
+
+def autoencoder_loss(model: nn.Module, images: torch.Tensor, config: VAEConfig, perceptual: PerceptualLoss | None = None,
+                     judge: nn.Module | None = None, last_layer: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Latent diffusion's autoencoder objective for one batch (N, C, H, W) in [-1, 1].
+
+    `model` is an AutoencoderWithPosterior (or its DDP wrapper). L1 (+ LPIPS) reconstruction of a
+    posterior sample, + kl_weight * KL per pixel, and, when a (frozen) discriminator `judge` is
+    given, its generator loss weighted adaptively at the decoder's `last_layer`.
+    Returns the loss, its detached terms for logging, and the reconstructions.
+    """
+    recon, posterior = model(images)
+    rec_loss = (recon - images).abs().mean()
+    if perceptual is not None:
+        rec_loss = rec_loss + config.lpips_weight * perceptual(recon, images).mean()
+    kl_loss = posterior.kl().mean() / images[0].numel()  # KL per pixel: LDM's weight scale
+    loss = rec_loss + config.kl_weight * kl_loss
+    terms = {"rec": rec_loss.detach(), "kl": kl_loss.detach()}
+    if judge is not None:
+        gan_loss = -judge(recon).mean()
+        gan_weight = adaptive_gan_weight(rec_loss, gan_loss, last_layer) * config.disc_weight
+        loss = loss + gan_weight * gan_loss
+        terms.update(gan=gan_loss.detach(), gan_weight=gan_weight)
+    return loss, terms, recon

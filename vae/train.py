@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+from contextlib import nullcontext
 
 import torch
 
 from common.checkpoint import atomic_directory, write_text
 from common.config import Config, dump_config, run_cli
-from common.data import StepBatches, load_split, steps_for
+from common.data import StepBatches, augment_batch, load_split, steps_for
 from common.images import save_image
 from common.training import Trainer, evaluating
-from vae.model import PatchDiscriminator, adaptive_gan_weight, build_perceptual_loss, build_vae, hinge_d_loss
+from vae.model import (AutoencoderWithPosterior, PatchDiscriminator, autoencoder_loss, build_perceptual_loss, build_vae,
+                       hinge_d_loss)
 from vae.reconstruct import latent_std, reconstruction_grid, reconstruction_metrics
 
 
@@ -44,20 +46,20 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     if trainer.is_main:
         run.save_config(config)
 
-    train_set = load_split(config.data, "train", augment=True, seed=config.seed)
+    train_set = load_split(config.data, "train")
     holdout_set = load_split(config.data, "holdout", listing=train_set.listing)
     trainer.print(f"[vae] {len(train_set)} training images, {len(holdout_set)} held out, "
                   f"{config.data.image_size}x{config.data.image_size}x{config.data.channels}")
 
-    vae = trainer.add("vae", build_vae(cfg, config.data.channels, config.data.image_size), ema=True)
+    autoencoder = trainer.add("vae", AutoencoderWithPosterior(build_vae(cfg, config.data.channels, config.data.image_size)),
+                              ema=True)
+    last_layer = trainer.unwrap("vae").vae.decoder.conv_out.weight  # where the GAN weight is balanced
     use_gan = cfg.disc_start >= 0 and cfg.disc_weight > 0
     disc = trainer.add("disc", PatchDiscriminator(config.data.channels, cfg.disc_channels, cfg.disc_layers)) if use_gan else None
     perceptual = build_perceptual_loss(cfg)
     if perceptual is not None:
         perceptual.to(device)
     trainer.describe_batch()
-    last_layer = trainer.unwrap("vae").decoder.conv_out.weight
-    pixels_per_image = config.data.channels * config.data.image_size**2
 
     total_steps = steps_for(cfg.max_steps, cfg.epochs, len(train_set), trainer.global_batch)
     start = trainer.resume()
@@ -72,25 +74,16 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         gan_on = use_gan and step >= cfg.disc_start
         for micro in range(cfg.grad_accum):
             images = next(batches)["pixel_values"].to(device)  # (B, C, H, W) in [-1, 1]
-            with trainer.no_sync("vae", micro):
-                posterior = vae.encode(images).latent_dist
-                recon = vae.decode(posterior.sample()).sample
-                rec_loss = (recon - images).abs().mean()
-                if perceptual is not None:
-                    rec_loss = rec_loss + cfg.lpips_weight * perceptual(recon, images).mean()
-                kl_loss = posterior.kl().mean() / pixels_per_image  # KL per pixel: LDM's weight scale
-                loss = rec_loss + cfg.kl_weight * kl_loss
-                terms = {"rec": rec_loss.detach(), "kl": kl_loss.detach()}
-                if gan_on:
-                    with frozen(trainer.unwrap("disc")) as judge:
-                        gan_loss = -judge(recon).mean()
-                    gan_weight = adaptive_gan_weight(rec_loss, gan_loss, last_layer) * cfg.disc_weight
-                    loss = loss + gan_weight * gan_loss
-                    terms.update(gan=gan_loss.detach(), gan_weight=gan_weight)
+            if cfg.augment:
+                images = augment_batch(images, config.data.augment)
+            with trainer.no_sync("vae", micro), frozen(trainer.unwrap("disc")) if gan_on else nullcontext() as judge:
+                loss, terms, recon = autoencoder_loss(autoencoder, images, cfg, perceptual, judge, last_layer)
                 trainer.backward(loss / cfg.grad_accum)
             if gan_on:
                 with trainer.no_sync("disc", micro):
-                    disc_loss = hinge_d_loss(disc(images), disc(recon.detach()))
+                    # real and fake in one forward pass: DDP allows one forward per backward
+                    logits_real, logits_fake = disc(torch.cat([images, recon.detach()])).chunk(2)
+                    disc_loss = hinge_d_loss(logits_real, logits_fake)
                     trainer.backward(disc_loss / cfg.grad_accum)
                 terms["disc"] = disc_loss.detach()
         trainer.optimizer_step("vae")
@@ -99,7 +92,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         trainer.log(**terms)
         if trainer.is_main and (step + 1) % cfg.sample_every == 0:
             with evaluating(trainer.inference_model("vae")) as model:
-                save_image(reconstruction_grid(model, grid_images), run.samples / f"vae-step{step + 1:06d}.png")
+                save_image(reconstruction_grid(model.vae, grid_images), run.samples / f"vae-step{step + 1:06d}.png")
 
     results = {}
     if trainer.is_main:
@@ -111,7 +104,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
 def export(trainer: Trainer, config: Config, train_set, holdout_set, grid_images: torch.Tensor) -> dict:
     """Measure the latent scale, save `run/vae/`, report held-out PSNR/SSIM and a reconstruction grid."""
     run, cfg = trainer.run, config.vae
-    vae = trainer.inference_model("vae").eval()
+    vae = trainer.inference_model("vae").vae.eval()
     scaling_factor = 1.0 / latent_std(vae, train_set, cfg.scale_images)
     vae.register_to_config(scaling_factor=scaling_factor)
     with atomic_directory(run.component("vae")) as folder:

@@ -1,0 +1,74 @@
+"""The same commands on 2 CPU processes through `accelerate launch` (gloo), as on a GPU cluster."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from common.data import ImageDataset
+from conftest import ROOT, TINY, tiny_config
+from ldm.latents import load_cache, vae_fingerprint
+
+
+def launch(module: str, run, *overrides: str, processes: int = 2) -> subprocess.CompletedProcess:
+    # on a machine without GPUs, --multi_gpu starts CPU processes that train together over gloo
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", module, "--config", str(TINY), "--set", f"run_dir={run}"]
+    for override in overrides:
+        command += ["--set", override]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def cache_of(run):
+    dataset = ImageDataset(tiny_config(run).data, "all")
+    return load_cache(run / "latents", vae_fingerprint(run / "vae"), dataset.fingerprint())
+
+
+def test_two_processes_encode_the_same_cache_train_and_resume_on_one(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "latents")
+    shutil.rmtree(run / "train_state" / "ldm")
+    (run / "logs" / "ldm.jsonl").unlink()
+
+    # encode-dataset on 2 processes: shard k by rank k mod 2, one manifest, the same latents
+    launch("ldm.encode", run)
+    single, double = cache_of(tiny_run), cache_of(run)
+    everything = torch.arange(len(single))
+    for a, b in zip(single.latents(everything), double.latents(everything)):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert torch.equal(single.labels, double.labels)
+    assert len(list((run / "latents").glob("manifest*.json"))) == 1
+
+    # train-ldm on 2 processes: rank 0 alone writes checkpoints, logs and samples
+    result = launch("ldm.train", run, "ldm.max_steps=4", "ldm.save_every=2", "ldm.sample_every=100")
+    assert "effective batch 8 per process x 2 processes x 1 accumulation = 16" in result.stdout
+    log = [json.loads(line) for line in (run / "logs" / "ldm.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]  # one line per step, not one per process
+    assert sorted(p.name for p in (run / "train_state" / "ldm").iterdir()) == \
+        ["state-00000002.safetensors", "state-00000004.safetensors"]
+    assert (run / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+    # the 2-process checkpoint resumes in 1 process
+    result = subprocess.run([sys.executable, "-m", "ldm.train", "--config", str(TINY), "--set", f"run_dir={run}",
+                             "--set", "ldm.max_steps=6", "--set", "ldm.sample_every=100"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at step 4 (saved by 2 processes, resumed on 1)" in result.stdout
+    log = [json.loads(line) for line in (run / "logs" / "ldm.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["step"] for r in log][-2:] == [5, 6]
+
+
+def test_two_processes_train_the_vae_and_clip(tmp_path):
+    run = tmp_path / "run"
+    launch("ldm.train_clip", run, "clip.max_steps=2")
+    launch("vae.train", run, "vae.max_steps=3", "vae.disc_start=1")
+    assert (run / "text_encoder" / "model.safetensors").is_file()
+    assert (run / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    log = [json.loads(line) for line in (run / "logs" / "vae.jsonl").read_text().splitlines() if '"rec"' in line]
+    assert [r["step"] for r in log] == [1, 2, 3]

@@ -1,0 +1,79 @@
+"""Writing words, the steps grid and the denoising animation (the pictures of the seed documents)."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from common.devanagari import CLASSES, devanagari_class_fields
+from pipelines import LatentPipeline
+from pipelines.generate import STEPS_GRID, cli as generate_cli, denoising_frames, steps_grid
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_run):
+    pipe = LatentPipeline.from_pretrained(tiny_run)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_run_folder_carries_the_class_table(pipe):
+    assert [c["fields"]["symbol"] for c in pipe.classes] == [str(d) for d in range(10)]
+    assert pipe.classes[6]["prompt"] == "Draw a six"
+
+
+def test_segment_digits_names_and_devanagari(pipe):
+    assert pipe.segment("2026") == [2, 0, 2, 6]
+    assert pipe.segment("20 26") == [2, 0, None, 2, 6]
+    assert pipe.segment("two zero") == [2, 0]
+    with pytest.raises(ValueError, match="Known characters: 0 1 2 3 4 5 6 7 8 9"):
+        pipe.segment("20x6")
+    devanagari = LatentPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler)
+    devanagari.classes = [{"key": k, "fields": devanagari_class_fields(k), "prompt": f"Draw {s}"} for k, _, s in CLASSES]
+    ksha, tra, ka, three = 33, 34, 0, 39
+    assert devanagari.segment("क्षत्र") == [ksha, tra]  # conjuncts are matched whole
+    assert devanagari.segment("क ३") == [ka, None, three]
+    assert devanagari.segment("ka ksha three") == [ka, ksha, three]
+    assert devanagari.segment("kna") == [4]  # the dataset's own folder spelling works too
+    with pytest.raises(ValueError, match="no class draws 'ि'"):
+        devanagari.segment("कि")
+
+
+def test_write_composes_one_glyph_per_character_with_one_seed(pipe):
+    line = pipe.write("2026", num_inference_steps=2, generator=torch.Generator().manual_seed(3))
+    assert isinstance(line, PIL.Image.Image) and line.size == (4 * 16, 16)
+    again = pipe.write("2026", num_inference_steps=2, generator=torch.Generator().manual_seed(3))
+    assert np.array_equal(np.asarray(line), np.asarray(again))
+    glyphs = pipe(["Draw a two", "Draw a zero", "Draw a two", "Draw a six"], num_inference_steps=2,
+                  guidance_scale=4.0, generator=torch.Generator().manual_seed(3)).images
+    assert np.array_equal(np.asarray(line)[:, 16:32], np.asarray(glyphs[1]))  # glyph 2 sits in slot 2
+    spaced = pipe.write("2 6", num_inference_steps=2, generator=torch.Generator().manual_seed(3), gap=2)
+    assert spaced.size == (3 * 16 + 2 * 2, 16)
+    assert np.asarray(spaced)[:, 18:34].max() == 0  # the space is blank
+
+
+def test_steps_grid_and_denoising_frames(pipe):
+    grid = steps_grid(pipe, "Draw a six", seed=0, guidance_scale=2.0, steps=(1, 2, 3))
+    assert grid.width > 3 * 16 * 4  # three labelled tiles at 4x
+    frames = denoising_frames(pipe, "Draw a six", steps=5, seed=0, guidance_scale=2.0)
+    assert len(frames) == 5 and all(f.size == (16, 16) for f in frames)
+    final = pipe("Draw a six", num_inference_steps=5, guidance_scale=2.0, generator=torch.Generator().manual_seed(0)).images[0]
+    # the last prediction of the clean image is the image the run ends with
+    assert np.abs(np.asarray(frames[-1], float) - np.asarray(final, float)).mean() < 2.0
+    assert len({np.asarray(f).tobytes() for f in frames}) > 1  # the prediction changes along the way
+
+
+def test_generate_write_steps_grid_and_gif(tiny_run, tmp_path):
+    generate_cli(["--run", str(tiny_run), "Draw a six", "--num", "1", "--steps", "2", "--out", str(tmp_path),
+                  "--write", "2026", "--steps-grid", "--gif"])
+    assert (tmp_path / "write-2026.png").is_file() and (tmp_path / "steps-grid.png").is_file()
+    gif = PIL.Image.open(tmp_path / "denoising-draw-a-six.gif")
+    assert gif.n_frames == 2
+    assert len(STEPS_GRID) == 7
+
+
+def test_generate_unknown_character_is_a_one_line_error(tiny_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli(["--run", str(tiny_run), "--write", "20x6", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "no class draws 'x'" in capsys.readouterr().err

@@ -1,0 +1,345 @@
+"""Bad input gets a clear error; interruptions lose nothing; loading runs no foreign code."""
+
+import errno
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common.checkpoint
+from common.checkpoint import CheckpointWriteError, load_tensors, save_tensors
+from common.config import TrainConfig
+from common.data import load_split
+from common.errors import DatasetError, RunFolderError
+from common.training import Trainer, TrainingDiverged
+from conftest import ROOT, TINY, tiny_config
+from ldm.encode import main as encode_main
+from ldm.train import main as ldm_main
+from pipelines import LatentPipeline
+from pipelines.generate import load_pipeline
+from vae.train import main as train_vae
+
+STATE = "train_state"
+
+
+def latest_state(run: Path, stage: str) -> Path:
+    return sorted((run / STATE / stage).glob("state-*.safetensors"))[-1]
+
+
+def interrupt_at_step(monkeypatch, step: int, signum=signal.SIGINT):
+    """Send this process `signum` once the trainer has logged `step` steps, as Ctrl-C would."""
+    original = Trainer.log
+
+    def log(self, **values):
+        original(self, **values)
+        if self.step + 1 == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(Trainer, "log", log)
+
+
+# ---- interruptions ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, monkeypatch, signum, code):
+    config = tiny_config(tmp_path / "run", "vae.max_steps=6", "vae.save_every=100")
+    interrupt_at_step(monkeypatch, 3, signum)
+    with pytest.raises(SystemExit) as exit_info:
+        train_vae(config)
+    assert exit_info.value.code == code
+    assert latest_state(tmp_path / "run", "vae").name == "state-00000003.safetensors"
+    assert not (tmp_path / "run" / "vae").exists()  # nothing exported from an unfinished run
+    monkeypatch.undo()
+    train_vae(config)
+    log = [json.loads(line) for line in (tmp_path / "run" / "logs" / "vae.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "rec" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_ctrl_c_in_a_real_process_exits_cleanly(tmp_path):
+    """The command line: SIGINT mid-training gives exit status 130, a checkpoint and no traceback."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "vae.train", "--config", str(TINY), "--set", f"run_dir={run}",
+               "--set", "vae.max_steps=100000", "--set", "vae.save_every=100000", "--set", "vae.log_every=1"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run / "logs" / "vae.jsonl"
+    deadline = time.time() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    _, meta = load_tensors(latest_state(run, "vae"))
+    assert meta["step"] >= 3
+
+
+def test_encode_interrupted_keeps_finished_shards_and_resumes_to_the_same_cache(tiny_run, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "latents")
+    config = tiny_config(run)  # 200 images in shards of 64: 4 shards
+    import ldm.encode
+
+    original = ldm.encode.image_batches
+    calls = {"n": 0}
+
+    def batches_then_interrupt(*args, **kwargs):
+        for batch in original(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:  # the second shard's first batch (shards of 64 = 2 batches of 32)
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(ldm.encode, "image_batches", batches_then_interrupt)
+    with pytest.raises(SystemExit) as exit_info:
+        encode_main(config)
+    assert exit_info.value.code == 130
+    assert sorted(p.name for p in (run / "latents").glob("shard-*")) == ["shard-00000.safetensors"]
+    assert not (run / "latents" / "manifest.json").exists()
+    monkeypatch.undo()
+    encode_main(config)
+    for shard in sorted((tiny_run / "latents").glob("shard-*")):
+        a, _ = load_tensors(shard)
+        b, _ = load_tensors(run / "latents" / shard.name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_path):
+    """SIGKILL at random moments (checkpoint writes included: one every step); every restart resumes
+    from the last complete checkpoint, and the end result equals a run that was never killed."""
+    steps = 120
+    overrides = ["--set", f"vae.max_steps={steps}", "--set", "vae.save_every=1", "--set", "vae.keep_checkpoints=2",
+                 "--set", "vae.disc_start=-1"]
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, "-m", "vae.train", "--config", str(TINY), "--set", f"run_dir={straight}", *overrides],
+                   cwd=ROOT, check=True, capture_output=True)
+    run = tmp_path / "killed"
+    command = [sys.executable, "-m", "vae.train", "--config", str(TINY), "--set", f"run_dir={run}", *overrides]
+    rng = random.Random(1234)
+    resumed_from, newest = [], 0
+    for attempt in range(3):
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:  # wait until this attempt has trained a step
+            files = sorted((run / STATE / "vae").glob("state-*.safetensors")) if (run / STATE / "vae").is_dir() else []
+            if files and int(files[-1].stem.split("-")[1]) > newest:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))  # somewhere in training, often mid-write (one checkpoint per step)
+        process.kill()
+        process.wait()
+        _, meta = load_tensors(latest_state(run, "vae"))  # the newest file is always a complete one
+        newest = meta["step"]
+        resumed_from.append(newest)
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    assert resumed_from == sorted(resumed_from) and resumed_from[-1] < steps
+    a, _ = load_tensors(latest_state(straight, "vae"))
+    b, meta = load_tensors(latest_state(run, "vae"))
+    assert meta["step"] == steps
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_a_full_disk_is_an_error_and_the_previous_checkpoint_survives(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path / "run", "vae.max_steps=2", "vae.save_every=100")
+    train_vae(config)
+    previous = latest_state(tmp_path / "run", "vae")
+    before = previous.read_bytes()
+
+    def disk_full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)  # part of the file made it to disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(common.checkpoint, "save_file", disk_full)
+    with pytest.raises(CheckpointWriteError, match="disk is full.*previous checkpoint is intact"):
+        train_vae(tiny_config(tmp_path / "run", "vae.max_steps=4", "vae.save_every=100"))
+    assert previous.read_bytes() == before
+    assert [p.name for p in (tmp_path / "run" / STATE / "vae").iterdir()] == [previous.name]  # no partial file
+
+
+def test_non_finite_steps_are_skipped_then_training_stops_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 1)
+    trainer = Trainer("unit", tiny_config(tmp_path / "unit"), TrainConfig(max_bad_steps=3, grad_clip=1.0))
+    model = trainer.add("m", model)
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        trainer.backward(model(torch.ones(2, 3)).sum() * float("nan"))
+        assert trainer.optimizer_step("m") is False
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # skipped, not applied
+    assert trainer.skipped_steps == 2
+    trainer.backward(model(torch.ones(2, 3)).sum())
+    assert trainer.optimizer_step("m") is True
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    original = Trainer.backward
+
+    def poisoned(self, loss):
+        original(self, loss * float("nan") if self.step >= 2 else loss)
+
+    monkeypatch.setattr(Trainer, "backward", poisoned)
+    config = tiny_config(tmp_path / "run", "vae.max_steps=50", "vae.save_every=2", "vae.max_bad_steps=4")
+    with pytest.raises(TrainingDiverged, match="4 steps in a row had a non-finite loss"):
+        train_vae(config)
+    _, meta = load_tensors(latest_state(tmp_path / "run", "vae"))
+    assert meta["step"] == 2  # the last good checkpoint
+
+
+def test_ldm_resume_is_exact(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / STATE / "ldm")
+    config = tiny_config(run, "ldm.max_steps=6", "ldm.save_every=3", "ldm.sample_every=100")
+    ldm_main(config)
+    straight, _ = load_tensors(run / STATE / "ldm" / "state-00000006.safetensors")
+    (run / STATE / "ldm" / "state-00000006.safetensors").unlink()
+    ldm_main(config)
+    resumed, _ = load_tensors(run / STATE / "ldm" / "state-00000006.safetensors")
+    assert max((straight[k].float() - resumed[k].float()).abs().max().item() for k in straight) <= 1e-6
+
+
+# ---- loading runs no foreign code ------------------------------------------------------------------
+
+
+class Planted:
+    """A pickle that, if ever unpickled, leaves a file behind."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def plant_pickle(path: Path, marker: Path) -> None:
+    Planted.marker = str(marker)
+    path.write_bytes(pickle.dumps(Planted()))
+
+
+def test_planted_pickles_are_never_unpickled(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    marker = tmp_path / "executed"
+    plant_pickle(run / "unet" / "diffusion_pytorch_model.bin", marker)
+    plant_pickle(run / "text_encoder" / "pytorch_model.bin", marker)
+    plant_pickle(run / STATE / "vae" / "state-99999999.pt", marker)
+    pipe = LatentPipeline.from_pretrained(run)  # the safetensors beside them are used
+    assert pipe.unet is not None
+    train_vae(tiny_config(run))  # resume ignores anything but safetensors states
+    (run / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(Exception):  # only a pickle left: refused, not loaded
+        LatentPipeline.from_pretrained(run)
+    with pytest.raises(RunFolderError):
+        load_pipeline(run)
+    assert not marker.exists()
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+
+def test_corrupt_images_are_skipped_with_a_count_or_refused(class_folder):
+    (class_folder / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    good = class_folder / "square" / "000.png"
+    (class_folder / "square" / "truncated.png").write_bytes(good.read_bytes()[:60])
+    from common.config import DataConfig
+
+    config = DataConfig(name="", path=str(class_folder), image_size=16, holdout_fraction=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = load_split(config, "train")
+    assert len(dataset) == 18 and len(dataset.bad_images) == 2
+    assert any("skipping 2 unreadable image(s)" in str(w.message) and "broken.png" in str(w.message) for w in caught)
+    config.on_bad_image = "error"
+    with pytest.raises(DatasetError, match="2 image\\(s\\) cannot be read: broken.png"):
+        load_split(config, "train")
+
+
+def test_malformed_metadata_lines_name_the_line(jsonl_folder):
+    from common.config import DataConfig
+    from common.data import list_dataset
+
+    path = jsonl_folder / "metadata.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
+    with pytest.raises(DatasetError, match="line 4 is not valid JSON"):
+        list_dataset(DataConfig(name="", path=str(jsonl_folder)))
+    path.write_text("\n".join(lines[:2] + ['{"file_name": "images/missing.png", "text": "x"}']) + "\n")
+    with pytest.raises(DatasetError, match="line 3: file 'images/missing.png' does not exist"):
+        list_dataset(DataConfig(name="", path=str(jsonl_folder)))
+    outside = jsonl_folder.parent / "outside.png"
+    outside.write_bytes((jsonl_folder / "images" / "0.png").read_bytes())
+    (jsonl_folder / "images" / "link.png").symlink_to(outside)
+    path.write_text(json.dumps({"file_name": "images/link.png", "text": "a link out"}) + "\n")
+    with pytest.raises(DatasetError, match="points outside the dataset folder"):
+        list_dataset(DataConfig(name="", path=str(jsonl_folder)))
+
+
+def test_prompts_long_non_latin_empty_and_mixed(tiny_run):
+    pipe = LatentPipeline.from_pretrained(tiny_run)
+    pipe.set_progress_bar_config(disable=True)
+    long_prompt = "Draw a six " + "with many many more words " * 10
+    with pytest.warns(UserWarning, match="truncated to the text encoder's 16 tokens"):
+        images = pipe([long_prompt, "क्ष 🎉", "", "Draw a 7"], num_inference_steps=2, output_type="np").images
+    assert images.shape == (4, 16, 16, 1) and np.isfinite(images).all()
+    with pytest.raises(TypeError, match="every prompt must be a string"):
+        pipe(["Draw a six", None], num_inference_steps=2)
+    with pytest.raises(ValueError, match="prompt must be a string or a non-empty list"):
+        pipe([], num_inference_steps=2)
+
+
+def test_run_folder_missing_or_mixed_components(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "scheduler")
+    with pytest.raises(RunFolderError, match="cannot load the pipeline"):
+        load_pipeline(run)
+    with pytest.raises(RunFolderError, match="not a finished run"):
+        load_pipeline(tmp_path)
+    # a text encoder from another run (another width) next to this run's UNet
+    pipe = LatentPipeline.from_pretrained(tiny_run)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    wider = CLIPTextModel(CLIPTextConfig(vocab_size=600, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=12))
+    with pytest.raises(RunFolderError, match="different runs"):
+        LatentPipeline(pipe.vae, wider, pipe.tokenizer, pipe.unet, pipe.scheduler)
+
+
+def test_a_stale_latent_cache_is_refused_at_train_ldm(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "latents" / "manifest.json").unlink()
+    with pytest.raises(Exception, match="run `encode-dataset"):
+        ldm_main(tiny_config(run))
+
+
+def test_a_checkpoint_from_another_model_config_is_a_clear_error(tmp_path):
+    train_vae(tiny_config(tmp_path / "run", "vae.max_steps=2"))
+    with pytest.raises(RunFolderError, match="different vae model"):
+        train_vae(tiny_config(tmp_path / "run", "vae.max_steps=4", "vae.block_out_channels=[16, 16]"))
+
+
+def test_atomic_save_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
+    save_tensors(tmp_path / "a.safetensors", {"x": torch.ones(3)}, {"step": 1})
+
+    def broken(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(common.checkpoint, "save_file", broken)
+    with pytest.raises(CheckpointWriteError):
+        save_tensors(tmp_path / "a.safetensors", {"x": torch.zeros(3)}, {"step": 2})
+    tensors, meta = load_tensors(tmp_path / "a.safetensors")
+    assert meta == {"step": 1} and torch.equal(tensors["x"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
