@@ -103,9 +103,14 @@ def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace) ->
     guidance = args.guidance if args.guidance is not None else config.sample.guidance_scale
     out = Path(args.out or Path(args.run or config.run_dir) / "samples" / "generate")
     out.mkdir(parents=True, exist_ok=True)
-    prompts = args.prompts or [""]
+    prompts = list(args.prompts)
+    if args.all_classes:
+        if not pipe.classes:
+            raise UserError("--all-classes needs a class dataset; this run has no classes.json (free-form captions)")
+        prompts += [c["prompt"] for c in pipe.classes]
+    prompts = prompts or [""]
     paths = []
-    if args.prompts or not args.write:
+    if args.prompts or args.all_classes or not args.write:
         generator = torch.Generator(pipe.device).manual_seed(args.seed)
         images = pipe(prompts, negative_prompt=args.negative, num_images_per_prompt=args.num, num_inference_steps=steps,
                       guidance_scale=guidance, generator=generator).images
@@ -135,6 +140,7 @@ def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace) ->
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="*", help='prompts, e.g. "Draw a six"; none: unconditional samples')
     parser.add_argument("--run", help="a run folder (default: the config's run_dir)")
+    parser.add_argument("--all-classes", action="store_true", help="also one prompt per class of a class dataset (classes.json)")
     parser.add_argument("--num", type=int, default=4, help="images per prompt")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: sample.num_inference_steps)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")

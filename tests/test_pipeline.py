@@ -1,3 +1,4 @@
+import json
 import numpy as np
 import PIL.Image
 import pytest
@@ -5,7 +6,7 @@ import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
 from pipelines import LatentPipeline
-from pipelines.generate import cli as generate_cli
+from pipelines.generate import cli as generate_cli, slug
 
 
 def run_pipe(pipe, prompt="Draw a six", seed=0, **kwargs):
@@ -98,3 +99,11 @@ def test_generate_command_writes_pngs_and_a_grid(tiny_run, tmp_path):
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["00-draw-a-six-0.png", "00-draw-a-six-1.png", "01-draw-a-7-0.png", "01-draw-a-7-1.png", "grid.png"]
     assert PIL.Image.open(tmp_path / "00-draw-a-six-0.png").size == (16, 16)
+
+
+def test_generate_all_classes_prompts_each_class_of_the_run(tiny_run, tmp_path):
+    generate_cli(["--run", str(tiny_run), "--all-classes", "--num", "1", "--steps", "1", "--out", str(tmp_path)])
+    classes = json.loads((tiny_run / "classes.json").read_text(encoding="utf-8"))
+    written = sorted(p.name for p in tmp_path.glob("[0-9]*.png"))
+    assert written == sorted(f"{k:02d}-{slug(c['prompt'])}-0.png" for k, c in enumerate(classes))
+    assert len(written) == len(classes) >= 2
