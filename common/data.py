@@ -490,6 +490,12 @@ def load_split(config: DataConfig, split: str, listing: Listing | None = None) -
     return scan_images(dataset, config.on_bad_image)
 
 
+def load_train_and_holdout(config: DataConfig) -> tuple[ImageDataset, ImageDataset]:
+    """The training split and the held-out split, listed once."""
+    train_set = load_split(config, "train")
+    return train_set, load_split(config, "holdout", listing=train_set.listing)
+
+
 # --------------------------------------------------------------------------------------------------
 # Batches: a deterministic stream of epochs
 # --------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from common.checkpoint import load_tensors, save_tensors
-from common.config import Config, TrainConfig, to_dict
+from common.config import Config, TrainConfig, dump_config, to_dict
 from common.data import seed_from
 from common.errors import RunFolderError, UserError
 from common.run import RunFolder
@@ -175,6 +175,9 @@ class Trainer:
         self._saved_step = -1
         self._progress = None
         self._started = time.time()
+        self.print(dump_config(config))
+        if self.is_main:
+            self.run.save_config(config)
         # models are built next: their initial weights come from the seed too (same on every rank)
         torch.manual_seed(seed_from(config.seed, stage, "init"))
 

@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from common.checkpoint import atomic_directory, write_text
-from common.config import Config, LDMConfig, dump_config, run_cli
+from common.config import Config, LDMConfig, run_cli
 from common.data import ImageDataset, StepBatches, steps_for
 from common.errors import UserError
 from common.images import prompt_grid, save_image
@@ -34,9 +34,6 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     cfg = config.ldm
     trainer = Trainer("ldm", config, cfg)
     run, device = trainer.run, trainer.device
-    trainer.print(dump_config(config))
-    if trainer.is_main:
-        run.save_config(config)
 
     # Inputs: the latent cache (checked against the VAE and dataset it was made from) and the text encoder
     vae_folder = run.component("vae")

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
 from common.checkpoint import atomic_directory, write_text
-from common.config import ClipConfig, Config, dump_config, run_cli
-from common.data import ImageDataset, StepBatches, augment_batch, image_batches, load_split, steps_for
+from common.config import ClipConfig, Config, run_cli
+from common.data import ImageDataset, StepBatches, augment_batch, image_batches, load_train_and_holdout, steps_for
 from common.training import Trainer
 from ldm.text import caption_variants, tokenize, train_tokenizer
 
@@ -72,12 +72,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     cfg = config.clip
     trainer = Trainer("clip", config, cfg)
     run, device = trainer.run, trainer.device
-    trainer.print(dump_config(config))
-    if trainer.is_main:
-        run.save_config(config)
 
-    train_set = load_split(config.data, "train")
-    holdout_set = load_split(config.data, "holdout", listing=train_set.listing)
+    train_set, holdout_set = load_train_and_holdout(config.data)
     tokenizer = train_tokenizer(train_set.captions, cfg.vocab_size, cfg.max_length)
     trainer.print(f"[clip] {len(train_set)} images, {len(train_set.captions)} distinct captions, "
                   f"vocabulary {len(tokenizer)} tokens")

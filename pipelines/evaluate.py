@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL
 
 from common.checkpoint import load_tensors, save_tensors, write_text
 from common.config import AugmentConfig, Config, EvalConfig, dump_config, run_cli
-from common.data import ImageDataset, augment_batch, image_batches, load_split
+from common.data import ImageDataset, augment_batch, image_batches, load_train_and_holdout
 from common.errors import UserError
 from common.run import RunFolder
 from pipelines.generate import load_pipeline
@@ -170,8 +170,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     run = RunFolder(config.run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(dump_config(config))
-    train_set = load_split(config.data, "train")
-    holdout_set = load_split(config.data, "holdout", listing=train_set.listing)
+    train_set, holdout_set = load_train_and_holdout(config.data)
     if not train_set.classes:
         raise UserError("evaluate measures class datasets (recognition, paraphrases); this dataset has free captions only")
     results: dict = {"run": str(run.root), "sampler": None, "num_inference_steps": config.sample.num_inference_steps,

@@ -97,3 +97,13 @@ def tiny_run(tmp_path_factory) -> Path:
     encode_main(config)
     ldm_main(config)
     return run
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_run):
+    """The tiny run as a LatentPipeline, loaded once per test module (a module may swap its scheduler)."""
+    from pipelines import LatentPipeline
+
+    pipe = LatentPipeline.from_pretrained(tiny_run)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -10,13 +10,6 @@ from pipelines import LatentPipeline
 from pipelines.generate import STEPS_GRID, cli as generate_cli, denoising_frames, steps_grid
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_run):
-    pipe = LatentPipeline.from_pretrained(tiny_run)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_run_folder_carries_the_class_table(pipe):
     assert [c["fields"]["symbol"] for c in pipe.classes] == [str(d) for d in range(10)]
     assert pipe.classes[6]["prompt"] == "Draw a six"

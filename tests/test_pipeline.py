@@ -15,13 +15,6 @@ def run_pipe(pipe, prompt="Draw a six", seed=0, **kwargs):
     return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_run):
-    pipe = LatentPipeline.from_pretrained(tiny_run)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_prompt_in_pil_image_of_the_configured_size_out(pipe):
     image = run_pipe(pipe)[0]
     assert isinstance(image, PIL.Image.Image)

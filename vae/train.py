@@ -17,8 +17,8 @@ from contextlib import nullcontext
 import torch
 
 from common.checkpoint import atomic_directory, write_text
-from common.config import Config, dump_config, run_cli
-from common.data import StepBatches, augment_batch, load_split, steps_for
+from common.config import Config, run_cli
+from common.data import StepBatches, augment_batch, load_train_and_holdout, steps_for
 from common.images import save_image
 from common.training import Trainer, evaluating
 from vae.model import (AutoencoderWithPosterior, PatchDiscriminator, autoencoder_loss, build_perceptual_loss, build_vae,
@@ -42,12 +42,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     cfg = config.vae
     trainer = Trainer("vae", config, cfg)
     run, device = trainer.run, trainer.device
-    trainer.print(dump_config(config))
-    if trainer.is_main:
-        run.save_config(config)
 
-    train_set = load_split(config.data, "train")
-    holdout_set = load_split(config.data, "holdout", listing=train_set.listing)
+    train_set, holdout_set = load_train_and_holdout(config.data)
     trainer.print(f"[vae] {len(train_set)} training images, {len(holdout_set)} held out, "
                   f"{config.data.image_size}x{config.data.image_size}x{config.data.channels}")
 
