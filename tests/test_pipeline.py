@@ -85,6 +85,17 @@ def test_bad_arguments_are_clear_errors(pipe):
         pipe("Draw a six", num_images_per_prompt=0)
     with pytest.raises(ValueError, match="output_type"):
         pipe("Draw a six", output_type="jpeg")
+    with pytest.raises(ValueError, match="2 generators for 1 images"):
+        pipe("Draw a six", generator=[torch.Generator().manual_seed(0)] * 2)
+
+
+class CudaGenerator:  # stands in for torch.Generator("cuda") on a machine without a GPU
+    device = torch.device("cuda")
+
+
+def test_a_generator_on_another_device_is_refused_with_the_fix(pipe):
+    with pytest.raises(ValueError, match=r"generator is on cuda but the pipeline runs on cpu; pass torch.Generator\('cpu'\)"):
+        pipe("Draw a six", num_inference_steps=1, generator=CudaGenerator())
 
 
 def test_generate_command_writes_pngs_and_a_grid(tiny_run, tmp_path):
