@@ -11,8 +11,10 @@ training and sampling figures for the peer, the pixel-space DDPM of the Devanaga
 second up block, with class conditioning), and the ratios. It also reports train-ldm's achieved
 GFLOP/s against a float32 matmul peak measured here (model FLOPs utilisation).
 
-Training and sampling are timed over a few steps after warm-up; the peer's sampling is timed over a
-few of its 20 steps (its cost is the same every step) and scaled to 20.
+Each measurement runs in a fresh process, so its peak memory (model, optimizer state, activations
+and data; CUDA's allocator peak, or the CPU process's peak resident set) is its own. Training and
+sampling are timed over a few steps after warm-up; the peer's sampling is timed over a few of its
+20 steps (its cost is the same every step) and scaled to 20.
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,14 +37,17 @@ from common.config import Config, load_config  # noqa: E402
 from common.training import make_accelerator  # noqa: E402
 from ldm.latents import LatentCache  # noqa: E402
 from ldm.model import build_noise_scheduler, build_unet, diffusion_loss, inference_scheduler  # noqa: E402
-from vae.model import autoencoder_loss, build_vae  # noqa: E402
+from vae.model import AutoencoderWithPosterior, autoencoder_loss, build_vae  # noqa: E402
 
 SAMPLE_BATCH, SAMPLE_STEPS = 64, 20
+RESULT = "benchmark-result: "
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA's allocator peak, or on the CPU this process's resident set,
-    sampled every 2 ms, above what it was at the start."""
+    """Peak memory of a block, in a process that runs only that block (see `main`): CUDA's allocator
+    peak, or on the CPU the process's peak resident set above its resident set at the start (Linux
+    resets the high-water mark through /proc/self/clear_refs). Model, optimizer state, activations
+    and data all count."""
 
     def __init__(self, device: torch.device):
         self.device, self.peak_mb = device, 0.0
@@ -53,29 +57,24 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
-            return self
-        import psutil
-
-        self._process = psutil.Process()
-        self._base = self._peak = self._process.memory_info().rss
-        self._running = True
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            self._base = self._status_kb("VmRSS")
         return self
-
-    def _poll(self):
-        while self._running:
-            self._peak = max(self._peak, self._process.memory_info().rss)
-            time.sleep(0.002)
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
         else:
-            self._running = False
-            self._thread.join()
-            self.peak_mb = (self._peak - self._base) / 2**20
+            self.peak_mb = (self._status_kb("VmHWM") - self._base) / 1024
+
+    @staticmethod
+    def _status_kb(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no {field} in /proc/self/status: peak memory on the CPU needs Linux")
 
 
 def sync(device: torch.device) -> None:
@@ -111,20 +110,28 @@ def train_step_fn(model: torch.nn.Module, loss_fn, lr: float = 1e-4):
     return step
 
 
-def bench_vae(config: Config, device: torch.device, repeats: int) -> dict:
+def bench_vae_train(config: Config, device: torch.device, repeats: int) -> dict:
     cfg, data = config.vae, config.data
-    vae = build_vae(cfg, data.channels, data.image_size).to(device).train()
-    images = torch.rand(cfg.batch_size, data.channels, data.image_size, data.image_size, device=device) * 2 - 1
-    step = train_step_fn(vae, lambda: autoencoder_loss(vae, images, cfg)[0])
     with PeakMemory(device) as memory:
-        seconds = timed(step, device, 2, repeats)
-    train = {"images_per_s": cfg.batch_size / seconds, "peak_mb": memory.peak_mb, "batch": cfg.batch_size}
-    vae.eval()
-    batch = torch.rand(config.encode.batch_size, data.channels, data.image_size, data.image_size, device=device) * 2 - 1
+        autoencoder = AutoencoderWithPosterior(build_vae(cfg, data.channels, data.image_size)).to(device).train()
+        images = torch.rand(cfg.batch_size, data.channels, data.image_size, data.image_size, device=device) * 2 - 1
+        # the config's objective (MNIST: L1 + KL; LPIPS and the discriminator only when the config turns them on)
+        seconds = timed(train_step_fn(autoencoder, lambda: autoencoder_loss(autoencoder, images, cfg)[0]), device, 2, repeats)
+    return {"images_per_s": cfg.batch_size / seconds, "peak_mb": memory.peak_mb, "batch": cfg.batch_size}
+
+
+def bench_encode(config: Config, device: torch.device, repeats: int) -> dict:
+    """encode-dataset's inner loop: the encoder's posterior mean and std of a batch, in eval mode."""
+    data = config.data
     with PeakMemory(device) as memory, torch.no_grad():
-        seconds = timed(lambda: vae.encode(batch).latent_dist.mean, device, 1, repeats)
-    encode = {"images_per_s": len(batch) / seconds, "peak_mb": memory.peak_mb, "batch": len(batch)}
-    return {"vae_train": train, "encode": encode}
+        vae = build_vae(config.vae, data.channels, data.image_size).to(device).eval()
+        batch = torch.rand(config.encode.batch_size, data.channels, data.image_size, data.image_size, device=device) * 2 - 1
+
+        def encode():
+            posterior = vae.encode(batch).latent_dist
+            return posterior.mean, posterior.std
+        seconds = timed(encode, device, 1, repeats)
+    return {"images_per_s": len(batch) / seconds, "peak_mb": memory.peak_mb, "batch": len(batch)}
 
 
 def synthetic_cache(folder: Path, count: int, shape: tuple[int, ...], captions: int) -> LatentCache:
@@ -142,16 +149,21 @@ def synthetic_cache(folder: Path, count: int, shape: tuple[int, ...], captions: 
     return load_cache(folder, "-", "-")
 
 
-def bench_ldm(config: Config, device: torch.device, repeats: int, peak_gflops: float) -> dict:
-    cfg, clip = config.ldm, config.clip
+def latent_shape(config: Config) -> tuple[int, int, int]:
     factor = 2 ** (len(config.vae.block_out_channels) - 1)
-    shape = (config.vae.latent_channels, config.data.image_size // factor, config.data.image_size // factor)
-    unet = build_unet(cfg, shape[0], shape[1], clip.text_hidden).to(device).train()
-    noise_scheduler = build_noise_scheduler(cfg)
-    caption_states = torch.randn(101, cfg.caption_variants + 1, clip.max_length, clip.text_hidden, device=device)
+    return config.vae.latent_channels, config.data.image_size // factor, config.data.image_size // factor
+
+
+def bench_ldm_train(config: Config, device: torch.device, repeats: int) -> dict:
+    cfg, clip = config.ldm, config.clip
+    shape = latent_shape(config)
     from ldm.train import training_batch
 
-    with tempfile.TemporaryDirectory() as folder:
+    with PeakMemory(device) as memory, tempfile.TemporaryDirectory() as folder:
+        unet = build_unet(cfg, shape[0], shape[1], clip.text_hidden).to(device).train()
+        noise_scheduler = build_noise_scheduler(cfg)
+        # as train-ldm holds them: every caption's text states, precomputed once (captions, variants, L, D)
+        caption_states = torch.randn(101, cfg.caption_variants + 1, clip.max_length, clip.text_hidden, device=device)
         cache = synthetic_cache(Path(folder), 5000, shape, 100)
         generator = torch.Generator().manual_seed(0)
 
@@ -161,40 +173,39 @@ def bench_ldm(config: Config, device: torch.device, repeats: int, peak_gflops: f
 
         batch_seconds = timed(batch, device, 2, 20)
         latents, states = batch()
-        step = train_step_fn(unet, lambda: diffusion_loss(unet, noise_scheduler, latents, states, cfg))
-        with PeakMemory(device) as memory:
-            seconds = timed(step, device, 2, repeats)
-        with FlopCounterMode(display=False) as counter:
-            diffusion_loss(unet, noise_scheduler, latents, states, cfg).backward()
-        unet.zero_grad(set_to_none=True)
-    gflops = counter.get_total_flops() / seconds / 1e9
+        seconds = timed(train_step_fn(unet, lambda: diffusion_loss(unet, noise_scheduler, latents, states, cfg)),
+                        device, 2, repeats)
+    with FlopCounterMode(display=False) as counter:
+        diffusion_loss(unet, noise_scheduler, latents, states, cfg).backward()
     return {"images_per_s": cfg.batch_size / seconds, "peak_mb": memory.peak_mb, "batch": cfg.batch_size,
-            "batch_assembly_share": batch_seconds / (batch_seconds + seconds), "gflop_per_step": counter.get_total_flops() / 1e9,
-            "achieved_gflops": gflops, "mfu": gflops / peak_gflops, "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
-            "_unet": unet, "_noise_scheduler": noise_scheduler, "_shape": shape}
+            "batch_assembly_share": batch_seconds / (batch_seconds + seconds),
+            "gflop_per_step": counter.get_total_flops() / 1e9, "seconds_per_step": seconds,
+            "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6}
 
 
-def bench_sampling(config: Config, device: torch.device, unet, noise_scheduler, shape) -> dict:
+def bench_sampling(config: Config, device: torch.device, repeats: int) -> dict:
     """Batch 64, 20 DPM-Solver++ steps with guidance (one batched UNet call of 128 per step), then VAE decode."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ldm.text import train_tokenizer
     from pipelines import LatentPipeline
 
-    clip = config.clip
-    vae = build_vae(config.vae, config.data.channels, config.data.image_size).to(device).eval()
-    tokenizer = train_tokenizer(["Draw a six", "the digit six"], 300, clip.max_length)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=clip.text_hidden,
-                                                intermediate_size=4 * clip.text_hidden, num_hidden_layers=clip.text_layers,
-                                                num_attention_heads=clip.text_heads, max_position_embeddings=clip.max_length,
-                                                bos_token_id=0, eos_token_id=1, pad_token_id=1)).to(device).eval()
-    pipe = LatentPipeline(vae, text_encoder, tokenizer, unet.eval(), inference_scheduler(noise_scheduler))
-    pipe.set_progress_bar_config(disable=True)
-    run = lambda: pipe("Draw a six", num_images_per_prompt=SAMPLE_BATCH, num_inference_steps=SAMPLE_STEPS,  # noqa: E731
-                       guidance_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="pt")
+    clip, shape = config.clip, latent_shape(config)
     with PeakMemory(device) as memory:
-        seconds = timed(run, device, 1, 2)
-    return {"ms_per_image": 1000 * seconds / SAMPLE_BATCH, "peak_mb": memory.peak_mb, "batch": SAMPLE_BATCH, "steps": SAMPLE_STEPS}
+        unet = build_unet(config.ldm, shape[0], shape[1], clip.text_hidden).to(device).eval()
+        vae = build_vae(config.vae, config.data.channels, config.data.image_size).to(device).eval()
+        tokenizer = train_tokenizer(["Draw a six", "the digit six"], 300, clip.max_length)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=clip.text_hidden, intermediate_size=4 * clip.text_hidden,
+            num_hidden_layers=clip.text_layers, num_attention_heads=clip.text_heads, max_position_embeddings=clip.max_length,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1)).to(device).eval()
+        pipe = LatentPipeline(vae, text_encoder, tokenizer, unet, inference_scheduler(build_noise_scheduler(config.ldm)))
+        pipe.set_progress_bar_config(disable=True)
+        seconds = timed(lambda: pipe("Draw a six", num_images_per_prompt=SAMPLE_BATCH, num_inference_steps=SAMPLE_STEPS,
+                                     guidance_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="pt"),
+                        device, 1, 2)
+    return {"ms_per_image": 1000 * seconds / SAMPLE_BATCH, "peak_mb": memory.peak_mb, "batch": SAMPLE_BATCH,
+            "steps": SAMPLE_STEPS}
 
 
 def build_peer() -> torch.nn.Module:
@@ -211,47 +222,58 @@ def build_peer() -> torch.nn.Module:
     )
 
 
-def bench_peer(device: torch.device, batch: int, repeats: int) -> dict:
+def bench_peer_train(config: Config, device: torch.device, repeats: int) -> dict:
+    """The peer's DDPM training step (epsilon MSE) at train-ldm's batch size."""
+    from diffusers import DDPMScheduler
+
+    batch = config.ldm.batch_size
+    with PeakMemory(device) as memory:
+        peer = build_peer().to(device).train()
+        scheduler = DDPMScheduler(num_train_timesteps=1000)
+        images = torch.rand(batch, 1, 32, 32, device=device) * 2 - 1
+        labels = torch.randint(47, (batch,), device=device)
+
+        def loss():
+            noise = torch.randn_like(images)
+            t = torch.randint(0, 1000, (batch,), device=device)
+            prediction = peer(scheduler.add_noise(images, noise, t), t, class_labels=labels).sample
+            return torch.nn.functional.mse_loss(prediction, noise)
+
+        seconds = timed(train_step_fn(peer, loss), device, 1, max(2, repeats // 2))
+    return {"images_per_s": batch / seconds, "peak_mb": memory.peak_mb, "batch": batch,
+            "params_m": sum(p.numel() for p in peer.parameters()) / 1e6}
+
+
+def bench_peer_sampling(config: Config, device: torch.device, repeats: int) -> dict:
+    """Batch 64 with guidance (one batched call of 128 per step); every step costs the same, so a few
+    steps are timed and scaled to 20."""
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
-    peer = build_peer().to(device).train()
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    images = torch.rand(batch, 1, 32, 32, device=device) * 2 - 1
-    labels = torch.randint(47, (batch,), device=device)
-
-    def loss():
-        noise = torch.randn_like(images)
-        t = torch.randint(0, 1000, (batch,), device=device)
-        return torch.nn.functional.mse_loss(peer(scheduler.add_noise(images, noise, t), t, class_labels=labels).sample, noise)
-
-    with PeakMemory(device) as memory:
-        seconds = timed(train_step_fn(peer, loss), device, 1, repeats)
-    train = {"images_per_s": batch / seconds, "peak_mb": memory.peak_mb, "batch": batch,
-             "params_m": sum(p.numel() for p in peer.parameters()) / 1e6}
-
-    peer.eval()
-    sampler = DPMSolverMultistepScheduler.from_config(scheduler.config)
-    sampler.set_timesteps(SAMPLE_STEPS)
-    x = torch.randn(SAMPLE_BATCH, 1, 32, 32, device=device)
-    both = torch.cat([labels.new_full((SAMPLE_BATCH,), 46), labels.new_full((SAMPLE_BATCH,), 3)])  # null, class
-
-    @torch.no_grad()
-    def guided_step(x, t):
-        uncond, cond = peer(torch.cat([x, x]), t, class_labels=both).sample.chunk(2)
-        return sampler.step(uncond + 2.0 * (cond - uncond), t, x).prev_sample
-
     measured = 3
-    with PeakMemory(device) as memory:
-        guided_step(x, sampler.timesteps[0])  # warm-up
+    with PeakMemory(device) as memory, torch.no_grad():
+        peer = build_peer().to(device).eval()
+        sampler = DPMSolverMultistepScheduler.from_config(DDPMScheduler(num_train_timesteps=1000).config)
+        sampler.set_timesteps(SAMPLE_STEPS)
+        x = torch.randn(SAMPLE_BATCH, 1, 32, 32, device=device)
+        labels = torch.cat([torch.full((SAMPLE_BATCH,), 46), torch.full((SAMPLE_BATCH,), 3)]).to(device)  # null, class
+
+        def guided_step(x, t):
+            uncond, cond = peer(torch.cat([x, x]), t, class_labels=labels).sample.chunk(2)
+            return sampler.step(uncond + 2.0 * (cond - uncond), t, x).prev_sample
+
+        x = guided_step(x, sampler.timesteps[0])  # warm-up
         sync(device)
         start = time.perf_counter()
         for t in sampler.timesteps[1:1 + measured]:
             x = guided_step(x, t)
         sync(device)
         per_step = (time.perf_counter() - start) / measured
-    sample = {"ms_per_image": 1000 * per_step * SAMPLE_STEPS / SAMPLE_BATCH, "peak_mb": memory.peak_mb,
-              "batch": SAMPLE_BATCH, "steps": SAMPLE_STEPS, "measured_steps": measured}
-    return {"peer_train": train, "peer_sampling": sample}
+    return {"ms_per_image": 1000 * per_step * SAMPLE_STEPS / SAMPLE_BATCH, "peak_mb": memory.peak_mb,
+            "batch": SAMPLE_BATCH, "steps": SAMPLE_STEPS, "measured_steps": measured}
+
+
+MEASUREMENTS = {"vae_train": bench_vae_train, "encode": bench_encode, "ldm_train": bench_ldm_train,
+                "sampling": bench_sampling, "peer_train": bench_peer_train, "peer_sampling": bench_peer_sampling}
 
 
 def describe_machine(device: torch.device) -> str:
@@ -273,22 +295,31 @@ def main() -> None:
     parser.add_argument("--config", default="configs/mnist.yaml")
     parser.add_argument("--out", default="benchmarks/results.json")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
+    parser.add_argument("--only", choices=sorted(MEASUREMENTS), help=argparse.SUPPRESS)  # one measurement, as JSON
     args = parser.parse_args()
     config = load_config(args.config)
     device = make_accelerator("no").device
     torch.manual_seed(0)
+    if args.only:
+        print(RESULT + json.dumps(MEASUREMENTS[args.only](config, device, args.repeats)))
+        return
+
     started = time.time()
     results: dict = {"machine": describe_machine(device), "device": device.type, "torch": torch.__version__,
-                     "config": args.config}
-    results["matmul_peak_gflops"] = matmul_peak_gflops(device)
-    results.update(bench_vae(config, device, args.repeats))
-    ldm = bench_ldm(config, device, args.repeats, results["matmul_peak_gflops"])
-    unet, noise_scheduler, shape = ldm.pop("_unet"), ldm.pop("_noise_scheduler"), ldm.pop("_shape")
-    results["ldm_train"] = ldm
-    results["sampling"] = bench_sampling(config, device, unet, noise_scheduler, shape)
-    results.update(bench_peer(device, config.ldm.batch_size, max(2, args.repeats // 2)))
+                     "config": args.config, "matmul_peak_gflops": matmul_peak_gflops(device)}
+    for name in MEASUREMENTS:  # each in a fresh process, so that one's memory does not hide in another's
+        print(f"[benchmark] {name} ...", flush=True)
+        child = subprocess.run([sys.executable, __file__, "--config", args.config, "--repeats", str(args.repeats),
+                                "--only", name], capture_output=True, text=True)
+        lines = [line for line in child.stdout.splitlines() if line.startswith(RESULT)]
+        if child.returncode != 0 or not lines:
+            raise SystemExit(f"{name} failed:\n{child.stdout[-2000:]}{child.stderr[-3000:]}")
+        results[name] = json.loads(lines[-1][len(RESULT):])
+    ldm = results["ldm_train"]
+    ldm["achieved_gflops"] = ldm["gflop_per_step"] / ldm["seconds_per_step"]
+    ldm["mfu"] = ldm["achieved_gflops"] / results["matmul_peak_gflops"]
     results["ratios"] = {
-        "train_images_per_s_ldm_over_peer": results["ldm_train"]["images_per_s"] / results["peer_train"]["images_per_s"],
+        "train_images_per_s_ldm_over_peer": ldm["images_per_s"] / results["peer_train"]["images_per_s"],
         "sampling_cost_peer_over_ldm": results["peer_sampling"]["ms_per_image"] / results["sampling"]["ms_per_image"],
     }
     results["benchmark_seconds"] = time.time() - started
