@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from common.config import load_config
 from common.images import make_grid, prompt_grid, save_image
 from pipelines.generate import denoising_frames, load_pipeline, save_gif, steps_grid
 
@@ -40,10 +41,17 @@ def main() -> None:
     if (Path(args.devanagari) / "model_index.json").is_file():
         pipe = load_pipeline(args.devanagari)
         pipe.set_progress_bar_config(disable=True)
+        guidance = load_config(Path(args.devanagari) / "config.yaml").sample.guidance_scale
         prompts = [c["prompt"] for c in pipe.classes]
-        images = pipe(prompts, num_images_per_prompt=4, guidance_scale=2.5, generator=seed()).images
-        save_image(prompt_grid(images, prompts, 4, scale=1), OUT / "devanagari-grid.png")
-        save_image(upscaled(pipe.write("क्ष त्र ज्ञ", guidance_scale=2.5, generator=seed(), gap=2)),
+        images = pipe(prompts, num_images_per_prompt=4, guidance_scale=guidance, generator=seed()).images
+        labels = [f"{c['fields']['symbol']}  {c['fields']['name']}" for c in pipe.classes]
+        half = (len(prompts) + 1) // 2  # two panels side by side: 23 classes each, 4 samples per class
+        panels = [prompt_grid(images[4 * a:4 * b], labels[a:b], 4, scale=1) for a, b in [(0, half), (half, len(prompts))]]
+        sheet = Image.new("RGB", (panels[0].width + panels[1].width + 16, panels[0].height), "white")
+        sheet.paste(panels[0], (0, 0))
+        sheet.paste(panels[1], (panels[0].width + 16, 0))
+        save_image(upscaled(sheet, 2), OUT / "devanagari-grid.png")
+        save_image(upscaled(pipe.write("क्ष त्र ज्ञ", guidance_scale=guidance, generator=seed(), gap=2)),
                    OUT / "write-devanagari.png")
     print(f"pictures in {OUT}")
 
