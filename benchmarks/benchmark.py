@@ -99,8 +99,8 @@ def matmul_peak_gflops(device: torch.device, size: int = 2048) -> float:
     return 2 * size**3 / timed(lambda: a @ b, device, 3, 10) / 1e9
 
 
-def train_step_fn(model: torch.nn.Module, loss_fn, lr: float = 1e-4):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+def train_step_fn(model: torch.nn.Module, loss_fn, lr: float = 1e-4, fused: bool = True):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=fused, foreach=None if fused else True)
 
     def step():
         loss = loss_fn()
@@ -181,6 +181,34 @@ def bench_ldm_train(config: Config, device: torch.device, repeats: int) -> dict:
             "batch_assembly_share": batch_seconds / (batch_seconds + seconds),
             "gflop_per_step": counter.get_total_flops() / 1e9, "seconds_per_step": seconds,
             "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6}
+
+
+def bench_ldm_options(config: Config, device: torch.device, repeats: int) -> dict:
+    """train-ldm images/s with each of the field's usual speed-ups turned off or changed, one at a time,
+    against the configuration train-ldm uses (PyTorch SDPA attention, fused AdamW, NCHW, the config's batch)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    cfg, clip = config.ldm, config.clip
+    shape = latent_shape(config)
+    noise_scheduler = build_noise_scheduler(cfg)
+    variants = {"as used": {}, "foreach AdamW instead of fused": {"fused": False},
+                "channels_last": {"channels_last": True}, "attention without SDPA": {"classic_attention": True},
+                "half the batch": {"batch": cfg.batch_size // 2}, "twice the batch": {"batch": cfg.batch_size * 2}}
+    results = {}
+    for name, option in variants.items():
+        torch.manual_seed(0)
+        unet = build_unet(cfg, shape[0], shape[1], clip.text_hidden).to(device).train()
+        if option.get("classic_attention"):
+            unet.set_attn_processor(AttnProcessor())
+        memory_format = torch.channels_last if option.get("channels_last") else torch.contiguous_format
+        unet = unet.to(memory_format=memory_format)
+        batch = option.get("batch", cfg.batch_size)
+        latents = torch.randn(batch, *shape, device=device).contiguous(memory_format=memory_format)
+        states = torch.randn(batch, clip.max_length, clip.text_hidden, device=device)
+        step = train_step_fn(unet, lambda: diffusion_loss(unet, noise_scheduler, latents, states, cfg),
+                             fused=option.get("fused", True))
+        results[name] = {"images_per_s": batch / timed(step, device, 2, repeats), "batch": batch}
+    return results
 
 
 def bench_sampling(config: Config, device: torch.device, repeats: int) -> dict:
@@ -273,7 +301,7 @@ def bench_peer_sampling(config: Config, device: torch.device, repeats: int) -> d
 
 
 MEASUREMENTS = {"vae_train": bench_vae_train, "encode": bench_encode, "ldm_train": bench_ldm_train,
-                "sampling": bench_sampling, "peer_train": bench_peer_train, "peer_sampling": bench_peer_sampling}
+                "ldm_options": bench_ldm_options, "sampling": bench_sampling, "peer_train": bench_peer_train, "peer_sampling": bench_peer_sampling}
 
 
 def describe_machine(device: torch.device) -> str:
@@ -349,7 +377,11 @@ def table(r: dict) -> str:
               f"peer vs latent sampling cost per image: {r['ratios']['sampling_cost_peer_over_ldm']:.1f}x",
               f"train-ldm: {r['ldm_train']['gflop_per_step']:.1f} GFLOP/step, {r['ldm_train']['achieved_gflops']:.1f} GFLOP/s "
               f"achieved vs {r['matmul_peak_gflops']:.1f} GFLOP/s fp32 matmul peak = {100 * r['ldm_train']['mfu']:.0f}% MFU",
-              f"(benchmark took {r['benchmark_seconds']:.0f} s)"]
+              "", "train-ldm speed-ups, one changed at a time:", "", "| variant | images/s | vs as used |", "| --- | --- | --- |"]
+    base = r["ldm_options"]["as used"]["images_per_s"]
+    lines += [f"| {name} (batch {v['batch']}) | {v['images_per_s']:.0f} | {v['images_per_s'] / base:.2f}x |"
+              for name, v in r["ldm_options"].items()]
+    lines += ["", f"(benchmark took {r['benchmark_seconds']:.0f} s)"]
     return "\n".join(lines)
 
 
