@@ -19,10 +19,12 @@ def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction_metrics(vae: AutoencoderKL, dataset: ImageDataset, limit: int, batch_size: int = 128) -> dict:
-    """Mean per-image PSNR (dB) and SSIM over the first `limit` images of `dataset`."""
+    """Mean per-image PSNR (dB) and SSIM over `limit` images spread evenly over `dataset` (every class
+    of a class-ordered dataset, not the first few)."""
     device = next(vae.parameters()).device
     psnrs, ssims = [], []
-    for batch in image_batches(dataset, batch_size, limit):
+    spread = torch.linspace(0, len(dataset) - 1, min(limit, len(dataset))).round().long().unique().tolist()
+    for batch in image_batches(dataset, batch_size, indices=spread):
         images = batch["pixel_values"].to(device)
         recon = reconstruct(vae, images)
         psnrs.append(psnr(recon, images).cpu())
