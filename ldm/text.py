@@ -7,14 +7,13 @@ serves both and the run folder also loads in diffusers' StableDiffusionPipeline.
 
 from __future__ import annotations
 
-import json
-import tempfile
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import BatchEncoding, CLIPTextModel, CLIPTokenizer
 
 from common.config import Config
@@ -29,22 +28,41 @@ def train_tokenizer(corpus: list[str], vocab_size: int, max_length: int) -> CLIP
 
     Every byte (alone and word-final) is in the vocabulary, so any prompt tokenizes, including
     words and scripts the captions never used. Ids: 0 = start, 1 = end (also the padding).
+    The merges are learned here rather than by `tokenizers`' BpeTrainer, whose tie-breaking between
+    equally frequent pairs follows hash-map order and so changes from run to run; caption corpora
+    are full of such ties. Ties go to the smaller pair, so the tokenizer depends only on the corpus.
     """
-    tokenizer = CLIPTokenizer(vocab={BOS: 0, EOS: 1}, merges=[])
-    backend = tokenizer.backend_tokenizer
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>")
-    backend.train_from_iterator(corpus, trainer)
-    with tempfile.TemporaryDirectory() as folder:
-        backend.model.save(folder)
-        vocab = json.loads(Path(folder, "vocab.json").read_text(encoding="utf-8"))
-        merges = [tuple(line.split(" ")) for line in Path(folder, "merges.txt").read_text(encoding="utf-8").splitlines()
-                  if line and not line.startswith("#version")]
+    backend = CLIPTokenizer(vocab={BOS: 0, EOS: 1}, merges=[]).backend_tokenizer
+    counts: Counter[str] = Counter()
+    for text in corpus:
+        counts.update(piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text)))
+    words = {word: [*word[:-1], word[-1] + "</w>"] for word in sorted(counts)}  # byte symbols, the last word-final
+    vocab = {BOS: 0, EOS: 1}
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
         for piece in (symbol, symbol + "</w>"):
             vocab.setdefault(piece, len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
-    return tokenizer
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, symbols in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += counts[word]
+        if not pairs:
+            break  # every word is one token
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        for word, symbols in words.items():
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(best[0] + best[1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            words[word] = merged
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def perturb_caption(text: str, rng: np.random.Generator) -> str:

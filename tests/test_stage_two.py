@@ -1,5 +1,8 @@
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from common.data import ImageDataset
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from ldm.encode import main as encode_main
 from ldm.latents import StaleCacheError, load_cache, vae_fingerprint
 from ldm.text import encode_text, train_tokenizer
@@ -25,6 +28,17 @@ def test_tokenizer_covers_unseen_words_and_scripts(tmp_path):
     assert len(loaded("Draw a six").input_ids) < len(loaded("Dxrzw q sjx").input_ids)  # merges learned from captions
     padded = loaded(["six"], padding="max_length", max_length=loaded.model_max_length).input_ids[0]
     assert len(padded) == 16
+
+
+def test_tokenizer_is_the_same_in_every_process():
+    """Equally frequent pairs abound in caption corpora; their merge order must not depend on hashing."""
+    script = ("import json, sys; from ldm.text import train_tokenizer; "
+              "names = 'zero one two three four five six seven eight nine'.split(); "
+              "t = train_tokenizer([f'{a} {n}' for a in ['Draw a', 'the digit', 'a handwritten'] for n in names], 1000, 16); "
+              "print(t.backend_tokenizer.to_str())")
+    outputs = {subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
+    assert len(outputs) == 1 and '"merges"' in outputs.pop()
 
 
 def test_train_clip_writes_a_pretrained_style_text_encoder(tiny_run):
