@@ -490,6 +490,12 @@ def load_split(config: DataConfig, split: str, listing: Listing | None = None) -
     return scan_images(dataset, config.on_bad_image)
 
 
+def spread_indices(length: int, count: int) -> list[int]:
+    """`count` indices spread evenly over range(length): a sample of every class of a class-ordered
+    dataset, not the first few classes."""
+    return torch.linspace(0, length - 1, min(count, length)).round().long().unique().tolist()
+
+
 def load_train_and_holdout(config: DataConfig) -> tuple[ImageDataset, ImageDataset]:
     """The training split and the held-out split, listed once."""
     train_set = load_split(config, "train")

@@ -6,7 +6,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from common.data import ImageDataset, image_batches, to_uint8
+from common.data import ImageDataset, image_batches, spread_indices, to_uint8
 from common.images import make_grid, to_pil
 from common.metrics import psnr, ssim
 
@@ -23,8 +23,7 @@ def reconstruction_metrics(vae: AutoencoderKL, dataset: ImageDataset, limit: int
     of a class-ordered dataset, not the first few)."""
     device = next(vae.parameters()).device
     psnrs, ssims = [], []
-    spread = torch.linspace(0, len(dataset) - 1, min(limit, len(dataset))).round().long().unique().tolist()
-    for batch in image_batches(dataset, batch_size, indices=spread):
+    for batch in image_batches(dataset, batch_size, indices=spread_indices(len(dataset), limit)):
         images = batch["pixel_values"].to(device)
         recon = reconstruct(vae, images)
         psnrs.append(psnr(recon, images).cpu())

@@ -18,7 +18,7 @@ import torch
 
 from common.checkpoint import atomic_directory, write_text
 from common.config import Config, run_cli
-from common.data import StepBatches, augment_batch, load_train_and_holdout, steps_for
+from common.data import StepBatches, augment_batch, load_train_and_holdout, spread_indices, steps_for
 from common.images import save_image
 from common.training import Trainer, evaluating
 from vae.model import (AutoencoderWithPosterior, PatchDiscriminator, autoencoder_loss, build_perceptual_loss, build_vae,
@@ -63,8 +63,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         train_set, num_workers=config.data.num_workers, persistent_workers=config.data.num_workers > 0,
         batch_sampler=StepBatches(len(train_set), cfg.batch_size, config.seed, start, trainer.rank,
                                   trainer.world_size, cfg.grad_accum)))
-    spread = torch.linspace(0, len(holdout_set) - 1, min(32, len(holdout_set))).long().tolist()  # every class
-    grid_images = torch.stack([holdout_set[i]["pixel_values"] for i in spread]).to(device)
+    grid_images = torch.stack([holdout_set[i]["pixel_values"] for i in spread_indices(len(holdout_set), 32)]).to(device)
 
     for step in trainer.steps(total_steps):
         gan_on = use_gan and step >= cfg.disc_start
