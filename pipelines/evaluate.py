@@ -95,8 +95,9 @@ def train_classifier(config: Config, train_set: ImageDataset, holdout_set: Image
     return model, accuracy
 
 
-def real_images(dataset: ImageDataset, limit: int | None = None) -> torch.Tensor:
-    return torch.cat([b["pixel_values"] for b in image_batches(dataset, 256, limit)])
+def real_images(dataset: ImageDataset) -> torch.Tensor:
+    """Every image of `dataset`, un-augmented: (N, C, H, W) in [-1, 1]."""
+    return torch.cat([b["pixel_values"] for b in image_batches(dataset, 256)])
 
 
 @torch.no_grad()
