@@ -1,10 +1,13 @@
 import json
+import shutil
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
+from conftest import tiny_config
 from pipelines import LatentPipeline
 from pipelines.generate import cli as generate_cli, slug
 
@@ -111,3 +114,22 @@ def test_generate_all_classes_prompts_each_class_of_the_run(tiny_run, tmp_path):
     written = sorted(p.name for p in tmp_path.glob("[0-9]*.png"))
     assert written == sorted(f"{k:02d}-{slug(c['prompt'])}-0.png" for k, c in enumerate(classes))
     assert len(written) == len(classes) >= 2
+
+
+def test_evaluate_writes_every_measure_with_sane_values(tiny_run, tmp_path):
+    from pipelines.evaluate import main as evaluate_main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = tiny_config(run, "evaluate.paraphrases=[\"{symbol}\"]", "sample.num_inference_steps=2")
+    results = evaluate_main(config)
+    assert json.loads((run / "eval.json").read_text()) == json.loads(json.dumps(results))
+    recognition = results["recognition"]
+    assert set(recognition["per_class"]) == {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
+    assert 0 <= recognition["min_class"] <= recognition["accuracy"] <= 1
+    assert 0 <= recognition["classifier_heldout_accuracy"] <= 1
+    assert results["frechet"]["generated_vs_heldout"] >= 0 and results["frechet"]["train_vs_heldout_floor"] > 0
+    assert results["diversity"]["relative"] > 0 and 0 <= results["memorization"]["rate"] <= 1
+    assert list(results["paraphrase"]["per_template"]) == ["{symbol}"]
+    assert results["vae"]["heldout_psnr"] > 0 and results["num_inference_steps"] == 2
+    assert (run / "evaluator").is_dir()  # the classifier is cached for the next evaluation
