@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/mnist.yaml", help="the VAE and encode settings")
     parser.add_argument("--out", default="benchmarks/encode_memory.json")
     args = parser.parse_args()
-    from common.devanagari import render_dataset
+    from common.data.devanagari import render_dataset
 
     render_dataset(2000, 0)  # rendered once and cached, so encode-dataset only reads it
     results = {}

@@ -77,20 +77,24 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
             os.remove(tmp)
 
 
+def decode_metadata(header: dict | None) -> dict | None:
+    """The JSON value `save_tensors` put in a safetensors header's metadata, or None."""
+    return json.loads(header["json"]) if header and "json" in header else None
+
+
 def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict | None]:
     """Read a safetensors file and its JSON metadata (raises on a truncated or foreign file)."""
     tensors = {}
     with safe_open(str(path), framework="pt", device=device) as f:
-        header = f.metadata() or {}
+        header = f.metadata()
         for key in f.keys():
             tensors[key] = f.get_tensor(key)
-    return tensors, json.loads(header["json"]) if "json" in header else None
+    return tensors, decode_metadata(header)
 
 
 def read_metadata(path: str | Path) -> dict | None:
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        header = f.metadata() or {}
-    return json.loads(header["json"]) if "json" in header else None
+        return decode_metadata(f.metadata())
 
 
 def write_text(path: str | Path, text: str) -> None:

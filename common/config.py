@@ -7,14 +7,12 @@ Every command reads the same experiment file (`--config configs/mnist.yaml`), ap
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -349,55 +347,3 @@ def validate(config: Config) -> None:
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None, width=100)
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-
-def build_parser(description: str, config_required: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=config_required, help="a YAML file in configs/")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set vae.max_steps=100 (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    return parser
-
-
-def run_cli(description: str, main: Callable[..., Any], argv: list[str] | None = None,
-            add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-            config_required: bool = True) -> None:
-    """Parse `--config/--set/--dry-run` (plus a command's own arguments) and call `main(config, args)`.
-
-    Problems the user can fix (bad config, bad input) end with a one-line message and exit status 2
-    instead of a stack trace.
-    """
-    from common.errors import UserError  # late: keeps `common.config` importable on its own
-
-    parser = build_parser(description, config_required)
-    if add_arguments is not None:
-        add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        config = resolve_config(args)
-        if args.dry_run:
-            print(dump_config(config))
-            return
-        main(config, args)
-    except (ConfigError, UserError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
-def resolve_config(args: argparse.Namespace) -> Config:
-    """The config from --config (or, for inference commands, the run folder's saved config)."""
-    path = args.config
-    run = getattr(args, "run", None)
-    if path is None and run:
-        saved = Path(run) / "config.yaml"
-        path = saved if saved.is_file() else None
-    config = load_config(path, args.overrides)
-    if run:
-        config.run_dir = str(run)
-    return config

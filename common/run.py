@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import diffusers
 
 from common.checkpoint import recover_directory, write_text
 from common.config import Config, dump_config
+
+PIPELINE_CLASS = "LatentPipeline"  # what `model_index.json` names; pipelines/ defines it
 
 
 class RunFolder:
@@ -35,3 +40,10 @@ class RunFolder:
 
     def save_config(self, config: Config) -> None:
         write_text(self.root / "config.yaml", dump_config(config))
+
+    def write_model_index(self, components: dict[str, tuple[str, str]], pipeline_config: dict) -> None:
+        """`model_index.json` as diffusers' `save_pretrained` writes it: the pipeline class, each
+        component's (library, class), and the pipeline's own config (e.g. the class table)."""
+        index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__,
+                 **{name: list(spec) for name, spec in components.items()}, **pipeline_config}
+        write_text(self.root / "model_index.json", json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

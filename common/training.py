@@ -1,29 +1,33 @@
-"""The parts every training stage shares, so each stage's loop can read top to bottom.
+"""What every training stage shares: accelerate, optimizers, EMA copies, resume state and logging.
 
-`Trainer` owns accelerate (device placement, DDP, mixed precision on CUDA only), the AdamW
-optimizers with a cosine warm-up schedule, the EMA copies, the resume state, logging, the progress
-bar, Ctrl-C/SIGTERM and non-finite losses. A stage writes:
+Each stage's loop reads top to bottom and calls each piece of bookkeeping by name:
 
     trainer = Trainer("vae", config, config.vae)
     model = trainer.add("vae", model, ema=True)
-    for step in trainer.steps(total_steps):          # sets lr, reseeds, saves, handles Ctrl-C
-        loss = ...
-        trainer.backward(loss)
-        trainer.optimizer_step("vae")
-        trainer.log(loss=loss)
+    start = trainer.resume()
+    with trainer.running(total_steps):                  # progress bar; Ctrl-C/SIGTERM become a flag
+        for step in range(start, total_steps):
+            trainer.set_learning_rate(step)             # warm-up + cosine
+            trainer.reseed(step)                        # every random draw of the step from (seed, stage, rank, step)
+            loss = ...
+            trainer.backward(loss)
+            finite = trainer.optimizer_step("vae")      # clips; a non-finite gradient skips the step
+            trainer.check_finite(finite, step)          # too many skipped in a row: stop
+            trainer.update_ema(step)
+            trainer.log(step, loss=loss)
+            trainer.save_if_due(step)                   # every save_every steps, or on Ctrl-C (then exit)
+    trainer.save_final()
 
-Resume is exact: every random draw of a step comes from a generator reseeded from
-(seed, stage, rank, step) (as EDM2 does), the data order from (seed, epoch), and the learning rate
-is a function of the step, so the state file only needs weights, EMA and optimizer moments.
+Resume is exact: the step's randomness comes from a generator reseeded from (seed, stage, rank,
+step) (as EDM2 does), the data order from (seed, epoch), and the learning rate is a function of
+the step, so the state file only needs weights, EMA and optimizer moments.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import signal
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -35,17 +39,10 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import load_tensors, save_tensors
 from common.config import Config, TrainConfig, dump_config, to_dict
-from common.data import seed_from
-from common.errors import RunFolderError, UserError
+from common.errors import RunFolderError
+from common.loop import StopSignals, TrainingDiverged, TrainingInterrupted, ema_decay_at, lr_factor, update_ema
 from common.run import RunFolder
-
-
-class TrainingDiverged(UserError):
-    """Too many non-finite losses in a row; the last good checkpoint is kept."""
-
-
-class TrainingInterrupted(SystemExit):
-    """Ctrl-C or SIGTERM: the state was saved and the process exits (130 or 143) without a traceback."""
+from common.seeding import seed_from
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -64,38 +61,6 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     `accelerate launch --multi_gpu` / torchrun train together over gloo."""
     return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), cpu=not torch.cuda.is_available(),
                        step_scheduler_with_optimizer=False)
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """Linear warm-up to 1, then a cosine to `min_ratio` at `total_steps` (Loshchilov & Hutter 2017)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameters and float buffers alike."""
-    for ema_param, param in zip(ema.parameters(), model.parameters()):
-        ema_param.lerp_(param.detach().to(ema_param.dtype), 1.0 - decay)
-    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)
-
-
-@contextmanager
-def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Put a model in eval mode for a block, then back to the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
-    return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
@@ -122,33 +87,6 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict, meta
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-class StopSignals:
-    """Turns the first Ctrl-C/SIGTERM into a flag the loop checks after each step (a second Ctrl-C aborts)."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step "
-              f"(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 class Trainer:
     def __init__(self, stage: str, config: Config, train: TrainConfig):
         self.stage, self.config, self.train = stage, config, train
@@ -164,11 +102,10 @@ class Trainer:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.base_lrs: dict[str, float] = {}
         self.emas: dict[str, torch.nn.Module] = {}
-        self.step = 0
+        self.step = 0  # steps completed
         self.total_steps = 0
         self.bad_steps_in_row = 0
         self.skipped_steps = 0
-        self._step_was_bad = False
         self._sums: dict[str, float] = {}
         self._count = 0
         self._signals = StopSignals()
@@ -213,6 +150,117 @@ class Trainer:
                    f"effective batch {t.batch_size} per process x {self.world_size} processes x "
                    f"{t.grad_accum} accumulation = {self.global_batch} | lr {lrs}"
                    f"{' (scaled with the batch)' if t.scale_lr else ''}")
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    @contextmanager
+    def running(self, total_steps: int) -> Iterator[None]:
+        """The progress bar, and Ctrl-C/SIGTERM turned into a flag that `save_if_due` acts on."""
+        self.total_steps = total_steps
+        self._progress = tqdm(total=total_steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
+                              disable=not self.accelerator.is_local_main_process, smoothing=0.05)
+        try:
+            with self._signals:
+                yield
+        finally:
+            self._progress.close()
+
+    def set_learning_rate(self, step: int) -> None:
+        """Linear warm-up, then cosine decay: a function of the step alone, so resume is exact."""
+        factor = lr_factor(step, self.train.warmup_steps, self.total_steps, self.train.min_lr_ratio)
+        for name, optimizer in self.optimizers.items():
+            for group in optimizer.param_groups:
+                group["lr"] = self.base_lrs[name] * factor
+
+    def reseed(self, step: int) -> None:
+        """Noise, timesteps, dropout and augmentation of this step come from (seed, stage, rank, step)."""
+        torch.manual_seed(seed_from(self.config.seed, self.stage, self.rank, step))
+
+    def no_sync(self, name: str, micro: int):
+        """Skip the DDP gradient all-reduce on all but the last micro-batch of a step."""
+        last = micro == self.train.grad_accum - 1
+        return nullcontext() if last else self.accelerator.no_sync(self.models[name])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def optimizer_step(self, name: str) -> bool:
+        """Clip and apply the gradients; returns False (and applies nothing) when their norm is not finite."""
+        model, optimizer = self.models[name], self.optimizers[name]
+        max_norm = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
+        norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        finite = norm is None or bool(torch.isfinite(norm))
+        if not finite and self.accelerator.scaler is None:
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        optimizer.step()  # with an fp16 GradScaler, this itself skips steps with inf gradients
+        optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def check_finite(self, finite: bool, step: int) -> None:
+        """Count skipped steps; `max_bad_steps` in a row stop training, keeping the last good checkpoint."""
+        self.skipped_steps += not finite
+        self.bad_steps_in_row = 0 if finite else self.bad_steps_in_row + 1
+        if self.bad_steps_in_row >= self.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"[{self.stage}] {self.bad_steps_in_row} steps in a row had a non-finite loss (up to step {step + 1}); "
+                f"stopped. The last good checkpoint is in {self.state_dir}. Lower {self.stage}.lr or check the data")
+
+    def update_ema(self, step: int) -> None:
+        decay = ema_decay_at(step, self.train.ema_decay, self.train.ema_warmup)
+        for name, ema in self.emas.items():
+            update_ema(ema, self.unwrap(name), decay)
+
+    def log(self, step: int, **values: float | torch.Tensor) -> None:
+        """Tick the progress bar; average values over `log_every` steps into the bar and logs/<stage>.jsonl."""
+        self._progress.update(1)
+        for key, value in values.items():
+            self._sums[key] = self._sums.get(key, 0.0) + float(value)
+        self._count += 1
+        done = step + 1
+        if done % self.train.log_every and done != self.total_steps:
+            return
+        means = {k: v / self._count for k, v in self._sums.items()}
+        self._sums, self._count = {}, 0
+        lr = next(iter(self.optimizers.values())).param_groups[0]["lr"] if self.optimizers else 0.0
+        self._progress.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
+        self.write_log({"step": done, "lr": lr, **means})
+
+    def save_if_due(self, step: int) -> None:
+        """A checkpoint every `save_every` steps (never mid non-finite streak); on Ctrl-C/SIGTERM, save and exit."""
+        self.step = step + 1
+        if self._stop_requested():
+            self.save()
+            code = 128 + self._signals.received
+            self.print(f"\n[{self.stage}] stopped at step {self.step}; checkpoint saved in {self.state_dir}. "
+                       f"Re-run the same command to resume.")
+            raise TrainingInterrupted(code)
+        if self.bad_steps_in_row == 0 and self.step % self.train.save_every == 0 and self.step < self.total_steps:
+            self.save()
+
+    def save_final(self) -> None:
+        """The last checkpoint (unless it is already saved, or the run ended on non-finite steps)."""
+        if self._saved_step != self.step and self.bad_steps_in_row == 0:
+            self.save()
+        if self.skipped_steps:
+            self.print(f"[{self.stage}] skipped {self.skipped_steps} step(s) with a non-finite loss")
+
+    def _stop_requested(self) -> bool:
+        stop = self._signals.received is not None
+        if self.world_size > 1:  # every rank must stop at the same step, or the collectives hang
+            flag = torch.tensor([float(stop)], device=self.device)
+            stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+            if stop and self._signals.received is None:
+                self._signals.received = signal.SIGTERM  # as the rank that got one
+        return stop
+
+    def write_log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        self.run.logs.mkdir(parents=True, exist_ok=True)
+        record = {"time": round(time.time() - self._started, 2), **record}
+        with open(self.run.logs / f"{self.stage}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
     # ---- resume state ------------------------------------------------------------------------
 
@@ -284,112 +332,3 @@ class Trainer:
         saved_by = meta.get("world_size", 1)
         note = f" (saved by {saved_by} processes, resumed on {self.world_size})" if saved_by != self.world_size else ""
         self.print(f"[{self.stage}] resumed from {path} at step {self.step}{note}")
-
-    # ---- the loop ----------------------------------------------------------------------------
-
-    def steps(self, total_steps: int) -> Iterator[int]:
-        """Yield the steps still to run, doing the shared bookkeeping around each one."""
-        self.total_steps = total_steps
-        self._progress = tqdm(total=total_steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
-                              disable=not self.accelerator.is_local_main_process, smoothing=0.05)
-        with self._signals:
-            while self.step < total_steps:
-                step = self.step
-                factor = lr_factor(step, self.train.warmup_steps, total_steps, self.train.min_lr_ratio)
-                for name, optimizer in self.optimizers.items():
-                    for group in optimizer.param_groups:
-                        group["lr"] = self.base_lrs[name] * factor
-                torch.manual_seed(seed_from(self.config.seed, self.stage, self.rank, step))
-                yield step
-                self.step = step + 1
-                self._count_bad_step()
-                decay = ema_decay_at(step, self.train.ema_decay, self.train.ema_warmup)
-                for name, ema in self.emas.items():
-                    update_ema(ema, self.unwrap(name), decay)
-                self._progress.update(1)
-                if self._stop_requested():
-                    self.save()
-                    self._progress.close()
-                    code = 128 + self._signals.received
-                    self.print(f"[{self.stage}] stopped at step {self.step}; checkpoint saved in {self.state_dir}. "
-                               f"Re-run the same command to resume.")
-                    raise TrainingInterrupted(code)
-                healthy = self.bad_steps_in_row == 0  # never checkpoint in the middle of a non-finite streak
-                if healthy and self.step % self.train.save_every == 0 and self.step < total_steps:
-                    self.save()
-        if self._saved_step != self.step and self.bad_steps_in_row == 0:
-            self.save()
-        self._progress.close()
-        if self.skipped_steps:
-            self.print(f"[{self.stage}] skipped {self.skipped_steps} step(s) with a non-finite loss")
-
-    def _stop_requested(self) -> bool:
-        stop = self._signals.received is not None
-        if self.world_size > 1:  # every rank must stop at the same step, or the collectives hang
-            flag = torch.tensor([float(stop)], device=self.device)
-            stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
-            if stop and self._signals.received is None:
-                self._signals.received = signal.SIGTERM
-        return stop
-
-    def no_sync(self, name: str, micro: int):
-        """Skip the DDP gradient all-reduce on all but the last micro-batch of a step."""
-        last = micro == self.train.grad_accum - 1
-        return nullcontext() if last else self.accelerator.no_sync(self.models[name])
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
-
-    def optimizer_step(self, name: str) -> bool:
-        """Clip and apply the gradients; a non-finite gradient norm skips the step instead.
-
-        After `max_bad_steps` non-finite steps in a row, training stops with the last checkpoint kept.
-        """
-        model, optimizer = self.models[name], self.optimizers[name]
-        max_norm = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
-        norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
-        finite = norm is None or bool(torch.isfinite(norm))
-        if not finite and self.accelerator.scaler is None:
-            optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            self._step_was_bad = True
-            return False
-        optimizer.step()  # with an fp16 GradScaler, this itself skips steps with inf gradients
-        optimizer.zero_grad(set_to_none=True)
-        return True
-
-    def _count_bad_step(self) -> None:
-        """After each step: a run of `max_bad_steps` steps with a non-finite loss stops training."""
-        self.bad_steps_in_row = self.bad_steps_in_row + 1 if self._step_was_bad else 0
-        self._step_was_bad = False
-        if self.bad_steps_in_row >= self.train.max_bad_steps:
-            self._progress.close()
-            raise TrainingDiverged(
-                f"[{self.stage}] {self.bad_steps_in_row} steps in a row had a non-finite loss (up to step {self.step}); "
-                f"stopped. The last good checkpoint is in {self.state_dir}. Lower {self.stage}.lr or check the data")
-
-    # ---- logging -----------------------------------------------------------------------------
-
-    def log(self, **values: float | torch.Tensor) -> None:
-        """Average values over `log_every` steps; show them on the bar and append them to logs/<stage>.jsonl."""
-        for key, value in values.items():
-            self._sums[key] = self._sums.get(key, 0.0) + float(value)
-        self._count += 1
-        done = self.step + 1  # log() is called inside the step, before the step counter moves on
-        if done % self.train.log_every and done != self.total_steps:
-            return
-        means = {k: v / self._count for k, v in self._sums.items()}
-        self._sums, self._count = {}, 0
-        lr = next(iter(self.optimizers.values())).param_groups[0]["lr"] if self.optimizers else 0.0
-        if self._progress is not None:
-            self._progress.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
-        self.write_log({"step": done, "lr": lr, **means})
-
-    def write_log(self, record: dict) -> None:
-        if not self.is_main:
-            return
-        self.run.logs.mkdir(parents=True, exist_ok=True)
-        record = {"time": round(time.time() - self._started, 2), **record}
-        with open(self.run.logs / f"{self.stage}.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-

@@ -18,23 +18,17 @@ import math
 import time
 
 import torch
-from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from common.checkpoint import read_metadata, save_tensors, write_text
-from common.config import Config, dump_config, run_cli
+from common.cli import run_cli
+from common.config import Config, dump_config
 from common.data import image_batches, load_split
-from common.errors import UserError
+from common.loop import StopSignals, TrainingInterrupted
 from common.run import RunFolder
-from common.training import StopSignals, TrainingInterrupted, make_accelerator
-from ldm.latents import FORMAT_VERSION, MANIFEST, load_cache, read_manifest, shard_name, vae_fingerprint
-
-
-def load_vae(run: RunFolder) -> AutoencoderKL:
-    folder = run.component("vae")
-    if not (folder / "config.json").is_file():
-        raise UserError(f"no trained VAE in {folder}; run `train-vae --config ...` first")
-    return AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
+from common.training import make_accelerator
+from ldm.latents import FORMAT_VERSION, MANIFEST, read_manifest, shard_name, vae_fingerprint
+from vae.model import load_vae
 
 
 def main(config: Config, args: argparse.Namespace | None = None) -> dict:
@@ -45,7 +39,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     if accelerator.is_main_process:
         run.save_config(config)
 
-    vae = load_vae(run).to(device)
+    vae = load_vae(run.component("vae")).to(device)
     dataset = load_split(config.data, "all")
     vae_hash, dataset_hash = vae_fingerprint(run.component("vae")), dataset.fingerprint()
     key = hashlib.sha256(f"{vae_hash}|{dataset_hash}|{config.encode.shard_size}|{FORMAT_VERSION}".encode()).hexdigest()
@@ -116,11 +110,6 @@ def _write_manifest(run: RunFolder, dataset, key: str, vae_hash: str, dataset_ha
     manifest = {"format": FORMAT_VERSION, "key": key, "vae": vae_hash, "dataset": dataset_hash,
                 "num_images": len(dataset), "shards": shards, "captions": dataset.captions,
                 "classes": [{"key": c.key, "fields": c.fields} for c in dataset.classes], "complete": True}
-    # written once without the statistics so that load_cache can read the shards to measure them
-    write_text(run.latents / MANIFEST, json.dumps(manifest))
-    cache = load_cache(run.latents, vae_hash, dataset_hash)
-    manifest["latent_shape"] = list(cache.latent_shape)
-    manifest["channel_mean"], manifest["channel_std"] = cache.channel_statistics()
     write_text(run.latents / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 

@@ -3,8 +3,7 @@
 `run/latents/` holds safetensors shards, each with the VAE posterior's `mean` and `std` (N, C, h, w)
 for a fixed range of images, their `row` in the dataset listing, `label`, `holdout` flag and
 `captions` (N, K) caption indices (-1 padded), plus `manifest.json`: the fingerprints of the VAE
-weights and of the dataset (listing + preprocessing), the caption strings and per-channel latent
-statistics. Storing mean and std rather than one sample lets training draw a fresh latent sample
+weights and of the dataset (listing + preprocessing), the caption strings and the class table. Storing mean and std rather than one sample lets training draw a fresh latent sample
 every step (as EDM2 does).
 """
 
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.checkpoint import decode_metadata
 from common.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -66,7 +66,7 @@ def memory_map(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     with open(path, "rb") as f:
         header_size = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(header_size))
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
     arrays = {}
     for name, info in header.items():
         shape = tuple(info["shape"])
@@ -74,7 +74,7 @@ def memory_map(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         dtype = SAFETENSORS_DTYPES[info["dtype"]]
         arrays[name] = (np.memmap(path, dtype=dtype, mode="r", offset=8 + header_size + begin, shape=shape)
                         if math.prod(shape) else np.zeros(shape, dtype))
-    return arrays, json.loads(metadata["json"]) if "json" in metadata else {}
+    return arrays, decode_metadata(metadata) or {}
 
 
 @dataclass
@@ -124,19 +124,6 @@ class LatentCache:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def channel_statistics(self, chunk: int = 4096) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of the latent distribution (posterior mean + std * noise), streamed."""
-        total = total_sq = count = 0.0
-        for shard in self.shards:
-            for start in range(0, len(shard["mean"]), chunk):
-                mean = torch.from_numpy(np.asarray(shard["mean"][start:start + chunk])).double()
-                std = torch.from_numpy(np.asarray(shard["std"][start:start + chunk])).double()
-                total = total + mean.sum((0, 2, 3))
-                total_sq = total_sq + (mean.pow(2) + std.pow(2)).sum((0, 2, 3))  # E[z^2] = mean^2 + std^2
-                count += mean.numel() / mean.shape[1]
-        average = total / count
-        return average.tolist(), (total_sq / count - average.pow(2)).sqrt().tolist()
 
 
 def read_manifest(folder: Path) -> dict | None:

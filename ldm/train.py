@@ -7,27 +7,27 @@ encoder, and trains diffusers' UNet2DConditionModel to denoise latents (Rombach 
 classifier-free guidance dropout (Ho & Salimans 2022). Each step draws a fresh latent from each
 image's cached posterior (mean + std * noise), scaled by the VAE's `scaling_factor`. Text states
 are computed once per distinct caption. Writes `run/unet/` (EMA weights), `run/scheduler/`
-(DPM-Solver++) and `run/model_index.json`; sample grids go to `run/samples/`.
+(DPM-Solver++) and `run/model_index.json` (with the class table); sample grids go to `run/samples/`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
-from diffusers import AutoencoderKL
 
-from common.checkpoint import atomic_directory, write_text
-from common.config import Config, LDMConfig, run_cli
+from common.checkpoint import atomic_directory
+from common.cli import run_cli
+from common.config import Config, LDMConfig
 from common.data import ImageDataset, StepBatches, steps_for
-from common.errors import UserError
 from common.images import prompt_grid, save_image
-from common.training import Trainer, evaluating
+from common.loop import evaluating
+from common.training import Trainer
 from ldm.latents import LatentCache, load_cache, vae_fingerprint
 from ldm.model import build_noise_scheduler, build_unet, diffusion_loss, inference_scheduler
+from ldm.sampling import sample_images
 from ldm.text import caption_variants, encode_text, load_text_encoder
-from pipelines.latent_pipeline import CLASSES_FILE, LatentPipeline
+from vae.model import load_vae
 
 
 def main(config: Config, args: argparse.Namespace | None = None) -> dict:
@@ -36,12 +36,9 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     run, device = trainer.run, trainer.device
 
     # Inputs: the latent cache (checked against the VAE and dataset it was made from) and the text encoder
-    vae_folder = run.component("vae")
-    if not (vae_folder / "config.json").is_file():
-        raise UserError(f"no trained VAE in {vae_folder}; run `train-vae` and `encode-dataset` first")
-    vae_config = AutoencoderKL.load_config(vae_folder)
+    vae = load_vae(run.component("vae")).to(device)  # decodes the preview grids; never encodes here
     listing_only = ImageDataset(config.data, "all")  # file names and captions only: stage two reads no pixels
-    cache = load_cache(run.latents, vae_fingerprint(vae_folder), listing_only.fingerprint())
+    cache = load_cache(run.latents, vae_fingerprint(run.component("vae")), listing_only.fingerprint())
     train_latents = cache.split(holdout=False)
     tokenizer, text_encoder = load_text_encoder(config)
     text_encoder.to(device)
@@ -60,34 +57,41 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     trainer.print(f"[ldm] UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
     trainer.describe_batch()
     noise_scheduler = build_noise_scheduler(cfg)
-    scaling_factor = vae_config["scaling_factor"]
-    validation_prompts = cfg.validation_prompts or listing_only.class_prompts() or cache.captions[:8]
+    scaling_factor = vae.config.scaling_factor
+    class_prompts = listing_only.class_prompts()
+    validation_prompts = cfg.validation_prompts or class_prompts or cache.captions[:8]
 
     total_steps = steps_for(cfg.max_steps, cfg.epochs, len(train_latents), trainer.global_batch)
     start = trainer.resume()
     sampler = StepBatches(len(train_latents), cfg.batch_size, config.seed, start, trainer.rank,
                           trainer.world_size, cfg.grad_accum)
 
-    for step in trainer.steps(total_steps):
-        for micro in range(cfg.grad_accum):
-            rows = torch.tensor(sampler.indices(step, micro))
-            latents, text_states = training_batch(train_latents, rows, caption_states, cfg, scaling_factor,
-                                                  empty_caption, device)
-            with trainer.no_sync("unet", micro):
-                loss = diffusion_loss(unet, noise_scheduler, latents, text_states, cfg)
-                trainer.backward(loss / cfg.grad_accum)
-        trainer.optimizer_step("unet")
-        trainer.log(loss=loss.detach())
-        if trainer.is_main and ((step + 1) % cfg.sample_every == 0 or step + 1 == total_steps):
-            pipe = make_pipeline(run, tokenizer, text_encoder, trainer.inference_model("unet"), noise_scheduler)
-            path = run.samples / f"ldm-step{step + 1:06d}.png"
-            with evaluating(pipe.unet):
-                save_image(sample_sheet(pipe, validation_prompts, config), path)
-            trainer.print(f"\n[ldm] samples at step {step + 1}: {path}")
+    with trainer.running(total_steps):
+        for step in range(start, total_steps):
+            trainer.set_learning_rate(step)
+            trainer.reseed(step)
+            for micro in range(cfg.grad_accum):
+                rows = torch.tensor(sampler.indices(step, micro))
+                latents, text_states = training_batch(train_latents, rows, caption_states, cfg, scaling_factor,
+                                                      empty_caption, device)
+                with trainer.no_sync("unet", micro):
+                    loss = diffusion_loss(unet, noise_scheduler, latents, text_states, cfg)
+                    trainer.backward(loss / cfg.grad_accum)
+            trainer.check_finite(trainer.optimizer_step("unet"), step)
+            trainer.update_ema(step)
+            trainer.log(step, loss=loss.detach())
+            if trainer.is_main and ((step + 1) % cfg.sample_every == 0 or step + 1 == total_steps):
+                path = run.samples / f"ldm-step{step + 1:06d}.png"
+                with evaluating(trainer.inference_model("unet")) as ema_unet:
+                    save_image(sample_sheet(vae, tokenizer, text_encoder, ema_unet, noise_scheduler,
+                                            validation_prompts, config), path)
+                trainer.print(f"\n[ldm] samples at step {step + 1}: {path}")
+            trainer.save_if_due(step)
+    trainer.save_final()
 
     if trainer.is_main:
-        export(trainer, config, tokenizer, text_encoder, noise_scheduler, cache.manifest["classes"],
-               listing_only.class_prompts())
+        classes = [{**c, "prompt": p} for c, p in zip(cache.manifest["classes"], class_prompts)]
+        export(trainer, config, tokenizer, text_encoder, noise_scheduler, classes)
     trainer.accelerator.wait_for_everyone()
     return {"step": trainer.step}
 
@@ -107,23 +111,16 @@ def training_batch(cache: LatentCache, rows: torch.Tensor, caption_states: torch
     return latents, caption_states[chosen.to(device), variant.to(device)]
 
 
-def make_pipeline(run, tokenizer, text_encoder, unet, noise_scheduler) -> LatentPipeline:
-    vae = AutoencoderKL.from_pretrained(run.component("vae"), use_safetensors=True).to(unet.device).eval()
-    return LatentPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                          scheduler=inference_scheduler(noise_scheduler))
-
-
-def sample_sheet(pipe: LatentPipeline, prompts: list[str], config: Config, per_prompt: int = 8):
-    """A row of `per_prompt` samples for each prompt, labelled, from a fixed seed."""
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(pipe.device).manual_seed(config.seed)
-    images = pipe(prompts, num_images_per_prompt=per_prompt, num_inference_steps=config.sample.num_inference_steps,
-                  guidance_scale=config.sample.guidance_scale, generator=generator).images
+def sample_sheet(vae, tokenizer, text_encoder, unet, noise_scheduler, prompts: list[str], config: Config,
+                 per_prompt: int = 8):
+    """A labelled row of `per_prompt` samples for each prompt, from a fixed seed, with the inference sampler."""
+    generator = torch.Generator(unet.device).manual_seed(config.seed)
+    images = sample_images(vae, tokenizer, text_encoder, unet, inference_scheduler(noise_scheduler), prompts,
+                           per_prompt, config.sample.num_inference_steps, config.sample.guidance_scale, generator)
     return prompt_grid(images, prompts, per_prompt)
 
 
-def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_scheduler, classes: list[dict],
-           class_prompts: list[str]) -> None:
+def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_scheduler, classes: list[dict]) -> None:
     """Write the inference half of the run folder: unet (EMA), scheduler, text encoder copies, model_index."""
     run = trainer.run
     unet = trainer.inference_model("unet")
@@ -137,11 +134,11 @@ def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_sche
             text_encoder.save_pretrained(folder, safe_serialization=True)
         with atomic_directory(run.component("tokenizer")) as folder:
             tokenizer.save_pretrained(folder)
-    pipe = make_pipeline(run, tokenizer, text_encoder, unet, noise_scheduler)
-    write_text(run.root / "model_index.json", pipe.to_json_string())
-    if class_prompts:
-        classes = [{**c, "prompt": p} for c, p in zip(classes, class_prompts)]
-        write_text(run.root / CLASSES_FILE, json.dumps(classes, ensure_ascii=False, indent=1))
+    components = {"vae": ("diffusers", "AutoencoderKL"), "unet": ("diffusers", type(unet).__name__),
+                  "scheduler": ("diffusers", type(scheduler).__name__),
+                  "text_encoder": ("transformers", type(text_encoder).__name__),
+                  "tokenizer": ("transformers", type(tokenizer).__name__)}
+    run.write_model_index(components, {"classes": classes})
     trainer.print(f"[ldm] saved {run.component('unet')}, {run.component('scheduler')} and {run.root / 'model_index.json'}; "
                   f"load it with LatentPipeline.from_pretrained('{run.root}')")
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
 from common.checkpoint import atomic_directory, write_text
-from common.config import ClipConfig, Config, run_cli
+from common.cli import run_cli
+from common.config import ClipConfig, Config
 from common.data import ImageDataset, StepBatches, augment_batch, image_batches, load_train_and_holdout, steps_for
 from common.training import Trainer
 from ldm.text import caption_variants, tokenize, train_tokenizer
@@ -93,26 +94,32 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     batches = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=config.data.num_workers,
                                                persistent_workers=config.data.num_workers > 0))
 
-    for step in trainer.steps(total_steps):
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            index = batch["index"]
-            # one of each image's captions, drawn from the step's seeded generator
-            chosen = torch.stack([ids[torch.randint(len(ids), ())] for ids in (captions_per_image[i] for i in index)])
-            if train_set.classes:  # same class = positive pair
-                positives = labels[index][:, None] == labels[index][None, :]
-            else:  # free captions: identical text = positive pair
-                positives = chosen[:, None] == chosen[None, :]
-            images = batch["pixel_values"].to(device)
-            if cfg.augment:
-                images = augment_batch(images, config.data.augment)
-            variant = torch.randint(cfg.caption_variants + 1, (len(chosen),))
-            with trainer.no_sync("clip", micro):
-                out = model(input_ids=caption_ids[chosen.to(device), variant.to(device)], pixel_values=images)
-                loss = contrastive_loss(out.logits_per_image, positives.to(device))
-                trainer.backward(loss / cfg.grad_accum)
-        trainer.optimizer_step("clip")
-        trainer.log(loss=loss.detach(), scale=trainer.unwrap("clip").logit_scale.exp().detach())
+    with trainer.running(total_steps):
+        for step in range(start, total_steps):
+            trainer.set_learning_rate(step)
+            trainer.reseed(step)
+            for micro in range(cfg.grad_accum):
+                batch = next(batches)
+                index = batch["index"]
+                # one of each image's captions, drawn from the step's seeded generator
+                chosen = torch.stack([ids[torch.randint(len(ids), ())] for ids in (captions_per_image[i] for i in index)])
+                if train_set.classes:  # same class = positive pair
+                    positives = labels[index][:, None] == labels[index][None, :]
+                else:  # free captions: identical text = positive pair
+                    positives = chosen[:, None] == chosen[None, :]
+                images = batch["pixel_values"].to(device)
+                if cfg.augment:
+                    images = augment_batch(images, config.data.augment)
+                variant = torch.randint(cfg.caption_variants + 1, (len(chosen),))
+                with trainer.no_sync("clip", micro):
+                    out = model(input_ids=caption_ids[chosen.to(device), variant.to(device)], pixel_values=images)
+                    loss = contrastive_loss(out.logits_per_image, positives.to(device))
+                    trainer.backward(loss / cfg.grad_accum)
+            trainer.check_finite(trainer.optimizer_step("clip"), step)
+            trainer.update_ema(step)
+            trainer.log(step, loss=loss.detach(), scale=trainer.unwrap("clip").logit_scale.exp().detach())
+            trainer.save_if_due(step)
+    trainer.save_final()
 
     results = {}
     if trainer.is_main:

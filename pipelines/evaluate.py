@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from common.checkpoint import load_tensors, save_tensors, write_text
-from common.config import AugmentConfig, Config, EvalConfig, dump_config, run_cli
-from common.data import ImageDataset, augment_batch, image_batches, load_train_and_holdout
+from common.cli import run_cli
+from common.config import AugmentConfig, Config, EvalConfig, dump_config
+from common.data import ImageDataset, augment_batch, class_prompt, image_batches, load_train_and_holdout
 from common.errors import UserError
 from common.run import RunFolder
 from pipelines.generate import load_pipeline
@@ -143,15 +144,6 @@ def near_copy_rate(images: torch.Tensor, train_images: torch.Tensor, ratio: floa
     return copies / len(images)
 
 
-def class_prompt(fields: dict, templates: list[str]) -> str | None:
-    for template in templates:
-        try:
-            return template.format_map(fields)
-        except (KeyError, IndexError):
-            continue
-    return None
-
-
 @torch.no_grad()
 def generate_for(pipe, prompts: list[str], per_prompt: int, config: Config, seed: int) -> torch.Tensor:
     """`per_prompt` images for each prompt, in prompt order: (len(prompts) * per_prompt, C, H, W) in [-1, 1]."""
@@ -185,9 +177,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     pipe = load_pipeline(run.root, device)
     pipe.set_progress_bar_config(disable=True)
     results["sampler"] = type(pipe.scheduler).__name__
-    templates = config.data.captions or _default_templates(config)
     names = [c.fields.get("name", c.key) for c in train_set.classes]
-    prompts = [class_prompt(c.fields, templates) for c in train_set.classes]
+    prompts = train_set.class_prompts()
     labels = torch.arange(len(prompts)).repeat_interleave(cfg.images_per_class)
     generated = generate_for(pipe, prompts, cfg.images_per_class, config, config.seed)
     predicted, gen_features = classify(classifier, generated, device)
@@ -230,12 +221,6 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     write_text(run.root / "eval.json", json.dumps(results, indent=2, ensure_ascii=False))
     print(json.dumps(results, indent=2, ensure_ascii=False))
     return results
-
-
-def _default_templates(config: Config) -> list[str]:
-    from common.data import DEFAULT_CAPTIONS
-
-    return DEFAULT_CAPTIONS.get(config.data.name or "folder", DEFAULT_CAPTIONS["folder"])
 
 
 def cli(argv: list[str] | None = None) -> None:

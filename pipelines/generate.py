@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
-
 from PIL import Image
 
 from common.checkpoint import write_bytes
-from common.config import Config, run_cli
+from common.cli import run_cli
+from common.config import Config
 from common.errors import RunFolderError, UserError
 from common.images import make_grid, prompt_grid, save_image
 from pipelines.latent_pipeline import LatentPipeline
@@ -106,7 +106,7 @@ def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace) ->
     prompts = list(args.prompts)
     if args.all_classes:
         if not pipe.classes:
-            raise UserError("--all-classes needs a class dataset; this run has no classes.json (free-form captions)")
+            raise UserError("--all-classes needs a class dataset; this run has no class table (free-form captions)")
         prompts += [c["prompt"] for c in pipe.classes]
     prompts = prompts or [""]
     paths = []
@@ -140,7 +140,7 @@ def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace) ->
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="*", help='prompts, e.g. "Draw a six"; none: unconditional samples')
     parser.add_argument("--run", help="a run folder (default: the config's run_dir)")
-    parser.add_argument("--all-classes", action="store_true", help="also one prompt per class of a class dataset (classes.json)")
+    parser.add_argument("--all-classes", action="store_true", help="also one prompt per class of a class dataset")
     parser.add_argument("--num", type=int, default=4, help="images per prompt")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: sample.num_inference_steps)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")

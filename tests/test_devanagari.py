@@ -2,7 +2,7 @@ import numpy as np
 
 from common.config import DataConfig
 from common.data import ImageDataset
-from common.devanagari import CLASSES, render_dataset, render_glyph
+from common.data.devanagari import CLASSES, render_dataset, render_glyph
 
 
 def test_46_classes_with_romanized_and_devanagari_captions(tmp_path, monkeypatch):

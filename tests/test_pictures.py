@@ -5,7 +5,7 @@ import PIL.Image
 import pytest
 import torch
 
-from common.devanagari import CLASSES, devanagari_class_fields
+from common.data.devanagari import CLASSES, class_fields
 from pipelines import LatentPipeline
 from pipelines.generate import STEPS_GRID, cli as generate_cli, denoising_frames, steps_grid
 
@@ -22,7 +22,7 @@ def test_segment_digits_names_and_devanagari(pipe):
     with pytest.raises(ValueError, match="Known characters: 0 1 2 3 4 5 6 7 8 9"):
         pipe.segment("20x6")
     devanagari = LatentPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler)
-    devanagari.classes = [{"key": k, "fields": devanagari_class_fields(k), "prompt": f"Draw {s}"} for k, _, s in CLASSES]
+    devanagari.classes = [{"key": k, "fields": class_fields(k), "prompt": f"Draw {s}"} for k, _, s in CLASSES]
     ksha, tra, ka, three = 33, 34, 0, 39
     assert devanagari.segment("क्षत्र") == [ksha, tra]  # conjuncts are matched whole
     assert devanagari.segment("क ३") == [ka, None, three]
@@ -59,10 +59,10 @@ def test_steps_grid_and_denoising_frames(pipe):
 def test_generate_write_steps_grid_and_gif(tiny_run, tmp_path):
     generate_cli(["--run", str(tiny_run), "Draw a six", "--num", "1", "--steps", "2", "--out", str(tmp_path),
                   "--write", "2026", "--steps-grid", "--gif"])
-    assert (tmp_path / "write-2026.png").is_file() and (tmp_path / "steps-grid.png").is_file()
+    assert PIL.Image.open(tmp_path / "write-2026.png").size == (4 * 16, 16)
+    assert PIL.Image.open(tmp_path / "steps-grid.png").width > len(STEPS_GRID) * 16 * 4  # one labelled tile per step count
     gif = PIL.Image.open(tmp_path / "denoising-draw-a-six.gif")
-    assert gif.n_frames == 2
-    assert len(STEPS_GRID) == 7
+    assert gif.n_frames == 2  # one frame per sampling step
 
 
 def test_generate_unknown_character_is_a_one_line_error(tiny_run, tmp_path, capsys):
@@ -70,3 +70,13 @@ def test_generate_unknown_character_is_a_one_line_error(tiny_run, tmp_path, caps
         generate_cli(["--run", str(tiny_run), "--write", "20x6", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "no class draws 'x'" in capsys.readouterr().err
+
+
+def test_lay_out_line_puts_each_glyph_in_its_cell_and_leaves_spaces_blank():
+    from pipelines.glyphs import lay_out_line
+
+    glyphs = [PIL.Image.new("L", (4, 4), value) for value in (50, 200)]
+    line = np.asarray(lay_out_line([3, None, 7], glyphs, size=4, gap=1))
+    assert line.shape == (4, 3 * 4 + 2 * 1)
+    assert (line[:, 0:4] == 50).all() and (line[:, 10:14] == 200).all()
+    assert (line[:, 4:10] == 0).all()  # the gap, the space and the next gap

@@ -110,13 +110,13 @@ def test_generate_command_writes_pngs_and_a_grid(tiny_run, tmp_path):
 
 def test_generate_all_classes_prompts_each_class_of_the_run(tiny_run, tmp_path):
     generate_cli(["--run", str(tiny_run), "--all-classes", "--num", "1", "--steps", "1", "--out", str(tmp_path)])
-    classes = json.loads((tiny_run / "classes.json").read_text(encoding="utf-8"))
+    classes = json.loads((tiny_run / "model_index.json").read_text(encoding="utf-8"))["classes"]
     written = sorted(p.name for p in tmp_path.glob("[0-9]*.png"))
     assert written == sorted(f"{k:02d}-{slug(c['prompt'])}-0.png" for k, c in enumerate(classes))
     assert len(written) == len(classes) >= 2
 
 
-def test_evaluate_writes_every_measure_with_sane_values(tiny_run, tmp_path):
+def test_evaluate_writes_every_measure_consistently(tiny_run, tmp_path):
     from pipelines.evaluate import main as evaluate_main
 
     run = tmp_path / "run"
@@ -125,11 +125,54 @@ def test_evaluate_writes_every_measure_with_sane_values(tiny_run, tmp_path):
     results = evaluate_main(config)
     assert json.loads((run / "eval.json").read_text()) == json.loads(json.dumps(results))
     recognition = results["recognition"]
-    assert set(recognition["per_class"]) == {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
-    assert 0 <= recognition["min_class"] <= recognition["accuracy"] <= 1
-    assert 0 <= recognition["classifier_heldout_accuracy"] <= 1
-    assert results["frechet"]["generated_vs_heldout"] >= 0 and results["frechet"]["train_vs_heldout_floor"] > 0
-    assert results["diversity"]["relative"] > 0 and 0 <= results["memorization"]["rate"] <= 1
-    assert list(results["paraphrase"]["per_template"]) == ["{symbol}"]
-    assert results["vae"]["heldout_psnr"] > 0 and results["num_inference_steps"] == 2
-    assert (run / "evaluator").is_dir()  # the classifier is cached for the next evaluation
+    names = "zero one two three four five six seven eight nine".split()
+    assert list(recognition["per_class"]) == names
+    assert recognition["prompts"] == [f"Draw a {n}" for n in names]  # the source's prompt for each class
+    assert recognition["images_per_class"] == 2
+    per_class = list(recognition["per_class"].values())
+    assert all(v in (0.0, 0.5, 1.0) for v in per_class)  # 2 images per class
+    assert recognition["accuracy"] == pytest.approx(sum(per_class) / 10)
+    assert recognition["min_class"] == min(per_class)
+    frechet = results["frechet"]
+    assert frechet["ratio"] == pytest.approx(frechet["generated_vs_heldout"] / frechet["train_vs_heldout_floor"])
+    diversity = results["diversity"]
+    assert diversity["relative"] == pytest.approx(diversity["generated"] / diversity["heldout"])
+    assert results["memorization"]["rate"] * 20 == pytest.approx(round(results["memorization"]["rate"] * 20))
+    assert list(results["paraphrase"]["per_template"]) == ["{symbol}"] and results["paraphrase"]["images_per_prompt"] == 2
+    assert results["num_inference_steps"] == 2 and results["sampler"] == "DPMSolverMultistepScheduler"
+    assert (run / "evaluator" / "classifier.safetensors").is_file()  # cached for the next evaluation
+    again = evaluate_main(config)  # the cached classifier and the seeds give the same numbers
+    assert again["recognition"] == recognition and again["frechet"] == frechet
+
+
+def test_model_index_written_by_train_ldm_is_what_save_pretrained_writes(tiny_run, pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "copy")
+    written = json.loads((tiny_run / "model_index.json").read_text(encoding="utf-8"))
+    saved = json.loads((tmp_path / "copy" / "model_index.json").read_text(encoding="utf-8"))
+    assert saved.pop("_name_or_path") == str(tiny_run)  # where a loaded pipeline came from
+    assert written == saved
+    assert [c["prompt"] for c in written["classes"]] == [f"Draw a {n}" for n in
+                                                         "zero one two three four five six seven eight nine".split()]
+
+
+def test_a_run_with_the_old_classes_json_still_loads(tiny_run, tmp_path):
+    run = tmp_path / "old"
+    shutil.copytree(tiny_run, run)
+    index = json.loads((run / "model_index.json").read_text(encoding="utf-8"))
+    (run / "classes.json").write_text(json.dumps(index.pop("classes")), encoding="utf-8")
+    (run / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
+    old = LatentPipeline.from_pretrained(run)
+    assert old.classes == json.loads((run / "classes.json").read_text(encoding="utf-8"))
+    assert old.segment("26") == [2, 6]
+
+
+def test_training_previews_and_the_pipeline_sample_the_same_way(tiny_run, pipe):
+    """train-ldm's sample grids come from ldm.sampling, the path the pipeline wraps: same seed, same images."""
+    from ldm.sampling import sample_images
+
+    prompts = ["Draw a six", "Draw a 7"]
+    preview = sample_images(pipe.vae, pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.scheduler, prompts, 2, 3, 2.0,
+                            torch.Generator().manual_seed(5))
+    images = pipe(prompts, num_images_per_prompt=2, num_inference_steps=3, guidance_scale=2.0,
+                  generator=torch.Generator().manual_seed(5)).images
+    assert [np.asarray(a).tobytes() for a in preview] == [np.asarray(b).tobytes() for b in images]

@@ -8,7 +8,7 @@ from pipelines import LatentPipeline
 from pipelines.evaluate import CLASSIFIER_FILE, DigitClassifier, classify
 
 READY = ROOT / "checkpoints" / "mnist"
-INFERENCE_PARTS = ["model_index.json", "classes.json", "vae", "text_encoder", "tokenizer", "unet", "scheduler",
+INFERENCE_PARTS = ["model_index.json", "vae", "text_encoder", "tokenizer", "unet", "scheduler",
                    "evaluator"]
 
 

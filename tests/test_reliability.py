@@ -25,6 +25,7 @@ from common.errors import DatasetError, RunFolderError
 from common.training import Trainer, TrainingDiverged
 from conftest import ROOT, TINY, tiny_config
 from ldm.encode import main as encode_main
+from ldm.latents import StaleCacheError
 from ldm.train import main as ldm_main
 from pipelines import LatentPipeline
 from pipelines.generate import load_pipeline
@@ -41,9 +42,9 @@ def interrupt_at_step(monkeypatch, step: int, signum=signal.SIGINT):
     """Send this process `signum` once the trainer has logged `step` steps, as Ctrl-C would."""
     original = Trainer.log
 
-    def log(self, **values):
-        original(self, **values)
-        if self.step + 1 == step:
+    def log(self, at, **values):
+        original(self, at, **values)
+        if at + 1 == step:
             os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(Trainer, "log", log)
@@ -175,14 +176,21 @@ def test_non_finite_steps_are_skipped_then_training_stops_keeping_the_last_good_
     trainer = Trainer("unit", tiny_config(tmp_path / "unit"), TrainConfig(max_bad_steps=3, grad_clip=1.0))
     model = trainer.add("m", model)
     before = [p.detach().clone() for p in model.parameters()]
-    for _ in range(2):
+    for step in range(2):
         trainer.backward(model(torch.ones(2, 3)).sum() * float("nan"))
-        assert trainer.optimizer_step("m") is False
+        finite = trainer.optimizer_step("m")
+        assert finite is False
+        trainer.check_finite(finite, step)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # skipped, not applied
-    assert trainer.skipped_steps == 2
+    assert (trainer.skipped_steps, trainer.bad_steps_in_row) == (2, 2)
     trainer.backward(model(torch.ones(2, 3)).sum())
     assert trainer.optimizer_step("m") is True
+    trainer.check_finite(True, 2)
+    assert (trainer.skipped_steps, trainer.bad_steps_in_row) == (2, 0)  # a good step ends the streak
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(TrainingDiverged, match=r"\[unit\] 3 steps in a row had a non-finite loss \(up to step 6\)"):
+        for step in range(3, 6):
+            trainer.check_finite(False, step)
 
     original = Trainer.backward
 
@@ -238,7 +246,7 @@ def test_planted_pickles_are_never_unpickled(tiny_run, tmp_path):
     assert pipe.unet is not None
     train_vae(tiny_config(run))  # resume ignores anything but safetensors states
     (run / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(Exception):  # only a pickle left: refused, not loaded
+    with pytest.raises(OSError, match="diffusion_pytorch_model.safetensors"):  # only a pickle left: refused
         LatentPipeline.from_pretrained(run)
     with pytest.raises(RunFolderError):
         load_pipeline(run)
@@ -320,7 +328,7 @@ def test_a_stale_latent_cache_is_refused_at_train_ldm(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     (run / "latents" / "manifest.json").unlink()
-    with pytest.raises(Exception, match="run `encode-dataset"):
+    with pytest.raises(StaleCacheError, match="no complete latent cache in .*; run `encode-dataset --config ...` first"):
         ldm_main(tiny_config(run))
 
 

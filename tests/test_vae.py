@@ -6,6 +6,7 @@ from diffusers import AutoencoderKL
 
 from common.checkpoint import load_tensors
 from common.config import VAEConfig
+from common.errors import UserError
 from conftest import tiny_config
 from vae.model import PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, build_perceptual_loss, build_vae
 from vae.train import main as train_vae
@@ -63,7 +64,7 @@ def test_lpips_auto_is_off_without_backbone_weights_and_on_is_an_error(monkeypat
     monkeypatch.setattr(vae.model, "lpips_backbone_available", lambda net: False)
     assert build_perceptual_loss(VAEConfig(lpips="auto")) is None
     assert build_perceptual_loss(VAEConfig(lpips=False)) is None
-    with pytest.raises(Exception, match="vae.lpips=true needs"):
+    with pytest.raises(UserError, match=r"vae.lpips=true needs torchvision's vgg ImageNet weights in .*; copy them there or set vae.lpips=auto"):
         build_perceptual_loss(VAEConfig(lpips=True))
 
 

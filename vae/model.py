@@ -8,6 +8,7 @@ the reconstruction and adversarial gradients at the decoder's last layer, switch
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from common.config import VAEConfig
-from common.errors import UserError
+from common.errors import RunFolderError, UserError
 
 
 def build_vae(config: VAEConfig, channels: int, image_size: int) -> AutoencoderKL:
@@ -34,6 +35,13 @@ def build_vae(config: VAEConfig, channels: int, image_size: int) -> AutoencoderK
         mid_block_add_attention=config.mid_attention,
         scaling_factor=1.0,  # measured from the data at the end of training
     )
+
+
+def load_vae(folder: Path) -> AutoencoderKL:
+    """A trained VAE (`run/vae/`), frozen, in eval mode; safetensors only."""
+    if not (Path(folder) / "config.json").is_file():
+        raise RunFolderError(f"no trained VAE in {folder}; run `train-vae --config ...` first")
+    return AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
 
 
 class PatchDiscriminator(nn.Module):

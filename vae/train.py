@@ -17,10 +17,12 @@ from contextlib import nullcontext
 import torch
 
 from common.checkpoint import atomic_directory, write_text
-from common.config import Config, run_cli
+from common.cli import run_cli
+from common.config import Config
 from common.data import StepBatches, augment_batch, load_train_and_holdout, spread_indices, steps_for
 from common.images import save_image
-from common.training import Trainer, evaluating
+from common.loop import evaluating
+from common.training import Trainer
 from vae.model import (AutoencoderWithPosterior, PatchDiscriminator, autoencoder_loss, build_perceptual_loss, build_vae,
                        hinge_d_loss)
 from vae.reconstruct import latent_std, reconstruction_grid, reconstruction_metrics
@@ -65,29 +67,36 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                                   trainer.world_size, cfg.grad_accum)))
     grid_images = torch.stack([holdout_set[i]["pixel_values"] for i in spread_indices(len(holdout_set), 32)]).to(device)
 
-    for step in trainer.steps(total_steps):
-        gan_on = use_gan and step >= cfg.disc_start
-        for micro in range(cfg.grad_accum):
-            images = next(batches)["pixel_values"].to(device)  # (B, C, H, W) in [-1, 1]
-            if cfg.augment:
-                images = augment_batch(images, config.data.augment)
-            with trainer.no_sync("vae", micro), frozen(trainer.unwrap("disc")) if gan_on else nullcontext() as judge:
-                loss, terms, recon = autoencoder_loss(autoencoder, images, cfg, perceptual, judge, last_layer)
-                trainer.backward(loss / cfg.grad_accum)
+    with trainer.running(total_steps):
+        for step in range(start, total_steps):
+            trainer.set_learning_rate(step)
+            trainer.reseed(step)
+            gan_on = use_gan and step >= cfg.disc_start
+            for micro in range(cfg.grad_accum):
+                images = next(batches)["pixel_values"].to(device)  # (B, C, H, W) in [-1, 1]
+                if cfg.augment:
+                    images = augment_batch(images, config.data.augment)
+                with trainer.no_sync("vae", micro), frozen(trainer.unwrap("disc")) if gan_on else nullcontext() as judge:
+                    loss, terms, recon = autoencoder_loss(autoencoder, images, cfg, perceptual, judge, last_layer)
+                    trainer.backward(loss / cfg.grad_accum)
+                if gan_on:
+                    with trainer.no_sync("disc", micro):
+                        # real and fake in one forward pass: DDP allows one forward per backward
+                        logits_real, logits_fake = disc(torch.cat([images, recon.detach()])).chunk(2)
+                        disc_loss = hinge_d_loss(logits_real, logits_fake)
+                        trainer.backward(disc_loss / cfg.grad_accum)
+                    terms["disc"] = disc_loss.detach()
+            finite = trainer.optimizer_step("vae")
             if gan_on:
-                with trainer.no_sync("disc", micro):
-                    # real and fake in one forward pass: DDP allows one forward per backward
-                    logits_real, logits_fake = disc(torch.cat([images, recon.detach()])).chunk(2)
-                    disc_loss = hinge_d_loss(logits_real, logits_fake)
-                    trainer.backward(disc_loss / cfg.grad_accum)
-                terms["disc"] = disc_loss.detach()
-        trainer.optimizer_step("vae")
-        if gan_on:
-            trainer.optimizer_step("disc")
-        trainer.log(**terms)
-        if trainer.is_main and (step + 1) % cfg.sample_every == 0:
-            with evaluating(trainer.inference_model("vae")) as model:
-                save_image(reconstruction_grid(model.vae, grid_images), run.samples / f"vae-step{step + 1:06d}.png")
+                finite = trainer.optimizer_step("disc") and finite
+            trainer.check_finite(finite, step)
+            trainer.update_ema(step)
+            trainer.log(step, **terms)
+            if trainer.is_main and (step + 1) % cfg.sample_every == 0:
+                with evaluating(trainer.inference_model("vae")) as model:
+                    save_image(reconstruction_grid(model.vae, grid_images), run.samples / f"vae-step{step + 1:06d}.png")
+            trainer.save_if_due(step)
+    trainer.save_final()
 
     results = {}
     if trainer.is_main:

@@ -1,8 +1,10 @@
-"""The 46 classes of the Devanagari Handwritten Character Dataset (Acharya et al. 2015).
+"""The built-in `devanagari` source: the 46 classes of the Devanagari Handwritten Character Dataset
+(Acharya et al. 2015), rendered from a variable font with a hand's variation.
 
-Folder names are the dataset's own (`character_1_ka` ... `character_36_gya`, `digit_0` ... `digit_9`);
-each class gets caption fields: a readable romanized `name`, its Devanagari `symbol`, its `kind`, and
-`letter` or `digit` (so a template like "Draw the letter {letter}" only applies to letters).
+It owns the class table, used for the real dataset's folders too: folder names are the dataset's own
+(`character_1_ka` ... `character_36_gya`, `digit_0` ... `digit_9`), and each class gets caption fields:
+a readable romanized `name`, its Devanagari `symbol`, its `kind`, and `letter` or `digit` (so a
+template like "Draw the letter {letter}" only applies to letters).
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from common.checkpoint import write_bytes
+from common.config import DataConfig
+from common.data.listing import ImageClass, Listing, split_last
+from common.seeding import seed_from
 
 # (folder name, romanized name, Devanagari); the last three are conjuncts that need shaping.
 CONSONANTS = [
@@ -42,7 +49,14 @@ CLASS_FIELDS = {
 }
 
 
-def devanagari_class_fields(folder: str) -> dict | None:
+CAPTIONS = [
+    "Draw the letter {letter}", "the letter {letter}", "Draw the Devanagari digit {digit}",
+    "the Devanagari digit {digit}", "{symbol}", "Draw {symbol}", "a handwritten {symbol}",
+    "the Devanagari {kind} {name}", "Draw the Devanagari {kind} {name}", "{name}",
+]
+
+
+def class_fields(folder: str) -> dict | None:
     """Caption fields for a folder name of the Devanagari dataset, or None for any other name."""
     fields = CLASS_FIELDS.get(folder)
     return dict(fields) if fields is not None else None
@@ -125,8 +139,6 @@ def render_glyph(text: str, rng: np.random.Generator, size: int = 32, shaping: b
 
 
 def _render_class(args: tuple[int, int, int]) -> np.ndarray:
-    from common.data import seed_from
-
     class_index, per_class, seed = args
     text = CLASSES[class_index][2]
     return np.stack([render_glyph(text, np.random.default_rng(seed_from(seed, "devanagari", class_index, i)))
@@ -139,9 +151,6 @@ def render_dataset(per_class: int, seed: int = 0, processes: int | None = None) 
     Deterministic in (per_class, seed); cached under ~/.cache/latent-toolkit (or $XDG_CACHE_HOME) as
     a plain .npy file, since rendering 92,000 glyphs takes a minute or two.
     """
-    from common.checkpoint import write_bytes
-    from common.data import seed_from
-
     key = f"{seed_from(RENDER_VERSION, per_class, seed, font_path().stat().st_size):016x}"
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "latent-toolkit" / f"devanagari-{key}.npy"
     if cache.is_file():
@@ -166,13 +175,11 @@ def render_dataset(per_class: int, seed: int = 0, processes: int | None = None) 
     return pixels
 
 
-def list_devanagari(config) -> "Listing":
-    """The built-in dataset: rendered glyphs of the 46 classes, the last holdout_fraction of each held out."""
-    from common.data import ImageClass, Listing, _split_last
-
+def list_devanagari(config: DataConfig) -> Listing:
+    """Rendered glyphs of the 46 classes, the last holdout_fraction of each held out."""
     pixels = render_dataset(config.per_class, config.seed)
     labels = np.repeat(np.arange(len(CLASSES)), config.per_class).tolist()
-    classes = [ImageClass(folder, devanagari_class_fields(folder)) for folder, _, _ in CLASSES]
+    classes = [ImageClass(folder, class_fields(folder)) for folder, _, _ in CLASSES]
     identity = f"devanagari:v{RENDER_VERSION}:{config.per_class}:{config.seed}"
-    return Listing(list(range(len(labels))), labels, _split_last(labels, config.holdout_fraction), classes,
-                   pixels=pixels, identity=identity)
+    return Listing(list(range(len(labels))), labels, split_last(labels, config.holdout_fraction), classes,
+                   CAPTIONS, pixels=pixels, identity=identity)

@@ -1,0 +1,77 @@
+"""Folder sources: one sub-folder per class (also `Train/` + `Test/`), or flat `class_index.jpg` files."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from common.config import DataConfig
+from common.data import devanagari
+from common.data.listing import IMAGE_EXTENSIONS, ImageClass, Listing, images_in, limit_per_class, split_last
+from common.errors import DatasetError
+
+HOLDOUT_FOLDERS = {"test", "val", "valid", "validation"}
+TRAIN_FOLDERS = {"train", "training"}
+CAPTIONS = ["{name}", "Draw a {name}", "a picture of {name}", "an image of a {name}"]
+
+
+def class_fields(key: str) -> dict:
+    """Caption fields for a class folder: its name with separators as spaces, or the Devanagari
+    dataset's fields for its folder names (character_1_ka, digit_3)."""
+    known = devanagari.class_fields(key)
+    return known if known is not None else {"name": re.sub(r"[_\-]+", " ", key).strip()}
+
+
+def templates_for(classes: list[ImageClass]) -> list[str]:
+    """The Devanagari dataset's folders get its templates, like the built-in source; others the generic ones."""
+    return devanagari.CAPTIONS if classes and all("kind" in c.fields for c in classes) else CAPTIONS
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def list_class_folders(root: Path, config: DataConfig) -> Listing:
+    """`root/<class>/*.png`, or `root/Train/<class>/*` + `root/Test/<class>/*` (Test is held out)."""
+    split_dirs = {p.name.lower(): p for p in _subfolders(root)}
+    train_dirs = [p for name, p in split_dirs.items() if name in TRAIN_FOLDERS]
+    test_dirs = [p for name, p in split_dirs.items() if name in HOLDOUT_FOLDERS]
+    groups = [(d, False) for d in train_dirs] + [(d, True) for d in test_dirs] if train_dirs else [(root, None)]
+    keys = sorted({c.name for group, _ in groups for c in _subfolders(group)})
+    classes = [ImageClass(key, class_fields(key)) for key in keys]
+    index = {key: i for i, key in enumerate(keys)}
+    sources, labels, holdout = [], [], []
+    for group, is_holdout in groups:
+        for class_dir in _subfolders(group):
+            files = images_in(class_dir)
+            if not files and is_holdout is not True:
+                raise DatasetError(f"class folder '{class_dir}' has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                                   f"add images or remove the folder")
+            sources += [str(f) for f in files]
+            labels += [index[class_dir.name]] * len(files)
+            holdout += [bool(is_holdout)] * len(files)
+    listing = Listing(sources, labels, holdout, classes, templates_for(classes), identity="classfolders")
+    listing = limit_per_class(listing, config.max_per_class)
+    if not test_dirs:
+        listing.holdout = split_last(listing.labels, config.holdout_fraction)
+    return listing
+
+
+def list_class_index_files(root: Path, config: DataConfig) -> Listing:
+    """A flat folder of `<class>_<index>.jpg` files, e.g. `tulips_00012.jpg` (the flowers layout)."""
+    files = images_in(root)
+    keys = []
+    for f in files:
+        if "_" not in f.stem:
+            raise DatasetError(f"'{f.name}' does not follow the class_index layout (e.g. tulips_0001.jpg); "
+                               f"rename it, or put images in one sub-folder per class")
+        keys.append(f.stem.rsplit("_", 1)[0])
+    names = sorted(set(keys))
+    classes = [ImageClass(key, class_fields(key)) for key in names]
+    index = {key: i for i, key in enumerate(names)}
+    order = sorted(range(len(files)), key=lambda i: (index[keys[i]], files[i].name))
+    listing = Listing([str(files[i]) for i in order], [index[keys[i]] for i in order], [False] * len(files),
+                      classes, templates_for(classes), identity="classindex")
+    listing = limit_per_class(listing, config.max_per_class)
+    listing.holdout = split_last(listing.labels, config.holdout_fraction)
+    return listing

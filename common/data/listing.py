@@ -1,0 +1,63 @@
+"""What a dataset is made of before any pixel is read: one entry per image, its class and its split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass(frozen=True)
+class ImageClass:
+    key: str  # the class as found in the data: a folder name, a file-name prefix, a digit
+    fields: dict = field(default_factory=dict, hash=False)  # caption fields, e.g. {"name": "six", "symbol": "6"}
+
+
+@dataclass
+class Listing:
+    """A source's images: one entry per image, plus the caption templates the source owns."""
+
+    sources: list  # file paths, or row indices into `pixels`
+    labels: list[int]  # class index, -1 for free-caption images
+    holdout: list[bool]
+    classes: list[ImageClass]
+    templates: list[str] = field(default_factory=list)  # the source's caption templates ("Draw a {name}")
+    texts: list[list[str]] | None = None  # free captions per image (metadata.jsonl)
+    pixels: np.ndarray | None = None  # (N, H, W[, C]) uint8, for in-memory datasets
+    identity: str = ""  # what the fingerprint hashes besides the config
+    fitted: dict = field(default_factory=dict, repr=False)  # in-memory pixels resized to (size, channels, fit)
+
+
+def split_last(labels: list[int], fraction: float) -> list[bool]:
+    """Held-out = the last `fraction` of each class, in listing order (floor, so tiny classes train)."""
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    holdout = [False] * len(labels)
+    for members in by_class.values():
+        for i in members[len(members) - int(len(members) * fraction):]:
+            holdout[i] = True
+    return holdout
+
+
+def limit_per_class(listing: Listing, max_per_class: int) -> Listing:
+    """The first `max_per_class` images of each class (all when 0)."""
+    if max_per_class <= 0:
+        return listing
+    counts: dict[int, int] = {}
+    keep = []
+    for i, label in enumerate(listing.labels):
+        counts[label] = counts.get(label, 0) + 1
+        if counts[label] <= max_per_class:
+            keep.append(i)
+    pick = lambda values: [values[i] for i in keep]  # noqa: E731
+    return Listing(pick(listing.sources), pick(listing.labels), pick(listing.holdout), listing.classes,
+                   listing.templates, pick(listing.texts) if listing.texts is not None else None, listing.pixels,
+                   listing.identity + f"|max_per_class={max_per_class}")
+
+
+def images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)

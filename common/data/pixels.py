@@ -1,0 +1,71 @@
+"""Image fitting: any PIL mode and size in, (C, H, W) float in [-1, 1] out, and back to uint8."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+Image.MAX_IMAGE_PIXELS = 256_000_000  # huge scans are fine; decompression bombs beyond this are not
+
+
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL mode (16-bit, palette, alpha, CMYK, float) to "L" or "RGB".
+
+    Transparent pixels become black, the background of the glyph datasets.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), "L")
+    if image.mode == "1":
+        image = image.convert("L")
+    if image.mode in ("P", "PA") or (image.mode in ("L", "RGB") and "transparency" in image.info):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def fit_image(image: Image.Image, size: int, fit: str) -> Image.Image:
+    """Make a square `size` x `size` image: `pad` keeps all of it (letterbox on black), `crop` takes
+    the centre square, `stretch` ignores the aspect ratio."""
+    width, height = image.size
+    if fit == "crop":
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    elif fit == "pad" and width != height:
+        scale = size / max(width, height)
+        inner = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
+        canvas = Image.new(image.mode, (size, size), 0)
+        canvas.paste(inner, ((size - inner.width) // 2, (size - inner.height) // 2))
+        return canvas
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return image
+
+
+def fitted_array(image: Image.Image, size: int, channels: int, fit: str) -> np.ndarray:
+    """A PIL image converted and fitted: (H, W, C) uint8."""
+    array = np.asarray(fit_image(to_mode(image, channels), size, fit), dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def load_image(path: str, size: int, channels: int, fit: str) -> np.ndarray:
+    """Read one file as a (H, W, C) uint8 array. Raises OSError/ValueError on a corrupt file."""
+    with Image.open(path) as image:
+        image.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at reduced scale
+        image.load()
+        return fitted_array(image, size, channels, fit)
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    """(H, W, C) uint8 -> (C, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    return images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,43 @@
+"""The registry of dataset sources: `data.name` picks a built-in one, `data.path` a folder layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from common.config import DataConfig
+from common.data import devanagari, folders, metadata, mnist
+from common.data.listing import IMAGE_EXTENSIONS, Listing
+from common.errors import DatasetError
+
+BUILT_IN: dict[str, Callable[[DataConfig], Listing]] = {
+    "mnist": mnist.list_mnist,
+    "devanagari": devanagari.list_devanagari,
+}
+
+
+def folder_source(root: Path) -> Callable[[Path, DataConfig], Listing]:
+    """The layout of a folder: metadata.jsonl, class sub-folders, or flat class_index files."""
+    if (root / "metadata.jsonl").is_file():
+        return metadata.list_metadata_jsonl
+    if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+        return folders.list_class_folders
+    return folders.list_class_index_files
+
+
+def list_dataset(config: DataConfig) -> Listing:
+    """Find the images of the configured dataset: classes, caption templates and the held-out split."""
+    if config.name:
+        if config.name not in BUILT_IN:
+            raise DatasetError(f"unknown built-in dataset data.name='{config.name}'; use one of "
+                               f"{', '.join(repr(n) for n in BUILT_IN)}, or set data.name='' and data.path to a folder")
+        return BUILT_IN[config.name](config)
+    root = Path(config.path).expanduser()
+    if not root.exists():
+        raise DatasetError(f"dataset folder '{root}' does not exist; check data.path")
+    if not root.is_dir():
+        raise DatasetError(f"data.path '{root}' is a file; point it at the folder that holds the images")
+    listing = folder_source(root)(root, config)
+    if not listing.sources:
+        raise DatasetError(f"no images of a supported type ({', '.join(sorted(IMAGE_EXTENSIONS))}) in '{root}'")
+    return listing

@@ -1,0 +1,121 @@
+"""Sampling latents from text: classifier-free guided denoising with any diffusers scheduler.
+
+Stage two owns this so that training previews need no pipeline; `LatentPipeline` (pipelines/) wraps
+the same functions with diffusers' argument conventions. Guidance follows Ho & Salimans 2022:
+uncond + s * (cond - uncond), both halves in one batched UNet call per step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable
+
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ldm.text import encode_text
+
+# called after each step with (step index, timestep, the scheduler's step output, latents before the
+# step, guided model output); returns the latents to continue from
+StepHook = Callable[[int, torch.Tensor, Any, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str], device: torch.device,
+                   num_images_per_prompt: int, guided: bool, negative_prompts: list[str] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token states (B * num_images_per_prompt, L, D) for the prompts and, with guidance, the negatives
+    (the empty prompt by default)."""
+    prompt_embeds = encode_text(tokenizer, text_encoder, prompts).to(device)
+    prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+    if not guided:
+        return prompt_embeds, None
+    negative = negative_prompts if negative_prompts is not None else [""] * len(prompts)
+    negative_embeds = encode_text(tokenizer, text_encoder, negative).to(device)
+    return prompt_embeds, negative_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+
+def initial_latents(scheduler, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                    generator: torch.Generator | list[torch.Generator] | None,
+                    latents: torch.Tensor | None = None) -> torch.Tensor:
+    """Gaussian noise of `shape` (B, C, h, w), or the given `latents`, scaled to the scheduler's first sigma."""
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    elif tuple(latents.shape) != tuple(shape):
+        raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
+    else:
+        latents = latents.to(device=device, dtype=dtype)
+    return latents * scheduler.init_noise_sigma
+
+
+def guided_prediction(unet: UNet2DConditionModel, scheduler, latents: torch.Tensor, t: torch.Tensor,
+                      prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
+                      guidance_scale: float) -> torch.Tensor:
+    """The guided model output: uncond + s * (cond - uncond); the conditional one alone without negatives."""
+    if negative_embeds is None:
+        return unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=prompt_embeds).sample
+    model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+    output = unet(model_input, t, encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds])).sample
+    uncond, cond = output.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def predicted_clean_latents(scheduler, step_output: Any, latents: torch.Tensor, model_output: torch.Tensor,
+                            t: torch.Tensor) -> torch.Tensor:
+    """The step's prediction of the clean latents x0 (what the denoising animation shows).
+
+    Schedulers that report it (DDPM, DDIM, Euler, ...) are taken at their word; multistep solvers
+    keep their data prediction in `model_outputs`; otherwise x0 follows from the VP parametrisation.
+    """
+    x0 = getattr(step_output, "pred_original_sample", None)
+    if x0 is None and getattr(scheduler, "model_outputs", None) and scheduler.model_outputs[-1] is not None \
+            and getattr(scheduler.config, "algorithm_type", "dpmsolver++") in ("dpmsolver++", "sde-dpmsolver++"):
+        x0 = scheduler.model_outputs[-1]
+    if x0 is None:
+        alpha_bar = scheduler.alphas_cumprod.to(latents.device)[int(t)]
+        alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        if scheduler.config.prediction_type == "v_prediction":
+            x0 = alpha * latents - sigma * model_output
+        else:
+            x0 = (latents - sigma * model_output) / alpha
+    return x0
+
+
+@torch.no_grad()
+def denoise(unet: UNet2DConditionModel, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor,
+            negative_embeds: torch.Tensor | None, guidance_scale: float,
+            generator: torch.Generator | list[torch.Generator] | None = None, on_step: StepHook | None = None,
+            progress: Callable[[Iterable], Iterable] = lambda steps: steps) -> torch.Tensor:
+    """Run the scheduler's timesteps (set beforehand with `set_timesteps`) from noisy `latents` to clean ones."""
+    # stochastic schedulers (DDPM, Euler ancestral, ...) draw their noise from the same generator
+    extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for i, t in enumerate(progress(scheduler.timesteps)):
+        model_output = guided_prediction(unet, scheduler, latents, t, prompt_embeds, negative_embeds, guidance_scale)
+        step = scheduler.step(model_output, t, latents, **extra)
+        latents = step.prev_sample if on_step is None else on_step(i, t, step, latents, model_output)
+    return latents
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """(N, C_lat, h, w) scaled latents -> (N, C, H, W) images in [-1, 1]."""
+    return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+
+
+@torch.no_grad()
+def sample_images(vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
+                  unet: UNet2DConditionModel, scheduler, prompts: list[str], num_images_per_prompt: int,
+                  num_inference_steps: int, guidance_scale: float, generator: torch.Generator) -> list[PIL.Image.Image]:
+    """Prompts -> PIL images, `num_images_per_prompt` each in prompt order (training's preview grids)."""
+    device = unet.device
+    guided = guidance_scale > 1.0
+    prompt_embeds, negative_embeds = encode_prompts(tokenizer, text_encoder, prompts, device, num_images_per_prompt, guided)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    size = unet.config.sample_size
+    shape = (len(prompts) * num_images_per_prompt, unet.config.in_channels, size, size)
+    latents = initial_latents(scheduler, shape, prompt_embeds.dtype, device, generator)
+    latents = denoise(unet, scheduler, latents, prompt_embeds, negative_embeds, guidance_scale, generator)
+    return VaeImageProcessor().postprocess(decode_latents(vae, latents), output_type="pil")
