@@ -69,7 +69,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.0  # 0 disables the EMA copy of the weights
     ema_warmup: bool = True  # decay ramps up as (1 + step) / (10 + step)
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on CUDA, none on CPU
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: the launcher's, else bf16 on CUDA; never on CPU
+    # torch.compile of the stage's models (inductor) in this mode; reduce-overhead adds CUDA graphs.
+    # auto: what `accelerate launch --dynamo_backend` / `accelerate config` say (off by default)
+    compile: Literal["auto", "no", "default", "reduce-overhead", "max-autotune"] = "auto"
     save_every: int = 500  # steps between resume checkpoints
     sample_every: int = 500  # steps between sample grids
     log_every: int = 10

@@ -34,13 +34,20 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
+def ema_tensors(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A model's parameters and buffers, in a fixed order, collected once (not walked every step)."""
+    return list(model.parameters()), [b for b in model.buffers()]
+
+
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameters and float buffers alike."""
-    for ema_param, param in zip(ema.parameters(), model.parameters()):
-        ema_param.lerp_(param.detach().to(ema_param.dtype), 1.0 - decay)
-    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)
+def update_ema(ema: tuple[list[torch.Tensor], list[torch.Tensor]], model: tuple[list[torch.Tensor], list[torch.Tensor]],
+               decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for the parameters, one fused kernel for all of them;
+    buffers (e.g. BatchNorm statistics) are copied. Both arguments come from `ema_tensors`."""
+    (ema_params, ema_buffers), (params, buffers) = ema, model
+    torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
+    if ema_buffers:
+        torch._foreach_copy_(ema_buffers, buffers)
 
 
 @contextmanager

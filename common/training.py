@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -34,33 +35,60 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DynamoBackend, TorchDynamoPlugin
 from tqdm.auto import tqdm
 
 from common.checkpoint import load_tensors, save_tensors
 from common.config import Config, TrainConfig, dump_config, to_dict
 from common.errors import RunFolderError
-from common.loop import StopSignals, TrainingDiverged, TrainingInterrupted, ema_decay_at, lr_factor, update_ema
+from common.loop import StopSignals, TrainingDiverged, TrainingInterrupted, ema_decay_at, ema_tensors, lr_factor, update_ema
 from common.run import RunFolder
 from common.seeding import seed_from
 
 
-def resolve_mixed_precision(setting: str) -> str:
-    """bf16 (or fp16 on older GPUs) on CUDA; never on CPU, where bf16/fp16 matmuls are very slow."""
+def resolve_mixed_precision(setting: str, key: str = "mixed_precision") -> str:
+    """The precision a stage trains in: never mixed on CPU (bf16/fp16 matmuls are very slow there);
+    on CUDA an explicit config value wins, and `auto` defers to `accelerate launch --mixed_precision` /
+    `accelerate config` (the ACCELERATE_MIXED_PRECISION they set), else bf16 (fp16 on older GPUs)."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() or None
     if not torch.cuda.is_available():
-        if setting in ("fp16", "bf16"):
-            print(f"note: mixed_precision={setting} ignored: no CUDA device, training in fp32 on the CPU")
+        if setting in ("fp16", "bf16") or launcher in ("fp16", "bf16"):
+            print(f"note: mixed precision {setting if setting in ('fp16', 'bf16') else launcher} ignored: "
+                  f"no CUDA device, training in fp32 on the CPU")
         return "no"
     if setting == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return launcher or ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if launcher and launcher != setting:
+        print(f"note: {key}={setting} from the config overrides the launcher's mixed precision {launcher}")
     return setting
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
-    """Accelerate on CUDA when there is a GPU; otherwise the CPU, where several processes started by
-    `accelerate launch --multi_gpu` / torchrun train together over gloo."""
-    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), cpu=not torch.cuda.is_available(),
-                       step_scheduler_with_optimizer=False)
+def make_accelerator(mixed_precision: str = "no", compile_mode: str = "auto") -> Accelerator:
+    """An Accelerator in `mixed_precision` (already resolved), on CUDA when there is a GPU; otherwise the
+    CPU, where several processes started by `accelerate launch --multi_gpu` / torchrun train over gloo.
+
+    accelerate keeps one process-wide state that refuses a second precision or compile setting; stages
+    that run one after another in one process (a notebook, the tests) may each want their own, so
+    that state is reset here. The process group (accelerate's PartialState) is kept. An earlier
+    stage's Accelerator reads the shared state too, so build each stage's when the stage starts.
+    """
+    dynamo = None if compile_mode == "auto" else TorchDynamoPlugin(
+        backend="no" if compile_mode == "no" else "inductor", mode=None if compile_mode == "no" else compile_mode)
+    if AcceleratorState._shared_state:  # a stage before this one in the same process: start fresh
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    if torch.cuda.is_available():  # TF32 matmuls and convolutions: fp32 accuracy is not needed for training
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
+                       step_scheduler_with_optimizer=False, dynamo_plugin=dynamo)
+
+
+def process_state() -> PartialState:
+    """Rank, world size and device for work that trains nothing (encoding): no Accelerator, no precision."""
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
@@ -90,7 +118,8 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict, meta
 class Trainer:
     def __init__(self, stage: str, config: Config, train: TrainConfig):
         self.stage, self.config, self.train = stage, config, train
-        self.accelerator = make_accelerator(train.mixed_precision)
+        self.accelerator = make_accelerator(resolve_mixed_precision(train.mixed_precision, f"{stage}.mixed_precision"),
+                                            train.compile)
         self.device = self.accelerator.device
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
@@ -101,17 +130,20 @@ class Trainer:
         self.models: dict[str, torch.nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.base_lrs: dict[str, float] = {}
-        self.emas: dict[str, torch.nn.Module] = {}
+        self.emas: dict[str, tuple[torch.nn.Module, list, list]] = {}  # EMA copy, its tensors, the model's
         self.step = 0  # steps completed
         self.total_steps = 0
-        self.bad_steps_in_row = 0
-        self.skipped_steps = 0
-        self._sums: dict[str, float] = {}
+        # skipped-step counters live on the device and are read at log and save boundaries only, so
+        # a step never waits for the GPU (see optimizer_step)
+        self._bad_in_row = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._sums: dict[str, torch.Tensor | float] = {}
         self._count = 0
         self._signals = StopSignals()
         self._saved_step = -1
         self._progress = None
         self._started = time.time()
+        self._first_step_started: float | None = None
         self.print(dump_config(config))
         if self.is_main:
             self.run.save_config(config)
@@ -133,7 +165,8 @@ class Trainer:
         model, optimizer = self.accelerator.prepare(model, optimizer)
         self.models[name], self.optimizers[name], self.base_lrs[name] = model, optimizer, base_lr
         if ema and self.train.ema_decay > 0:
-            self.emas[name] = copy.deepcopy(self.unwrap(name)).requires_grad_(False).eval()
+            ema_model = copy.deepcopy(self.unwrap(name)).requires_grad_(False).eval()
+            self.emas[name] = (ema_model, ema_tensors(ema_model), ema_tensors(self.unwrap(name)))
         return model
 
     def unwrap(self, name: str) -> torch.nn.Module:
@@ -141,12 +174,26 @@ class Trainer:
 
     def inference_model(self, name: str) -> torch.nn.Module:
         """The EMA weights where there are some, else the trained ones."""
-        return self.emas[name] if name in self.emas else self.unwrap(name)
+        return self.emas[name][0] if name in self.emas else self.unwrap(name)
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self._skipped)
+
+    @property
+    def bad_steps_in_row(self) -> int:
+        return int(self._bad_in_row)
+
+    @property
+    def compiled(self) -> bool:
+        plugin = self.accelerator.state.dynamo_plugin
+        return plugin is not None and plugin.backend != DynamoBackend.NO
 
     def describe_batch(self) -> None:
         t = self.train
         lrs = ", ".join(f"{name} {lr:.3g}" for name, lr in self.base_lrs.items())
         self.print(f"[{self.stage}] device {self.device} | mixed precision {self.accelerator.mixed_precision} | "
+                   f"torch.compile {'on' if self.compiled else 'off'} | "
                    f"effective batch {t.batch_size} per process x {self.world_size} processes x "
                    f"{t.grad_accum} accumulation = {self.global_batch} | lr {lrs}"
                    f"{' (scaled with the batch)' if t.scale_lr else ''}")
@@ -157,6 +204,7 @@ class Trainer:
     def running(self, total_steps: int) -> Iterator[None]:
         """The progress bar, and Ctrl-C/SIGTERM turned into a flag that `save_if_due` acts on."""
         self.total_steps = total_steps
+        self._first_step_started = time.time()
         self._progress = tqdm(total=total_steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
                               disable=not self.accelerator.is_local_main_process, smoothing=0.05)
         try:
@@ -184,43 +232,61 @@ class Trainer:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def optimizer_step(self, name: str) -> bool:
-        """Clip and apply the gradients; returns False (and applies nothing) when their norm is not finite."""
+    def optimizer_step(self, name: str) -> torch.Tensor:
+        """Clip and apply the gradients; a non-finite gradient norm applies nothing. Returns that
+        norm's finiteness as a device tensor: nothing here waits for the GPU (fused AdamW skips the
+        update on the device through its `found_inf` input, as it does for GradScaler)."""
         model, optimizer = self.models[name], self.optimizers[name]
         max_norm = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
         norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
-        finite = norm is None or bool(torch.isfinite(norm))
-        if not finite and self.accelerator.scaler is None:
-            optimizer.zero_grad(set_to_none=True)
-            return False
-        optimizer.step()  # with an fp16 GradScaler, this itself skips steps with inf gradients
+        if norm is None:  # accelerate returns None where it cannot compute it (e.g. some sharded setups)
+            finite = torch.ones((), dtype=torch.bool, device=self.device)
+        else:
+            finite = torch.isfinite(norm)
+        if self.accelerator.scaler is None:  # fp16's GradScaler skips steps with inf gradients itself
+            inner = optimizer.optimizer
+            if inner.defaults.get("fused"):
+                inner.found_inf = (~finite).float()
+            elif not bool(finite):  # an unfused optimizer can only skip from the host
+                optimizer.zero_grad(set_to_none=True)
+                return finite
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return True
+        return finite
 
-    def check_finite(self, finite: bool, step: int) -> None:
-        """Count skipped steps; `max_bad_steps` in a row stop training, keeping the last good checkpoint."""
-        self.skipped_steps += not finite
-        self.bad_steps_in_row = 0 if finite else self.bad_steps_in_row + 1
-        if self.bad_steps_in_row >= self.train.max_bad_steps:
+    def check_finite(self, finite: torch.Tensor | bool, step: int) -> None:
+        """Count skipped steps; `max_bad_steps` in a row stop training, keeping the last good checkpoint.
+
+        The streak is kept on the device and read every `log_every` steps (and before each checkpoint).
+        """
+        bad = ~torch.as_tensor(finite, device=self.device)
+        self._skipped += bad
+        self._bad_in_row = (self._bad_in_row + 1) * bad
+        if (step + 1) % self.train.log_every == 0 and self.bad_steps_in_row >= self.train.max_bad_steps:
             raise TrainingDiverged(
                 f"[{self.stage}] {self.bad_steps_in_row} steps in a row had a non-finite loss (up to step {step + 1}); "
                 f"stopped. The last good checkpoint is in {self.state_dir}. Lower {self.stage}.lr or check the data")
 
     def update_ema(self, step: int) -> None:
+        """One fused update of every EMA tensor (torch._foreach_lerp_), parameters and float buffers alike."""
         decay = ema_decay_at(step, self.train.ema_decay, self.train.ema_warmup)
-        for name, ema in self.emas.items():
-            update_ema(ema, self.unwrap(name), decay)
+        for _, ema, model in self.emas.values():
+            update_ema(ema, model, decay)
 
     def log(self, step: int, **values: float | torch.Tensor) -> None:
         """Tick the progress bar; average values over `log_every` steps into the bar and logs/<stage>.jsonl."""
         self._progress.update(1)
-        for key, value in values.items():
-            self._sums[key] = self._sums.get(key, 0.0) + float(value)
+        if self._first_step_started is not None:  # compilation, if any, happens in the first step
+            self.print(f"\n[{self.stage}] first step took {time.time() - self._first_step_started:.1f} s"
+                       f"{' (torch.compile included)' if self.compiled else ''}")
+            self._first_step_started = None
+        for key, value in values.items():  # summed on the device; read once per log line
+            self._sums[key] = self._sums.get(key, 0.0) + (value.detach().float() if torch.is_tensor(value) else value)
         self._count += 1
         done = step + 1
         if done % self.train.log_every and done != self.total_steps:
             return
-        means = {k: v / self._count for k, v in self._sums.items()}
+        means = {k: float(v) / self._count for k, v in self._sums.items()}
         self._sums, self._count = {}, 0
         lr = next(iter(self.optimizers.values())).param_groups[0]["lr"] if self.optimizers else 0.0
         self._progress.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
@@ -229,13 +295,13 @@ class Trainer:
     def save_if_due(self, step: int) -> None:
         """A checkpoint every `save_every` steps (never mid non-finite streak); on Ctrl-C/SIGTERM, save and exit."""
         self.step = step + 1
-        if self._stop_requested():
+        if self._stop_requested(step):
             self.save()
             code = 128 + self._signals.received
             self.print(f"\n[{self.stage}] stopped at step {self.step}; checkpoint saved in {self.state_dir}. "
                        f"Re-run the same command to resume.")
             raise TrainingInterrupted(code)
-        if self.bad_steps_in_row == 0 and self.step % self.train.save_every == 0 and self.step < self.total_steps:
+        if self.step % self.train.save_every == 0 and self.step < self.total_steps and self.bad_steps_in_row == 0:
             self.save()
 
     def save_final(self) -> None:
@@ -245,9 +311,10 @@ class Trainer:
         if self.skipped_steps:
             self.print(f"[{self.stage}] skipped {self.skipped_steps} step(s) with a non-finite loss")
 
-    def _stop_requested(self) -> bool:
+    def _stop_requested(self, step: int) -> bool:
         stop = self._signals.received is not None
-        if self.world_size > 1:  # every rank must stop at the same step, or the collectives hang
+        # every rank must stop at the same step, or the collectives hang: agree every log_every steps
+        if self.world_size > 1 and (step + 1) % self.train.log_every == 0:
             flag = torch.tensor([float(stop)], device=self.device)
             stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
             if stop and self._signals.received is None:
@@ -279,7 +346,7 @@ class Trainer:
                     tensors[f"model.{name}.{key}"] = value
                 opt_tensors, optimizers[name] = optimizer_to_tensors(self.optimizers[name], f"optim.{name}")
                 tensors.update(opt_tensors)
-            for name, ema in self.emas.items():
+            for name, (ema, _, _) in self.emas.items():
                 for key, value in ema.state_dict().items():
                     tensors[f"ema.{name}.{key}"] = value
             meta = {"stage": self.stage, "step": self.step, "world_size": self.world_size,
@@ -315,7 +382,7 @@ class Trainer:
                 prefix = f"model.{name}."
                 self.unwrap(name).load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
                 optimizer_from_tensors(self.optimizers[name], tensors, meta["optimizers"][name], f"optim.{name}")
-            for name, ema in self.emas.items():
+            for name, (ema, _, _) in self.emas.items():
                 prefix = f"ema.{name}."
                 ema_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
                 ema.load_state_dict(ema_state if ema_state else self.unwrap(name).state_dict())
@@ -327,8 +394,8 @@ class Trainer:
         if meta.get("scaler") and self.accelerator.scaler:
             self.accelerator.scaler.load_state_dict(meta["scaler"])
         self.step = self._saved_step = meta["step"]
-        self.skipped_steps = meta.get("skipped_steps", 0)
-        self.bad_steps_in_row = meta.get("bad_steps_in_row", 0)
+        self._skipped.fill_(meta.get("skipped_steps", 0))
+        self._bad_in_row.fill_(meta.get("bad_steps_in_row", 0))
         saved_by = meta.get("world_size", 1)
         note = f" (saved by {saved_by} processes, resumed on {self.world_size})" if saved_by != self.world_size else ""
         self.print(f"[{self.stage}] resumed from {path} at step {self.step}{note}")

@@ -26,17 +26,18 @@ from common.config import Config, dump_config
 from common.data import image_batches, load_split
 from common.loop import StopSignals, TrainingInterrupted
 from common.run import RunFolder
-from common.training import make_accelerator
+from common.training import process_state
 from ldm.latents import FORMAT_VERSION, MANIFEST, read_manifest, shard_name, vae_fingerprint
 from vae.model import load_vae
 
 
 def main(config: Config, args: argparse.Namespace | None = None) -> dict:
-    accelerator = make_accelerator("no")  # the VAE encodes in fp32: fp16 VAEs are known to overflow
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    # inference only: no Accelerator, no mixed precision (the VAE encodes in fp32: fp16 VAEs overflow)
+    state = process_state()
+    device, rank, world = state.device, state.process_index, state.num_processes
     run = RunFolder(config.run_dir)
-    accelerator.print(dump_config(config))
-    if accelerator.is_main_process:
+    state.print(dump_config(config))
+    if state.is_main_process:
         run.save_config(config)
 
     vae = load_vae(run.component("vae")).to(device)
@@ -45,7 +46,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     key = hashlib.sha256(f"{vae_hash}|{dataset_hash}|{config.encode.shard_size}|{FORMAT_VERSION}".encode()).hexdigest()
     manifest = read_manifest(run.latents)
     if manifest and manifest.get("complete") and manifest.get("key") == key:
-        accelerator.print(f"[encode] the latent cache in {run.latents} is current ({manifest['num_images']} images); "
+        state.print(f"[encode] the latent cache in {run.latents} is current ({manifest['num_images']} images); "
                           f"nothing to do")
         return manifest
 
@@ -54,10 +55,10 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     mine = [k for k in range(num_shards) if k % world == rank]
     todo = [k for k in mine if not _shard_done(run, k, key)]
     images = sum(min(size, len(dataset) - k * size) for k in todo)
-    accelerator.print(f"[encode] {len(dataset)} images -> {num_shards} shard(s) of up to {size}; "
+    state.print(f"[encode] {len(dataset)} images -> {num_shards} shard(s) of up to {size}; "
                       f"{len(mine) - len(todo)} of this process's {len(mine)} already done")
     max_captions = max(len(ids) for ids in dataset.caption_ids)
-    progress = tqdm(total=images, desc="encode", unit="img", disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=images, desc="encode", unit="img", disable=not state.is_local_main_process)
     started = time.time()
     with StopSignals() as signals, torch.no_grad():
         for k in todo:
@@ -83,14 +84,14 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                 "captions": captions}, {"key": key, "shard": k})
     progress.close()
     seconds = time.time() - started
-    accelerator.wait_for_everyone()
+    state.wait_for_everyone()
     manifest = {}
-    if accelerator.is_main_process:
+    if state.is_main_process:
         manifest = _write_manifest(run, dataset, key, vae_hash, dataset_hash, num_shards)
         manifest["images_per_second"] = images * world / max(seconds, 1e-9)
-        accelerator.print(f"[encode] {images} images in {seconds:.1f} s on this process = "
+        state.print(f"[encode] {images} images in {seconds:.1f} s on this process = "
                           f"{images / max(seconds, 1e-9):.0f} images/s; cache in {run.latents}")
-    accelerator.wait_for_everyone()
+    state.wait_for_everyone()
     return manifest
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,8 @@ class LatentCache:
 
     Per image, in dataset-listing order: `labels` (N,), `holdout` (N,), `captions_per_image` (N, K)
     (caption indices, -1 padded) are held in memory; `latents(items)` reads the posterior mean and
-    std of just those images: (B, C, h, w) each.
+    std of just those images: (B, C, h, w) each. `to_device` makes a copy whose latents and captions
+    live on the training device (what `train-ldm` uses when they fit), so a step reads nothing from disk.
     """
 
     shards: list[dict[str, np.ndarray]]
@@ -94,10 +96,23 @@ class LatentCache:
     captions_per_image: torch.Tensor
     captions: list[str]
     manifest: dict
+    resident: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, std) (N, C, h, w) on a device
 
     @property
     def num_captions(self) -> torch.Tensor:  # (N,) how many captions each image has
         return (self.captions_per_image >= 0).sum(1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the mean and std of every image: what `to_device` would hold."""
+        return 2 * len(self) * math.prod(self.latent_shape) * 4
+
+    def to_device(self, device: torch.device) -> "LatentCache":
+        """A copy with every latent, label and caption index on `device`, read from the shards once."""
+        mean, std = self.latents(np.arange(len(self)))
+        return LatentCache(self.shards, self.shard_of, self.row_in_shard, self.labels.to(device),
+                           self.holdout.to(device), self.captions_per_image.to(device), self.captions,
+                           self.manifest, (mean.to(device), std.to(device)))
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -105,6 +120,9 @@ class LatentCache:
 
     def latents(self, items: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and std of the images `items` (indices into this cache): (B, C, h, w) float32 each."""
+        if self.resident is not None:
+            items = torch.as_tensor(items, device=self.resident[0].device)
+            return self.resident[0][items], self.resident[1][items]
         items = np.asarray(items)
         mean = np.empty((len(items), *self.latent_shape), np.float32)
         std = np.empty_like(mean)
@@ -118,6 +136,8 @@ class LatentCache:
         return torch.from_numpy(mean), torch.from_numpy(std)
 
     def split(self, holdout: bool) -> "LatentCache":
+        if self.resident is not None:
+            raise ValueError("split the memory-mapped cache first, then move the part you train on with to_device")
         keep = (self.holdout == holdout).numpy()
         return LatentCache(self.shards, self.shard_of[keep], self.row_in_shard[keep], self.labels[keep],
                            self.holdout[keep], self.captions_per_image[keep], self.captions, self.manifest)
@@ -168,3 +188,12 @@ def load_cache(folder: Path, vae_hash: str, dataset_hash: str) -> LatentCache:
     return LatentCache(shards, data["shard"][order], data["local"][order], torch.from_numpy(data["label"][order]).long(),
                        torch.from_numpy(data["holdout"][order]).bool(), torch.from_numpy(data["captions"][order]).long(),
                        manifest["captions"], manifest)
+
+
+def fits_on(device: torch.device, nbytes: int, share: float = 0.25) -> bool:
+    """Whether `nbytes` fit in `share` of the memory `device` has free (GPU memory, or the machine's RAM)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return nbytes <= share * free

@@ -23,7 +23,7 @@ from common.data import ImageDataset, StepBatches, steps_for
 from common.images import prompt_grid, save_image
 from common.loop import evaluating
 from common.training import Trainer
-from ldm.latents import LatentCache, load_cache, vae_fingerprint
+from ldm.latents import LatentCache, fits_on, load_cache, vae_fingerprint
 from ldm.model import build_noise_scheduler, build_unet, diffusion_loss, inference_scheduler
 from ldm.sampling import sample_images
 from ldm.text import caption_variants, encode_text, load_text_encoder
@@ -40,6 +40,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     listing_only = ImageDataset(config.data, "all")  # file names and captions only: stage two reads no pixels
     cache = load_cache(run.latents, vae_fingerprint(run.component("vae")), listing_only.fingerprint())
     train_latents = cache.split(holdout=False)
+    if fits_on(device, train_latents.nbytes):  # resident: a step gathers its rows on the device, no disk, no copy
+        train_latents = train_latents.to_device(device)
     tokenizer, text_encoder = load_text_encoder(config)
     text_encoder.to(device)
     # text states of every caption and its perturbed variants, computed once: (K + 1, V + 1, L, D)
@@ -51,7 +53,9 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     latent_channels, latent_size = train_latents.latent_shape[0], train_latents.latent_shape[-1]
     trainer.print(f"[ldm] {len(train_latents)} training latents of {latent_channels}x{latent_size}x{latent_size}, "
                   f"{len(cache.captions)} distinct captions x {cfg.caption_variants + 1} variants, "
-                  f"text states {tuple(caption_states.shape[2:])}")
+                  f"text states {tuple(caption_states.shape[2:])}; latents "
+                  f"{'on ' + str(device) if train_latents.resident else 'memory-mapped from ' + str(run.latents)} "
+                  f"({train_latents.nbytes / 2**20:.1f} MB)")
 
     unet = trainer.add("unet", build_unet(cfg, latent_channels, latent_size, text_encoder.config.hidden_size), ema=True)
     trainer.print(f"[ldm] UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
@@ -71,7 +75,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
             trainer.set_learning_rate(step)
             trainer.reseed(step)
             for micro in range(cfg.grad_accum):
-                rows = torch.tensor(sampler.indices(step, micro))
+                rows = sampler.index_tensor(step, micro, train_latents.labels.device)
                 latents, text_states = training_batch(train_latents, rows, caption_states, cfg, scaling_factor,
                                                       empty_caption, device)
                 with trainer.no_sync("unet", micro):
@@ -103,11 +107,14 @@ def training_batch(cache: LatentCache, rows: torch.Tensor, caption_states: torch
     A fresh sample from each image's cached posterior, scaled to unit variance; one of its captions
     (in one of its perturbed variants), replaced by the empty prompt with probability cond_dropout.
     """
-    mean, std = (t.to(device) for t in cache.latents(rows))
+    mean, std = (t.to(device, non_blocking=True) for t in cache.latents(rows))
     latents = (mean + std * torch.randn_like(mean)) * scaling_factor
-    chosen = cache.captions_per_image[rows, (torch.rand(len(rows)) * cache.num_captions[rows]).long()]
-    chosen[torch.rand(len(rows)) < cfg.cond_dropout] = empty_caption  # for classifier-free guidance
-    variant = torch.randint(caption_states.shape[1], (len(rows),))
+    rows = rows.to(cache.captions_per_image.device)
+    draw = torch.rand(len(rows), device=rows.device)
+    chosen = cache.captions_per_image[rows, (draw * cache.num_captions[rows]).long()]
+    dropped = torch.rand(len(rows), device=rows.device) < cfg.cond_dropout  # for classifier-free guidance
+    chosen = torch.where(dropped, empty_caption, chosen)
+    variant = torch.randint(caption_states.shape[1], (len(rows),), device=rows.device)
     return latents, caption_states[chosen.to(device), variant.to(device)]
 
 

@@ -1,6 +1,11 @@
-"""The same commands on 2 CPU processes through `accelerate launch` (gloo), as on a GPU cluster."""
+"""The same commands on 2 CPU processes through `accelerate launch` (gloo), as on a GPU cluster.
+
+GPUs are hidden from these processes (CUDA_VISIBLE_DEVICES=""), so the tests run the same on a CPU
+machine and on one with a single GPU (where 2 processes cannot share the device through NCCL).
+"""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +17,9 @@ from conftest import ROOT, TINY, tiny_config
 from ldm.latents import load_cache, vae_fingerprint
 
 
+CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
 def launch(module: str, run, *overrides: str, processes: int = 2) -> subprocess.CompletedProcess:
     # on a machine without GPUs, --multi_gpu starts CPU processes that train together over gloo
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
@@ -19,7 +27,7 @@ def launch(module: str, run, *overrides: str, processes: int = 2) -> subprocess.
                "-m", module, "--config", str(TINY), "--set", f"run_dir={run}"]
     for override in overrides:
         command += ["--set", override]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=CPU_ONLY)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -57,7 +65,7 @@ def test_two_processes_encode_the_same_cache_train_and_resume_on_one(tiny_run, t
     # the 2-process checkpoint resumes in 1 process
     result = subprocess.run([sys.executable, "-m", "ldm.train", "--config", str(TINY), "--set", f"run_dir={run}",
                              "--set", "ldm.max_steps=6", "--set", "ldm.sample_every=100"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=CPU_ONLY)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at step 4 (saved by 2 processes, resumed on 1)" in result.stdout
     log = [json.loads(line) for line in (run / "logs" / "ldm.jsonl").read_text().splitlines() if '"loss"' in line]

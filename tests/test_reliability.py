@@ -173,18 +173,18 @@ def test_a_full_disk_is_an_error_and_the_previous_checkpoint_survives(tmp_path, 
 
 def test_non_finite_steps_are_skipped_then_training_stops_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 1)
-    trainer = Trainer("unit", tiny_config(tmp_path / "unit"), TrainConfig(max_bad_steps=3, grad_clip=1.0))
+    trainer = Trainer("unit", tiny_config(tmp_path / "unit"), TrainConfig(max_bad_steps=3, grad_clip=1.0, log_every=1))
     model = trainer.add("m", model)
     before = [p.detach().clone() for p in model.parameters()]
     for step in range(2):
-        trainer.backward(model(torch.ones(2, 3)).sum() * float("nan"))
+        trainer.backward(model(torch.ones(2, 3, device=trainer.device)).sum() * float("nan"))
         finite = trainer.optimizer_step("m")
-        assert finite is False
+        assert not finite
         trainer.check_finite(finite, step)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # skipped, not applied
     assert (trainer.skipped_steps, trainer.bad_steps_in_row) == (2, 2)
-    trainer.backward(model(torch.ones(2, 3)).sum())
-    assert trainer.optimizer_step("m") is True
+    trainer.backward(model(torch.ones(2, 3, device=trainer.device)).sum())
+    assert trainer.optimizer_step("m")
     trainer.check_finite(True, 2)
     assert (trainer.skipped_steps, trainer.bad_steps_in_row) == (2, 0)  # a good step ends the streak
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -88,7 +88,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                     terms["disc"] = disc_loss.detach()
             finite = trainer.optimizer_step("vae")
             if gan_on:
-                finite = trainer.optimizer_step("disc") and finite
+                finite = finite & trainer.optimizer_step("disc")
             trainer.check_finite(finite, step)
             trainer.update_ema(step)
             trainer.log(step, **terms)

@@ -23,19 +23,31 @@ class StepBatches(torch.utils.data.Sampler):
                  world_size: int = 1, grad_accum: int = 1):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.start_step, self.rank, self.world_size, self.grad_accum = start_step, rank, world_size, grad_accum
-        self._permutations: dict[int, list[int]] = {}
+        self._permutations: dict[tuple[int, str], torch.Tensor] = {}
 
-    def permutation(self, epoch: int) -> list[int]:
-        if epoch not in self._permutations:
+    def permutation(self, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Epoch `epoch`'s order of the `size` items, on `device` (moved there once per epoch)."""
+        key = (epoch, str(device))
+        if key not in self._permutations:
             generator = torch.Generator().manual_seed(seed_from(self.seed, "epoch", epoch))
             # keep this epoch and the one before: a batch may straddle the boundary
-            self._permutations = {e: p for e, p in self._permutations.items() if e == epoch - 1}
-            self._permutations[epoch] = torch.randperm(self.size, generator=generator).tolist()
-        return self._permutations[epoch]
+            self._permutations = {k: p for k, p in self._permutations.items() if k[0] == epoch - 1}
+            self._permutations[key] = torch.randperm(self.size, generator=generator).to(device)
+        return self._permutations[key]
+
+    def index_tensor(self, step: int, micro: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The items of micro-batch `micro` of step `step` on this rank: (batch_size,) int64 on `device`."""
+        position = ((step * self.grad_accum + micro) * self.world_size + self.rank) * self.batch_size
+        end, pieces = position + self.batch_size, []
+        while position < end:
+            epoch, offset = divmod(position, self.size)
+            take = min(end - position, self.size - offset)
+            pieces.append(self.permutation(epoch, device)[offset:offset + take])
+            position += take
+        return torch.cat(pieces)
 
     def indices(self, step: int, micro: int = 0) -> list[int]:
-        start = ((step * self.grad_accum + micro) * self.world_size + self.rank) * self.batch_size
-        return [self.permutation(p // self.size)[p % self.size] for p in range(start, start + self.batch_size)]
+        return self.index_tensor(step, micro).tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         step = self.start_step

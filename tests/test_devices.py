@@ -1,0 +1,157 @@
+"""Device hygiene that a CPU can check: no host sync inside a training step, precision chosen per stage,
+accelerate's launcher settings respected. The CUDA variants run on a GPU and skip here."""
+
+import shutil
+
+import pytest
+import torch
+
+import common.training
+from common.training import Trainer, make_accelerator, resolve_mixed_precision
+from conftest import tiny_config
+from ldm.train import main as ldm_main
+
+SYNCING = ["item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy"]
+
+
+def count_host_syncs(monkeypatch) -> dict:
+    """Count every call that copies a tensor's value to Python or the host (what would wait for a GPU)."""
+    counts = {name: 0 for name in SYNCING}
+    for name in SYNCING:
+        original = getattr(torch.Tensor, name)
+
+        def wrapped(self, *args, _original=original, _name=name, **kwargs):
+            counts[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    return counts
+
+
+def ldm_syncs(tiny_run, tmp_path, monkeypatch, steps: int) -> dict:
+    run = tmp_path / f"run{steps}"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "train_state" / "ldm")
+    config = tiny_config(run, f"ldm.max_steps={steps}", "ldm.log_every=1000", "ldm.save_every=1000",
+                         "ldm.sample_every=1000")
+    with monkeypatch.context() as patch:
+        counts = count_host_syncs(patch)
+        ldm_main(config)
+    return counts
+
+
+def test_a_train_ldm_step_does_not_wait_for_the_device(tiny_run, tmp_path, monkeypatch):
+    """3 steps and 9 steps of train-ldm read tensors to the host equally often: the 6 extra steps never do.
+    (Logging, checkpoints and previews do, every log_every / save_every / sample_every steps.)"""
+    short = ldm_syncs(tiny_run, tmp_path, monkeypatch, 3)
+    long = ldm_syncs(tiny_run, tmp_path, monkeypatch, 9)
+    assert sum(short.values()) > 0  # the counter sees the syncs of setup, the final log and the export
+    assert long == short
+
+
+def test_the_sync_counter_sees_a_sync(monkeypatch):
+    counts = count_host_syncs(monkeypatch)
+    value = torch.ones(3).sum()
+    float(value), value.item(), bool(value > 0)
+    assert (counts["__float__"], counts["item"], counts["__bool__"]) == (1, 1, 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.set_sync_debug_mode)")
+def test_train_ldm_steps_run_under_cuda_sync_debug_mode_error(tiny_run, tmp_path, monkeypatch):
+    """On a GPU: the middle steps of train-ldm run with torch.cuda.set_sync_debug_mode('error')."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "train_state" / "ldm")
+    reseed, save_if_due = Trainer.reseed, Trainer.save_if_due
+
+    def strict_reseed(self, step):
+        reseed(self, step)
+        if 1 <= step < self.total_steps - 1:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def relaxed_save(self, step):
+        torch.cuda.set_sync_debug_mode("default")
+        save_if_due(self, step)
+
+    monkeypatch.setattr(Trainer, "reseed", strict_reseed)
+    monkeypatch.setattr(Trainer, "save_if_due", relaxed_save)
+    try:
+        ldm_main(tiny_config(run, "ldm.max_steps=6", "ldm.log_every=1000", "ldm.save_every=1000", "ldm.sample_every=1000"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_stages_in_one_process_may_use_different_precisions():
+    """accelerate's process-wide state refuses a second precision; make_accelerator resets it per stage."""
+    from accelerate import Accelerator
+
+    first = make_accelerator("bf16")
+    assert first.mixed_precision == "bf16"
+    with pytest.raises(ValueError, match="AcceleratorState has already been initialized"):
+        Accelerator(mixed_precision="no", cpu=True)  # what a second stage hit before
+    assert make_accelerator("no").mixed_precision == "no"
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    make_accelerator("no")
+
+
+@pytest.mark.parametrize("setting, launcher, bf16, expected, note", [
+    ("auto", None, True, "bf16", None),
+    ("auto", None, False, "fp16", None),
+    ("auto", "fp16", True, "fp16", None),  # accelerate launch --mixed_precision fp16 / accelerate config
+    ("auto", "no", True, "no", None),
+    ("bf16", "fp16", True, "bf16", "ldm.mixed_precision=bf16 from the config overrides the launcher's mixed precision fp16"),
+    ("no", None, True, "no", None),
+])
+def test_mixed_precision_on_cuda_defers_to_the_launcher_unless_the_config_says(
+        monkeypatch, capsys, setting, launcher, bf16, expected, note):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    assert resolve_mixed_precision(setting, "ldm.mixed_precision") == expected
+    printed = capsys.readouterr().out
+    assert (note in printed) if note else printed == ""
+
+
+def test_never_mixed_precision_on_the_cpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert resolve_mixed_precision("auto") == "no"
+    assert "mixed precision bf16 ignored: no CUDA device, training in fp32 on the CPU" in capsys.readouterr().out
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert resolve_mixed_precision("fp16") == "no"
+    assert resolve_mixed_precision("auto") == "no"
+
+
+def test_encoding_needs_no_accelerator(tiny_run, tmp_path, monkeypatch):
+    """encode-dataset trains nothing: it runs without building an Accelerator (so no precision to clash)."""
+    import ldm.encode
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "latents")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("encode-dataset built an Accelerator")
+
+    monkeypatch.setattr(common.training, "Accelerator", refuse)
+    manifest = ldm.encode.main(tiny_config(run))
+    assert manifest["num_images"] == 200 and (run / "latents" / "manifest.json").is_file()
+
+
+def test_compile_is_per_stage_and_auto_defers_to_the_launcher(monkeypatch):
+    """ldm.compile wraps the stage's models in torch.compile (through accelerate's dynamo plugin); a later
+    stage with compile=auto gets what `accelerate launch --dynamo_backend` set (here: nothing)."""
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
+    compiled = make_accelerator("no", "reduce-overhead")
+    assert type(compiled.prepare(torch.nn.Linear(2, 2))).__name__ == "OptimizedModule"
+    assert compiled.state.dynamo_plugin.mode == "reduce-overhead"
+    plain = make_accelerator("no", "auto")
+    assert type(plain.prepare(torch.nn.Linear(2, 2))).__name__ == "Linear"
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "inductor")
+    launched = make_accelerator("no", "auto")
+    assert type(launched.prepare(torch.nn.Linear(2, 2))).__name__ == "OptimizedModule"
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")
+    make_accelerator("no", "no")
