@@ -1,12 +1,19 @@
 # Two commands for a new user (see README):
 #   make quickstart   set up, then MNIST from nothing to "Draw a six" and its evaluation
 #   make test         set up, then the test suite
+# For a machine without internet (see README, "Offline install"):
+#   make wheelhouse   wheels of every dependency except torch/torchvision/CUDA, and of the project
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test
+# the cluster's Python and newest manylinux glibc; older manylinux tags down to 2_5 are accepted too
+WHEEL_PYTHON ?= 3.12
+WHEEL_PLATFORM ?= manylinux_2_28_x86_64
+WHEELHOUSE ?= wheelhouse
+
+.PHONY: setup quickstart test wheelhouse
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,3 +28,11 @@ quickstart: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The dependency closure is read from .venv (the tested versions, see constraints.txt), starting from
+# pyproject's dependencies and its `test` extra. torch, torchvision and torch's CUDA/triton packages are
+# left out so that the cluster keeps its own CUDA torch; each other package is downloaded with --no-deps
+# as a wheel for $(WHEEL_PYTHON) on $(WHEEL_PLATFORM). Anything that cannot be had is listed, and the
+# target fails.
+wheelhouse: setup
+	$(BIN)/python scripts/wheelhouse.py "$(WHEEL_PYTHON)" "$(WHEEL_PLATFORM)" "$(WHEELHOUSE)"

@@ -13,14 +13,16 @@ import functools
 import io
 import multiprocessing
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, features
 
-from common.checkpoint import write_bytes
+from common.checkpoint import CheckpointWriteError, write_bytes
 from common.config import DataConfig
 from common.data.listing import ImageClass, Listing, split_last
+from common.errors import DatasetError
 from common.seeding import seed_from
 
 # (folder name, romanized name, Devanagari); the last three are conjuncts that need shaping.
@@ -80,6 +82,17 @@ WEIGHTS = np.linspace(250, 850, 13)  # the font's wght axis: thin to heavy strok
 WIDTHS = (70, 85, 100)  # its wdth axis
 
 
+def require_shaping() -> None:
+    """Raise DatasetError unless Pillow can shape text (libraqm): without it Pillow silently falls back
+    to basic layout and the conjuncts क्ष, त्र, ज्ञ are drawn as separate letters."""
+    if not features.check("raqm"):
+        raise DatasetError(
+            "rendering the Devanagari dataset needs Pillow with libraqm (text shaping): without it the "
+            "conjuncts क्ष, त्र, ज्ञ come out as separate letters. Install a Pillow built with raqm (the PyPI "
+            "wheels include it: pip install --force-reinstall pillow), or train on the real dataset with "
+            "data.name= and data.path=...")
+
+
 @functools.lru_cache(maxsize=4)
 def _fonts(size: int, shaping: bool) -> list[ImageFont.FreeTypeFont]:
     """One font object per (weight, width): changing a variable font's axes costs ~15 ms, drawing ~1 ms."""
@@ -119,8 +132,11 @@ def render_glyph(text: str, rng: np.random.Generator, size: int = 32, shaping: b
 
     Drawn at 4x with a random stroke weight (the font's wght axis) and width, scaled, rotated, shifted
     and elastically distorted, then downsampled. `shaping=False` skips HarfBuzz shaping (for tests:
-    conjuncts such as क्ष then fall apart into their parts).
+    conjuncts such as क्ष then fall apart into their parts). Raises DatasetError when shaping is asked
+    for but Pillow has no libraqm.
     """
+    if shaping:
+        require_shaping()
     canvas = 4 * size
     fonts = _fonts(canvas, shaping)
     font = fonts[rng.integers(len(fonts))]
@@ -149,7 +165,9 @@ def render_dataset(per_class: int, seed: int = 0, processes: int | None = None) 
     """All 46 classes, `per_class` images each, in class order: (46 * per_class, 32, 32) uint8.
 
     Deterministic in (per_class, seed); cached under ~/.cache/latent-toolkit (or $XDG_CACHE_HOME) as
-    a plain .npy file, since rendering 92,000 glyphs takes a minute or two.
+    a plain .npy file, since rendering 92,000 glyphs takes a minute or two. A cached render loads
+    without libraqm; rendering needs it (DatasetError otherwise). A cache that cannot be written
+    (full disk, read-only folder) only warns.
     """
     key = f"{seed_from(RENDER_VERSION, per_class, seed, font_path().stat().st_size):016x}"
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "latent-toolkit" / f"devanagari-{key}.npy"
@@ -158,6 +176,7 @@ def render_dataset(per_class: int, seed: int = 0, processes: int | None = None) 
             return np.load(cache, allow_pickle=False)
         except (OSError, ValueError):
             pass  # a damaged cache is rendered again
+    require_shaping()  # before starting any worker processes
     jobs = [(k, per_class, seed) for k in range(len(CLASSES))]
     processes = processes or min(len(jobs), os.cpu_count() or 1)
     if processes > 1 and per_class * len(CLASSES) >= 2000:
@@ -170,8 +189,12 @@ def render_dataset(per_class: int, seed: int = 0, processes: int | None = None) 
     np.save(buffer, pixels, allow_pickle=False)
     try:
         write_bytes(cache, buffer.getvalue())
-    except OSError:
-        pass  # no writable cache folder: render again next time
+    except (OSError, CheckpointWriteError) as error:
+        # write_bytes raises CheckpointWriteError (not an OSError) when the disk is full, and a plain
+        # OSError when the folder cannot be created or written at all
+        reason = str(error).partition(". The previous checkpoint")[0]  # that advice is about checkpoints
+        warnings.warn(f"could not cache the rendered Devanagari dataset ({reason}); rendering works, "
+                      f"but will be redone next time", UserWarning, stacklevel=2)
     return pixels
 
 
