@@ -33,8 +33,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import Config, load_config  # noqa: E402
-from common.training import make_accelerator  # noqa: E402
+from common.config import Config
+from common.config_yaml import load_config  # noqa: E402
+from common.devices import make_accelerator  # noqa: E402
 from ldm.latents import LatentCache  # noqa: E402
 from ldm.model import build_noise_scheduler, build_unet, diffusion_loss, inference_scheduler  # noqa: E402
 from vae.model import AutoencoderWithPosterior, autoencoder_loss, build_vae  # noqa: E402

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from common.errors import UserError
@@ -51,8 +53,11 @@ def _umask() -> int:
     return umask
 
 
-def _explain(error: OSError, path: Path) -> CheckpointWriteError:
-    reason = "the disk is full" if error.errno == errno.ENOSPC else str(error)
+def _explain(error: OSError | SafetensorError, path: Path) -> CheckpointWriteError:
+    if isinstance(error, SafetensorError):  # safetensors reports a failed write (e.g. a full disk) as its own error
+        reason = f"the write failed ({str(error)[:200]}; is the disk full?)"
+    else:
+        reason = "the disk is full" if error.errno == errno.ENOSPC else str(error)
     return CheckpointWriteError(f"could not save '{path}': {reason}. The previous checkpoint is intact; "
                                 f"free some space (or change run_dir) and re-run the same command to resume")
 
@@ -66,15 +71,40 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     try:
         # safetensors refuses tensors that share memory; a contiguous CPU copy of each is cheap here
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, tmp, metadata=header)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its file 0600; readers expect the umask's mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:
         raise _explain(error, path) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON (the rest)."""
+    state = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for param_id, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{param_id}.{key}"] = value
+            else:
+                plain.setdefault(str(param_id), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "state": plain}
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict, prefix: str) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            param_id, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in meta["state"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def decode_metadata(header: dict | None) -> dict | None:
@@ -95,6 +125,24 @@ def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch
 def read_metadata(path: str | Path) -> dict | None:
     with safe_open(str(path), framework="pt", device="cpu") as f:
         return decode_metadata(f.metadata())
+
+
+def finite_or_none(value):
+    """A JSON-ready copy of `value` with NaN and infinities as None (null): strict JSON, no silent NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, value) -> str:
+    """Write `value` as indented, strict JSON (NaN becomes null) atomically; returns the text."""
+    text = json.dumps(finite_or_none(value), indent=2, ensure_ascii=False, allow_nan=False)
+    write_text(path, text)
+    return text
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -137,6 +185,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
+                os.chmod(file, 0o666 & ~_umask())  # as any file the user creates (save_pretrained writes 0600)
                 with open(file, "rb+") as f:
                     os.fsync(f.fileno())
         old = path.parent / f".{path.name}.old"
@@ -145,7 +194,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:
         raise _explain(error, path) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,3 +208,31 @@ def recover_directory(path: str | Path) -> None:
         os.replace(old, path)
     elif old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """Hash of a saved component's weights and config (`save_pretrained` output): changes when it is retrained."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"no weights (*.safetensors) in {folder}; train that stage first")
+    h = hashlib.sha256()
+    for path in files + [p for p in [folder / "config.json"] if p.is_file()]:
+        file_hash = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                file_hash.update(chunk)
+        h.update(file_hash.hexdigest().encode())  # a hash of the files' hashes: what latent caches record
+    return h.hexdigest()
+
+
+def writable_folder(path: str | Path, what: str) -> Path:
+    """Make sure `path` is (or can become) a folder this process may write in, before any work starts."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} '{path}' is a file, not a folder; choose another path")
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} '{path}' cannot be written ('{existing}' is read-only for this user); "
+                        f"choose a folder you can write to")
+    return path

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from common.config import Config, ConfigError, dump_config, load_config
+from common.config import Config, ConfigError, dump_config
+from common.config_yaml import load_config
 from common.errors import UserError
 
 

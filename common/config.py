@@ -8,10 +8,9 @@ Every command reads the same experiment file (`--config configs/mnist.yaml`), ap
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import math
+import string
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
@@ -176,176 +175,142 @@ class Config:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
 
-# --------------------------------------------------------------------------------------------------
-# Typed loading
-# --------------------------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, converting only where it is lossless."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping of settings, got {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if any(value == option and type(value) is type(option) for option in typing.get_args(tp)):
-            return value
-        raise ConfigError(f"config key '{key}' must be one of {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        (item_type,) = typing.get_args(tp)
-        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-3" as a string (YAML 1.1 wants "1.0e-3")
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
-
-
-def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict; every key must be a field of the right type."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in known:
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}'; known keys here: {', '.join(sorted(known))}"
-            )
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return cls(**kwargs)
-
-
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
-        node = child
-    node[keys[-1]] = value
+def _floats(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float in a config tree, with its dotted key."""
+    found = []
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            found += _floats(value, key + ".")
+        elif isinstance(value, float):
+            found.append((key, value))
+        elif isinstance(value, list):
+            found += [(f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float)]
+    return found
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """`vae.lr=3e-4` -> ("vae.lr", "3e-4" parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"--set expects key.path=value, got '{text}'")
-    key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or the defaults when `path` is None), apply `--set` overrides, validate."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' not found; the shipped ones are in configs/")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of settings")
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_path(tree, key, value)
-    config = from_dict(Config, tree)
-    if not config.run_dir:
-        config.run_dir = str(Path("checkpoints") / (path.stem if path is not None else "default"))
-    validate(config)
-    return config
+def template_problem(template: str) -> str | None:
+    """Why a caption template cannot be formatted with a class's fields, or None if it can."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        return str(error)
+    if any(not name.isidentifier() for name in fields):
+        return "every {} must name a field, e.g. {name} or {symbol}"
+    return None
 
 
 def validate(config: Config) -> None:
-    """Range checks that types alone cannot express. Each message says what to change."""
+    """Everything a stage would otherwise trip over later, checked before anything is written.
+    Each message names the key, the value and what to change."""
 
     def require(ok: bool, key: str, message: str) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}' {message}")
 
+    for key, value in _floats(config):
+        require(math.isfinite(value), key, f"must be a finite number, got {value}")
+    require(0 <= config.seed < 2**63, "seed", f"must be in [0, 2**63), got {config.seed}")
     data = config.data
-    require(bool(data.name) != bool(data.path), "data.name",
-            "and data.path: set exactly one (a built-in dataset name, or a folder path with data.name='')")
+    require(bool(data.name) != bool(data.path), "data.path" if data.path else "data.name",
+            f"({data.path or data.name!r}): set exactly one of data.name (a built-in dataset) and data.path (a "
+            f"folder, with data.name='')")
     require(data.channels in (1, 3), "data.channels", f"must be 1 or 3, got {data.channels}")
-    require(data.image_size >= 8, "data.image_size", f"must be at least 8, got {data.image_size}")
-    require(0.0 <= data.holdout_fraction < 1.0, "data.holdout_fraction", "must be in [0, 1)")
-    require(data.per_class >= 1, "data.per_class", "must be at least 1")
-    require(data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    require(8 <= data.image_size <= 1024, "data.image_size", f"must be in [8, 1024], got {data.image_size}")
+    require(0.0 <= data.holdout_fraction < 1.0, "data.holdout_fraction", f"must be in [0, 1), got {data.holdout_fraction}")
+    require(data.max_per_class >= 0, "data.max_per_class", f"must be >= 0 (0: all images), got {data.max_per_class}")
+    require(data.per_class >= 1, "data.per_class", f"must be at least 1, got {data.per_class}")
+    require(0 <= data.seed < 2**63, "data.seed", f"must be in [0, 2**63), got {data.seed}")
+    require(data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
+    for i, template in enumerate(data.captions):
+        problem = template_problem(template)
+        require(problem is None, f"data.captions[{i}]", f"{template!r} is not a caption template ({problem})")
+    augment = data.augment
+    require(0 <= augment.rotate_degrees <= 180, "data.augment.rotate_degrees", f"must be in [0, 180], got {augment.rotate_degrees}")
+    for key in ("translate", "scale"):
+        require(0 <= getattr(augment, key) < 1, f"data.augment.{key}", f"must be in [0, 1), got {getattr(augment, key)}")
     for name in ("vae", "clip", "ldm"):
         stage: TrainConfig = getattr(config, name)
         require(stage.max_steps >= 0, f"{name}.max_steps", f"must be >= 0, got {stage.max_steps}")
-        require(stage.epochs >= 0, f"{name}.epochs", "must be >= 0")
-        require(stage.batch_size >= 1, f"{name}.batch_size", "must be >= 1")
-        require(stage.grad_accum >= 1, f"{name}.grad_accum", "must be >= 1")
-        require(stage.lr > 0, f"{name}.lr", "must be > 0")
-        require(stage.warmup_steps >= 0, f"{name}.warmup_steps", "must be >= 0")
-        require(0.0 <= stage.ema_decay < 1.0, f"{name}.ema_decay", "must be in [0, 1)")
-        require(len(stage.adam_betas) == 2, f"{name}.adam_betas", "must be two numbers")
-        require(stage.save_every >= 1 and stage.sample_every >= 1 and stage.log_every >= 1,
-                f"{name}.save_every", "(and sample_every, log_every) must be >= 1")
+        require(stage.epochs >= 0, f"{name}.epochs", f"must be >= 0, got {stage.epochs}")
+        require(stage.batch_size >= 1, f"{name}.batch_size", f"must be >= 1, got {stage.batch_size}")
+        require(stage.grad_accum >= 1, f"{name}.grad_accum", f"must be >= 1, got {stage.grad_accum}")
+        require(stage.lr > 0, f"{name}.lr", f"must be > 0, got {stage.lr}")
+        require(stage.warmup_steps >= 0, f"{name}.warmup_steps", f"must be >= 0, got {stage.warmup_steps}")
+        require(0.0 <= stage.min_lr_ratio <= 1.0, f"{name}.min_lr_ratio", f"must be in [0, 1], got {stage.min_lr_ratio}")
+        require(stage.weight_decay >= 0, f"{name}.weight_decay", f"must be >= 0, got {stage.weight_decay}")
+        require(stage.grad_clip >= 0, f"{name}.grad_clip", f"must be >= 0 (0: no clipping), got {stage.grad_clip}")
+        require(0.0 <= stage.ema_decay < 1.0, f"{name}.ema_decay", f"must be in [0, 1), got {stage.ema_decay}")
+        require(len(stage.adam_betas) == 2 and all(0 <= b < 1 for b in stage.adam_betas), f"{name}.adam_betas",
+                f"must be two numbers in [0, 1), got {stage.adam_betas}")
+        for every in ("save_every", "sample_every", "log_every", "keep_checkpoints", "max_bad_steps"):
+            require(getattr(stage, every) >= 1, f"{name}.{every}", f"must be >= 1, got {getattr(stage, every)}")
     vae = config.vae
+    require(len(vae.block_out_channels) >= 1 and all(c >= 1 for c in vae.block_out_channels),
+            "vae.block_out_channels", f"must be a non-empty list of positive widths, got {vae.block_out_channels}")
+    require(vae.layers_per_block >= 1, "vae.layers_per_block", f"must be >= 1, got {vae.layers_per_block}")
+    require(vae.norm_num_groups >= 1, "vae.norm_num_groups", f"must be >= 1, got {vae.norm_num_groups}")
+    require(all(c % vae.norm_num_groups == 0 for c in vae.block_out_channels), "vae.norm_num_groups",
+            f"({vae.norm_num_groups}) must divide every vae.block_out_channels {vae.block_out_channels}")
+    require(vae.latent_channels >= 1, "vae.latent_channels", f"must be >= 1, got {vae.latent_channels}")
+    for key in ("kl_weight", "lpips_weight", "disc_weight"):
+        require(getattr(vae, key) >= 0, f"vae.{key}", f"must be >= 0, got {getattr(vae, key)}")
+    for key in ("disc_layers", "disc_channels", "scale_images", "eval_images"):
+        require(getattr(vae, key) >= 1, f"vae.{key}", f"must be >= 1, got {getattr(vae, key)}")
     factor = 2 ** (len(vae.block_out_channels) - 1)
     require(data.image_size % factor == 0, "data.image_size",
             f"({data.image_size}) must be divisible by the VAE's downsampling factor {factor} "
             f"(2 ** (len(vae.block_out_channels) - 1)); change one of them")
-    require(all(c % vae.norm_num_groups == 0 for c in vae.block_out_channels), "vae.norm_num_groups",
-            f"({vae.norm_num_groups}) must divide every vae.block_out_channels {vae.block_out_channels}")
-    require(vae.latent_channels >= 1, "vae.latent_channels", "must be >= 1")
+    clip = config.clip
+    require(clip.max_length >= 3, "clip.max_length", f"must be >= 3 (start, one token, end), got {clip.max_length}")
+    for key in ("vocab_size", "text_hidden", "text_layers", "text_heads", "vision_hidden", "vision_layers",
+                "vision_heads", "patch_size", "projection_dim"):
+        require(getattr(clip, key) >= 1, f"clip.{key}", f"must be >= 1, got {getattr(clip, key)}")
+    require(clip.caption_variants >= 0, "clip.caption_variants", f"must be >= 0, got {clip.caption_variants}")
+    require(clip.text_hidden % clip.text_heads == 0, "clip.text_heads", f"({clip.text_heads}) must divide clip.text_hidden ({clip.text_hidden})")
+    require(clip.vision_hidden % clip.vision_heads == 0, "clip.vision_heads",
+            f"({clip.vision_heads}) must divide clip.vision_hidden ({clip.vision_hidden})")
+    require(data.image_size % clip.patch_size == 0, "clip.patch_size",
+            f"({clip.patch_size}) must divide data.image_size ({data.image_size})")
+    encode = config.encode
+    require(encode.batch_size >= 1, "encode.batch_size", f"must be >= 1, got {encode.batch_size}")
+    require(encode.shard_size >= 1, "encode.shard_size", f"must be >= 1, got {encode.shard_size}")
     ldm = config.ldm
+    require(len(ldm.block_out_channels) >= 1 and all(c >= 1 for c in ldm.block_out_channels),
+            "ldm.block_out_channels", f"must be a non-empty list of positive widths, got {ldm.block_out_channels}")
+    require(ldm.layers_per_block >= 1, "ldm.layers_per_block", f"must be >= 1, got {ldm.layers_per_block}")
+    require(ldm.attention_heads >= 1, "ldm.attention_heads", f"must be >= 1, got {ldm.attention_heads}")
+    require(all(c % ldm.attention_heads == 0 for c in ldm.block_out_channels), "ldm.attention_heads",
+            f"({ldm.attention_heads}) must divide every ldm.block_out_channels {ldm.block_out_channels}")
+    require(ldm.norm_num_groups >= 1, "ldm.norm_num_groups", f"must be >= 1, got {ldm.norm_num_groups}")
     require(0.0 <= ldm.cond_dropout <= 1.0, "ldm.cond_dropout", f"must be in [0, 1], got {ldm.cond_dropout}")
     require(len(ldm.cross_attention) == len(ldm.block_out_channels), "ldm.cross_attention",
             "must have one entry per ldm.block_out_channels")
     require(all(c % ldm.norm_num_groups == 0 for c in ldm.block_out_channels), "ldm.norm_num_groups",
             f"({ldm.norm_num_groups}) must divide every ldm.block_out_channels {ldm.block_out_channels}")
+    require(ldm.num_train_timesteps >= 2, "ldm.num_train_timesteps", f"must be >= 2, got {ldm.num_train_timesteps}")
+    for key in ("snr_gamma", "offset_noise"):
+        require(getattr(ldm, key) >= 0, f"ldm.{key}", f"must be >= 0, got {getattr(ldm, key)}")
+    require(ldm.caption_variants >= 0, "ldm.caption_variants", f"must be >= 0, got {ldm.caption_variants}")
     latent_size = data.image_size // factor
     ldm_factor = 2 ** (len(ldm.block_out_channels) - 1)
     require(latent_size % ldm_factor == 0, "ldm.block_out_channels",
             f"has {len(ldm.block_out_channels)} levels, so the latent size ({latent_size}) must be "
             f"divisible by {ldm_factor}; use fewer levels or a larger image")
-    clip = config.clip
-    require(clip.max_length >= 3, "clip.max_length", "must be >= 3 (start, one token, end)")
-    require(data.image_size % clip.patch_size == 0, "clip.patch_size", "must divide data.image_size")
-    require(config.sample.num_inference_steps >= 1, "sample.num_inference_steps", "must be >= 1")
+    sample = config.sample
+    require(1 <= sample.num_inference_steps <= ldm.num_train_timesteps, "sample.num_inference_steps",
+            f"must be in [1, ldm.num_train_timesteps = {ldm.num_train_timesteps}], got {sample.num_inference_steps}")
+    require(sample.guidance_scale >= 0, "sample.guidance_scale", f"must be >= 0, got {sample.guidance_scale}")
+    evaluation = config.evaluate
+    for key in ("images_per_class", "classifier_steps", "classifier_batch_size"):
+        require(getattr(evaluation, key) >= 1, f"evaluate.{key}", f"must be >= 1, got {getattr(evaluation, key)}")
+    for i, template in enumerate(evaluation.paraphrases):
+        problem = template_problem(template)
+        require(problem is None, f"evaluate.paraphrases[{i}]", f"{template!r} is not a caption template ({problem})")
 
 
 def dump_config(config: Config) -> str:

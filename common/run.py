@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
+import sys
+import time
 from pathlib import Path
 
 import diffusers
 
 from common.checkpoint import recover_directory, write_text
 from common.config import Config, dump_config
+from common.errors import RunFolderError
 
 PIPELINE_CLASS = "LatentPipeline"  # what `model_index.json` names; pipelines/ defines it
 
@@ -47,3 +53,42 @@ class RunFolder:
         index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__,
                  **{name: list(spec) for name, spec in components.items()}, **pipeline_config}
         write_text(self.root / "model_index.json", json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+class RunLock:
+    """An exclusive lock on one stage of a run folder (`run/.lock-<stage>`), held while the stage writes.
+
+    A second command on the same stage and folder stops at once with the holder's command line, process
+    id and host instead of interleaving its checkpoints with the first one's. The operating system
+    releases the lock when the holder exits in any way (kill -9 included), so it never goes stale.
+    """
+
+    def __init__(self, root: str | Path, stage: str):
+        self.path = Path(root) / f".lock-{stage}"
+        self.stage = stage
+        self._file = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise RunFolderError(f"{self.path.parent} is in use: its {self.stage} stage is being written by {holder}. "
+                                 f"Wait for that command to finish (or stop it), or use another run_dir") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"`{' '.join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))}` "
+                   f"(pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+        file.flush()
+        self._file = file
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None

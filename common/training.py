@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -35,84 +34,23 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DynamoBackend, TorchDynamoPlugin
+from accelerate.utils import DynamoBackend
 from tqdm.auto import tqdm
 
-from common.checkpoint import load_tensors, save_tensors
+from common.checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, writable_folder
 from common.config import Config, TrainConfig, dump_config, to_dict
+from common.devices import make_accelerator, resolve_mixed_precision
 from common.errors import RunFolderError
 from common.loop import StopSignals, TrainingDiverged, TrainingInterrupted, ema_decay_at, ema_tensors, lr_factor, update_ema
-from common.run import RunFolder
+from common.run import RunFolder, RunLock
 from common.seeding import seed_from
 
 
-def resolve_mixed_precision(setting: str, key: str = "mixed_precision") -> str:
-    """The precision a stage trains in: never mixed on CPU (bf16/fp16 matmuls are very slow there);
-    on CUDA an explicit config value wins, and `auto` defers to `accelerate launch --mixed_precision` /
-    `accelerate config` (the ACCELERATE_MIXED_PRECISION they set), else bf16 (fp16 on older GPUs)."""
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() or None
-    if not torch.cuda.is_available():
-        if setting in ("fp16", "bf16") or launcher in ("fp16", "bf16"):
-            print(f"note: mixed precision {setting if setting in ('fp16', 'bf16') else launcher} ignored: "
-                  f"no CUDA device, training in fp32 on the CPU")
-        return "no"
-    if setting == "auto":
-        return launcher or ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    if launcher and launcher != setting:
-        print(f"note: {key}={setting} from the config overrides the launcher's mixed precision {launcher}")
-    return setting
-
-
-def make_accelerator(mixed_precision: str = "no", compile_mode: str = "auto") -> Accelerator:
-    """An Accelerator in `mixed_precision` (already resolved), on CUDA when there is a GPU; otherwise the
-    CPU, where several processes started by `accelerate launch --multi_gpu` / torchrun train over gloo.
-
-    accelerate keeps one process-wide state that refuses a second precision or compile setting; stages
-    that run one after another in one process (a notebook, the tests) may each want their own, so
-    that state is reset here. The process group (accelerate's PartialState) is kept. An earlier
-    stage's Accelerator reads the shared state too, so build each stage's when the stage starts.
-    """
-    dynamo = None if compile_mode == "auto" else TorchDynamoPlugin(
-        backend="no" if compile_mode == "no" else "inductor", mode=None if compile_mode == "no" else compile_mode)
-    if AcceleratorState._shared_state:  # a stage before this one in the same process: start fresh
-        AcceleratorState._reset_state(reset_partial_state=False)
-        GradientState._reset_state()
-    if torch.cuda.is_available():  # TF32 matmuls and convolutions: fp32 accuracy is not needed for training
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
-                       step_scheduler_with_optimizer=False, dynamo_plugin=dynamo)
-
-
-def process_state() -> PartialState:
-    """Rank, world size and device for work that trains nothing (encoding): no Accelerator, no precision."""
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
-    """Split an optimizer state dict into tensors (for safetensors) and JSON (the rest)."""
-    state = optimizer.state_dict()
-    tensors, plain = {}, {}
-    for param_id, values in state["state"].items():
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{prefix}.{param_id}.{key}"] = value
-            else:
-                plain.setdefault(str(param_id), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "state": plain}
-
-
-def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict, prefix: str) -> None:
-    state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith(prefix + "."):
-            param_id, name = key[len(prefix) + 1:].split(".", 1)
-            state.setdefault(int(param_id), {})[name] = value
-    for param_id, values in meta["state"].items():
-        state.setdefault(int(param_id), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+INPUT_CHANGES = {  # why an input of a stage changes, for the message when a checkpoint no longer matches
+    "dataset": "images, captions or data.* settings changed",
+    "latent_cache": "the VAE was retrained or the dataset changed, and encode-dataset re-ran",
+    "text_encoder": "train-clip re-ran, or text_encoder.pretrained points elsewhere",
+}
 
 
 class Trainer:
@@ -123,8 +61,10 @@ class Trainer:
         self.device = self.accelerator.device
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
-        self.run = RunFolder(config.run_dir)
+        self.run = RunFolder(writable_folder(config.run_dir, "run_dir"))
         self.state_dir = self.run.train_state(stage)
+        self.inputs: dict[str, str] = {}  # fingerprints of what this stage is built from (record_inputs)
+        self._lock = RunLock(self.run.root, stage)
         self.global_batch = train.batch_size * self.world_size * train.grad_accum
         self.lr_scale = self.world_size * train.grad_accum if train.scale_lr else 1
         self.models: dict[str, torch.nn.Module] = {}
@@ -144,13 +84,25 @@ class Trainer:
         self._progress = None
         self._started = time.time()
         self._first_step_started: float | None = None
-        self.print(dump_config(config))
-        if self.is_main:
-            self.run.save_config(config)
+        self.print(dump_config(config))  # saved as run/config.yaml once the inputs are checked (running)
         # models are built next: their initial weights come from the seed too (same on every rank)
         torch.manual_seed(seed_from(config.seed, stage, "init"))
 
     # ---- setup -------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Trainer":
+        """Hold the stage's run-folder lock (main process) until the stage is done, however it ends."""
+        if self.is_main:
+            self._lock.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.__exit__(*exc)
+
+    def record_inputs(self, **fingerprints: str) -> None:
+        """What this stage is built from (the dataset, the latent cache, the text encoder). Checkpoints
+        carry it, and resuming from one built from other inputs is refused (see `resume`)."""
+        self.inputs.update(fingerprints)
 
     def print(self, *args) -> None:
         self.accelerator.print(*args)
@@ -204,6 +156,8 @@ class Trainer:
     def running(self, total_steps: int) -> Iterator[None]:
         """The progress bar, and Ctrl-C/SIGTERM turned into a flag that `save_if_due` acts on."""
         self.total_steps = total_steps
+        if self.is_main:  # every input has been checked by now: a command that failed them wrote nothing
+            self.run.save_config(self.config)
         self._first_step_started = time.time()
         self._progress = tqdm(total=total_steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
                               disable=not self.accelerator.is_local_main_process, smoothing=0.05)
@@ -351,7 +305,7 @@ class Trainer:
                     tensors[f"ema.{name}.{key}"] = value
             meta = {"stage": self.stage, "step": self.step, "world_size": self.world_size,
                     "skipped_steps": self.skipped_steps, "bad_steps_in_row": self.bad_steps_in_row,
-                    "optimizers": optimizers, "config": to_dict(self.config),
+                    "optimizers": optimizers, "config": to_dict(self.config), "inputs": self.inputs,
                     "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None}
             save_tensors(self.state_dir / f"state-{self.step:08d}.safetensors", tensors, meta)
             for old in self._state_files()[max(1, self.train.keep_checkpoints):]:
@@ -377,6 +331,13 @@ class Trainer:
         return 0
 
     def _load(self, path: Path, tensors: dict, meta: dict) -> None:
+        saved = meta.get("inputs") or {}
+        changed = sorted(k for k in self.inputs if k in saved and saved[k] != self.inputs[k])
+        if changed:
+            raise RunFolderError(
+                f"the {self.stage} checkpoint {path.name} (step {meta['step']}) was trained on another {' and '.join(changed)} "
+                f"than this run has now ({INPUT_CHANGES.get(changed[0], 'it changed since')}). Resuming it would give a "
+                f"{self.stage} model that does not match; delete {self.state_dir} to train this stage again, or use a new run_dir")
         try:
             for name in self.models:
                 prefix = f"model.{name}."

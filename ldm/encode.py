@@ -16,17 +16,18 @@ import hashlib
 import json
 import math
 import time
+from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
 
-from common.checkpoint import read_metadata, save_tensors, write_text
+from common.checkpoint import read_metadata, save_tensors, writable_folder, write_text
 from common.cli import run_cli
 from common.config import Config, dump_config
 from common.data import image_batches, load_split
 from common.loop import StopSignals, TrainingInterrupted
-from common.run import RunFolder
-from common.training import process_state
+from common.run import RunFolder, RunLock
+from common.devices import process_state
 from ldm.latents import FORMAT_VERSION, MANIFEST, read_manifest, shard_name, vae_fingerprint
 from vae.model import load_vae
 
@@ -34,12 +35,15 @@ from vae.model import load_vae
 def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     # inference only: no Accelerator, no mixed precision (the VAE encodes in fp32: fp16 VAEs overflow)
     state = process_state()
-    device, rank, world = state.device, state.process_index, state.num_processes
-    run = RunFolder(config.run_dir)
+    run = RunFolder(writable_folder(config.run_dir, "run_dir"))
     state.print(dump_config(config))
-    if state.is_main_process:
-        run.save_config(config)
+    with RunLock(run.root, "encode") if state.is_main_process else nullcontext():
+        return encode(config, state, run)
 
+
+def encode(config: Config, state, run: RunFolder) -> dict:
+    """Encode the shards this process owns, then (main process) write the manifest."""
+    device, rank, world = state.device, state.process_index, state.num_processes
     vae = load_vae(run.component("vae")).to(device)
     dataset = load_split(config.data, "all")
     vae_hash, dataset_hash = vae_fingerprint(run.component("vae")), dataset.fingerprint()
@@ -50,6 +54,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                           f"nothing to do")
         return manifest
 
+    if state.is_main_process:  # the inputs are checked: now the run folder may change
+        run.save_config(config)
     size = config.encode.shard_size
     num_shards = math.ceil(len(dataset) / size)
     mine = [k for k in range(num_shards) if k % world == rank]

@@ -9,7 +9,6 @@ every step (as EDM2 does).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.checkpoint import decode_metadata
+from common.checkpoint import decode_metadata, folder_fingerprint
 from common.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -31,23 +30,11 @@ class StaleCacheError(UserError):
     """The latent cache was made with another VAE or another version of the dataset."""
 
 
-def file_fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def vae_fingerprint(vae_folder: Path) -> str:
     """Hash of the VAE's weights and config (so a retrained VAE invalidates the cache)."""
-    weights = sorted(vae_folder.glob("*.safetensors"))
-    if not weights:
+    if not sorted(Path(vae_folder).glob("*.safetensors")):
         raise UserError(f"no VAE weights in {vae_folder}; run `train-vae --config ...` first")
-    h = hashlib.sha256()
-    for path in weights + [vae_folder / "config.json"]:
-        h.update(file_fingerprint(path).encode())
-    return h.hexdigest()
+    return folder_fingerprint(vae_folder)
 
 
 def shard_name(index: int) -> str:

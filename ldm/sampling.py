@@ -89,13 +89,26 @@ def denoise(unet: UNet2DConditionModel, scheduler, latents: torch.Tensor, prompt
             negative_embeds: torch.Tensor | None, guidance_scale: float,
             generator: torch.Generator | list[torch.Generator] | None = None, on_step: StepHook | None = None,
             progress: Callable[[Iterable], Iterable] = lambda steps: steps) -> torch.Tensor:
-    """Run the scheduler's timesteps (set beforehand with `set_timesteps`) from noisy `latents` to clean ones."""
+    """Run the scheduler's timesteps (set beforehand with `set_timesteps`) from noisy `latents` to clean ones.
+
+    Raises ValueError when the schedule repeats a timestep (multistep solvers then divide by a zero
+    step) and FloatingPointError when the result is not finite: never NaN images without a word.
+    """
+    timesteps = scheduler.timesteps
+    repeated = len(timesteps) - len(set(timesteps.tolist()))
+    if repeated:
+        raise ValueError(f"{type(scheduler).__name__} with {len(timesteps)} steps repeats {repeated} timestep(s) "
+                         f"(the model was trained on {scheduler.config.num_train_timesteps}), which breaks the "
+                         f"sampler; use fewer steps (e.g. {len(timesteps) - repeated - 1})")
     # stochastic schedulers (DDPM, Euler ancestral, ...) draw their noise from the same generator
     extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    for i, t in enumerate(progress(scheduler.timesteps)):
+    for i, t in enumerate(progress(timesteps)):
         model_output = guided_prediction(unet, scheduler, latents, t, prompt_embeds, negative_embeds, guidance_scale)
         step = scheduler.step(model_output, t, latents, **extra)
         latents = step.prev_sample if on_step is None else on_step(i, t, step, latents, model_output)
+    if not torch.isfinite(latents).all():
+        raise FloatingPointError(f"sampling gave non-finite latents ({type(scheduler).__name__}, {len(timesteps)} steps, "
+                                 f"guidance {guidance_scale}); try fewer steps, another scheduler or a lower guidance scale")
     return latents
 
 

@@ -16,6 +16,7 @@ import torch
 from tokenizers import pre_tokenizers
 from transformers import BatchEncoding, CLIPTextModel, CLIPTokenizer
 
+from common.checkpoint import folder_fingerprint
 from common.config import Config
 from common.errors import UserError
 from common.run import RunFolder
@@ -108,6 +109,13 @@ def text_encoder_source(config: Config) -> tuple[Path | str, Path | str]:
     if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():  # a diffusers pipeline folder
         return folder / "text_encoder", folder / "tokenizer"
     return name, name
+
+
+def text_encoder_fingerprint(config: Config) -> str:
+    """Hash of the text encoder's weights when it is a folder on disk (the run's own CLIP), else its name."""
+    encoder_source, _ = text_encoder_source(config)
+    folder = Path(encoder_source)
+    return folder_fingerprint(folder) if folder.is_dir() else str(encoder_source)
 
 
 def load_text_encoder(config: Config) -> tuple[CLIPTokenizer, CLIPTextModel]:

@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from common.checkpoint import atomic_directory
+from common.checkpoint import atomic_directory, folder_fingerprint
 from common.cli import run_cli
 from common.config import Config, LDMConfig
 from common.data import ImageDataset, StepBatches, steps_for
@@ -26,78 +26,79 @@ from common.training import Trainer
 from ldm.latents import LatentCache, fits_on, load_cache, vae_fingerprint
 from ldm.model import build_noise_scheduler, build_unet, diffusion_loss, inference_scheduler
 from ldm.sampling import sample_images
-from ldm.text import caption_variants, encode_text, load_text_encoder
+from ldm.text import caption_variants, encode_text, load_text_encoder, text_encoder_fingerprint
 from vae.model import load_vae
 
 
 def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     cfg = config.ldm
-    trainer = Trainer("ldm", config, cfg)
-    run, device = trainer.run, trainer.device
+    with Trainer("ldm", config, cfg) as trainer:
+        run, device = trainer.run, trainer.device
 
-    # Inputs: the latent cache (checked against the VAE and dataset it was made from) and the text encoder
-    vae = load_vae(run.component("vae")).to(device)  # decodes the preview grids; never encodes here
-    listing_only = ImageDataset(config.data, "all")  # file names and captions only: stage two reads no pixels
-    cache = load_cache(run.latents, vae_fingerprint(run.component("vae")), listing_only.fingerprint())
-    train_latents = cache.split(holdout=False)
-    if fits_on(device, train_latents.nbytes):  # resident: a step gathers its rows on the device, no disk, no copy
-        train_latents = train_latents.to_device(device)
-    tokenizer, text_encoder = load_text_encoder(config)
-    text_encoder.to(device)
-    # text states of every caption and its perturbed variants, computed once: (K + 1, V + 1, L, D)
-    variants = caption_variants(tokenizer, cache.captions + [""], cfg.caption_variants, config.seed)
-    variants[-1] = [""] * (cfg.caption_variants + 1)  # the empty prompt stays empty
-    caption_states = encode_text(tokenizer, text_encoder, [v for group in variants for v in group])
-    caption_states = caption_states.view(len(variants), cfg.caption_variants + 1, *caption_states.shape[1:])
-    empty_caption = len(cache.captions)
-    latent_channels, latent_size = train_latents.latent_shape[0], train_latents.latent_shape[-1]
-    trainer.print(f"[ldm] {len(train_latents)} training latents of {latent_channels}x{latent_size}x{latent_size}, "
-                  f"{len(cache.captions)} distinct captions x {cfg.caption_variants + 1} variants, "
-                  f"text states {tuple(caption_states.shape[2:])}; latents "
-                  f"{'on ' + str(device) if train_latents.resident else 'memory-mapped from ' + str(run.latents)} "
-                  f"({train_latents.nbytes / 2**20:.1f} MB)")
+        # Inputs: the latent cache (checked against the VAE and dataset it was made from) and the text encoder
+        vae = load_vae(run.component("vae")).to(device)  # decodes the preview grids; never encodes here
+        listing_only = ImageDataset(config.data, "all")  # file names and captions only: stage two reads no pixels
+        cache = load_cache(run.latents, vae_fingerprint(run.component("vae")), listing_only.fingerprint())
+        train_latents = cache.split(holdout=False)
+        if fits_on(device, train_latents.nbytes):  # resident: a step gathers its rows on the device, no disk, no copy
+            train_latents = train_latents.to_device(device)
+        tokenizer, text_encoder = load_text_encoder(config)
+        text_encoder.to(device)
+        trainer.record_inputs(latent_cache=cache.manifest["key"], text_encoder=text_encoder_fingerprint(config))
+        # text states of every caption and its perturbed variants, computed once: (K + 1, V + 1, L, D)
+        variants = caption_variants(tokenizer, cache.captions + [""], cfg.caption_variants, config.seed)
+        variants[-1] = [""] * (cfg.caption_variants + 1)  # the empty prompt stays empty
+        caption_states = encode_text(tokenizer, text_encoder, [v for group in variants for v in group])
+        caption_states = caption_states.view(len(variants), cfg.caption_variants + 1, *caption_states.shape[1:])
+        empty_caption = len(cache.captions)
+        latent_channels, latent_size = train_latents.latent_shape[0], train_latents.latent_shape[-1]
+        trainer.print(f"[ldm] {len(train_latents)} training latents of {latent_channels}x{latent_size}x{latent_size}, "
+                      f"{len(cache.captions)} distinct captions x {cfg.caption_variants + 1} variants, "
+                      f"text states {tuple(caption_states.shape[2:])}; latents "
+                      f"{'on ' + str(device) if train_latents.resident else 'memory-mapped from ' + str(run.latents)} "
+                      f"({train_latents.nbytes / 2**20:.1f} MB)")
 
-    unet = trainer.add("unet", build_unet(cfg, latent_channels, latent_size, text_encoder.config.hidden_size), ema=True)
-    trainer.print(f"[ldm] UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
-    trainer.describe_batch()
-    noise_scheduler = build_noise_scheduler(cfg)
-    scaling_factor = vae.config.scaling_factor
-    class_prompts = listing_only.class_prompts()
-    validation_prompts = cfg.validation_prompts or class_prompts or cache.captions[:8]
+        unet = trainer.add("unet", build_unet(cfg, latent_channels, latent_size, text_encoder.config.hidden_size), ema=True)
+        trainer.print(f"[ldm] UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
+        trainer.describe_batch()
+        noise_scheduler = build_noise_scheduler(cfg)
+        scaling_factor = vae.config.scaling_factor
+        class_prompts = listing_only.class_prompts()
+        validation_prompts = cfg.validation_prompts or class_prompts or cache.captions[:8]
 
-    total_steps = steps_for(cfg.max_steps, cfg.epochs, len(train_latents), trainer.global_batch)
-    start = trainer.resume()
-    sampler = StepBatches(len(train_latents), cfg.batch_size, config.seed, start, trainer.rank,
-                          trainer.world_size, cfg.grad_accum)
+        total_steps = steps_for(cfg.max_steps, cfg.epochs, len(train_latents), trainer.global_batch)
+        start = trainer.resume()
+        sampler = StepBatches(len(train_latents), cfg.batch_size, config.seed, start, trainer.rank,
+                              trainer.world_size, cfg.grad_accum)
 
-    with trainer.running(total_steps):
-        for step in range(start, total_steps):
-            trainer.set_learning_rate(step)
-            trainer.reseed(step)
-            for micro in range(cfg.grad_accum):
-                rows = sampler.index_tensor(step, micro, train_latents.labels.device)
-                latents, text_states = training_batch(train_latents, rows, caption_states, cfg, scaling_factor,
-                                                      empty_caption, device)
-                with trainer.no_sync("unet", micro):
-                    loss = diffusion_loss(unet, noise_scheduler, latents, text_states, cfg)
-                    trainer.backward(loss / cfg.grad_accum)
-            trainer.check_finite(trainer.optimizer_step("unet"), step)
-            trainer.update_ema(step)
-            trainer.log(step, loss=loss.detach())
-            if trainer.is_main and ((step + 1) % cfg.sample_every == 0 or step + 1 == total_steps):
-                path = run.samples / f"ldm-step{step + 1:06d}.png"
-                with evaluating(trainer.inference_model("unet")) as ema_unet:
-                    save_image(sample_sheet(vae, tokenizer, text_encoder, ema_unet, noise_scheduler,
-                                            validation_prompts, config), path)
-                trainer.print(f"\n[ldm] samples at step {step + 1}: {path}")
-            trainer.save_if_due(step)
-    trainer.save_final()
+        with trainer.running(total_steps):
+            for step in range(start, total_steps):
+                trainer.set_learning_rate(step)
+                trainer.reseed(step)
+                for micro in range(cfg.grad_accum):
+                    rows = sampler.index_tensor(step, micro, train_latents.labels.device)
+                    latents, text_states = training_batch(train_latents, rows, caption_states, cfg, scaling_factor,
+                                                          empty_caption, device)
+                    with trainer.no_sync("unet", micro):
+                        loss = diffusion_loss(unet, noise_scheduler, latents, text_states, cfg)
+                        trainer.backward(loss / cfg.grad_accum)
+                trainer.check_finite(trainer.optimizer_step("unet"), step)
+                trainer.update_ema(step)
+                trainer.log(step, loss=loss.detach())
+                if trainer.is_main and ((step + 1) % cfg.sample_every == 0 or step + 1 == total_steps):
+                    path = run.samples / f"ldm-step{step + 1:06d}.png"
+                    with evaluating(trainer.inference_model("unet")) as ema_unet:
+                        save_image(sample_sheet(vae, tokenizer, text_encoder, ema_unet, noise_scheduler,
+                                                validation_prompts, config), path)
+                    trainer.print(f"\n[ldm] samples at step {step + 1}: {path}")
+                trainer.save_if_due(step)
+        trainer.save_final()
 
-    if trainer.is_main:
-        classes = [{**c, "prompt": p} for c, p in zip(cache.manifest["classes"], class_prompts)]
-        export(trainer, config, tokenizer, text_encoder, noise_scheduler, classes)
-    trainer.accelerator.wait_for_everyone()
-    return {"step": trainer.step}
+        if trainer.is_main:
+            classes = [{**c, "prompt": p} for c, p in zip(cache.manifest["classes"], class_prompts)]
+            export(trainer, config, tokenizer, text_encoder, noise_scheduler, classes)
+        trainer.accelerator.wait_for_everyone()
+        return {"step": trainer.step}
 
 
 def training_batch(cache: LatentCache, rows: torch.Tensor, caption_states: torch.Tensor, cfg: LDMConfig,
@@ -145,7 +146,9 @@ def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_sche
                   "scheduler": ("diffusers", type(scheduler).__name__),
                   "text_encoder": ("transformers", type(text_encoder).__name__),
                   "tokenizer": ("transformers", type(tokenizer).__name__)}
-    run.write_model_index(components, {"classes": classes})
+    # what the UNet was trained on: the pipeline refuses a run whose vae/ or text_encoder/ changed since
+    built_from = {"vae": folder_fingerprint(run.component("vae")), "text_encoder": folder_fingerprint(run.component("text_encoder"))}
+    run.write_model_index(components, {"classes": classes, "built_from": built_from})
     trainer.print(f"[ldm] saved {run.component('unet')}, {run.component('scheduler')} and {run.root / 'model_index.json'}; "
                   f"load it with LatentPipeline.from_pretrained('{run.root}')")
 

@@ -17,15 +17,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
 
-from common.checkpoint import load_tensors, save_tensors, write_text
+from common.checkpoint import load_tensors, save_tensors, writable_folder, write_json
 from common.cli import run_cli
 from common.config import AugmentConfig, Config, EvalConfig, dump_config
 from common.data import ImageDataset, augment_batch, class_prompt, image_batches, load_train_and_holdout
@@ -136,6 +134,9 @@ def near_copy_rate(images: torch.Tensor, train_images: torch.Tensor, ratio: floa
     space: the relative test of Carlini et al. 2023 (Extracting training data from diffusion models).
     """
     flat_train = train_images.flatten(1).float()
+    neighbours = min(neighbours, len(flat_train) - 1)  # small datasets: compare with as many as there are
+    if neighbours < 1:
+        return float("nan")  # one training image: no ratio to test
     copies = 0
     for start in range(0, len(images), 256):
         d = torch.cdist(images[start:start + 256].flatten(1).float(), flat_train)
@@ -169,12 +170,11 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     results: dict = {"run": str(run.root), "sampler": None, "num_inference_steps": config.sample.num_inference_steps,
                      "guidance_scale": config.sample.guidance_scale}
 
-    vae = AutoencoderKL.from_pretrained(run.component("vae"), use_safetensors=True).to(device).eval()
-    vae_metrics = reconstruction_metrics(vae, holdout_set, len(holdout_set))
+    pipe = load_pipeline(writable_folder(run.root, "run_dir"), device)  # a run with no model yet: a clear error
+    vae_metrics = reconstruction_metrics(pipe.vae.float(), holdout_set, len(holdout_set))
     results["vae"] = {"heldout_psnr": vae_metrics["psnr"], "heldout_ssim": vae_metrics["ssim"]}
 
     classifier, ceiling = train_classifier(config, train_set, holdout_set, device)
-    pipe = load_pipeline(run.root, device)
     pipe.set_progress_bar_config(disable=True)
     results["sampler"] = type(pipe.scheduler).__name__
     names = [c.fields.get("name", c.key) for c in train_set.classes]
@@ -218,8 +218,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                                  "images_per_prompt": per_prompt}
 
     results["evaluation_seconds"] = time.time() - started
-    write_text(run.root / "eval.json", json.dumps(results, indent=2, ensure_ascii=False))
-    print(json.dumps(results, indent=2, ensure_ascii=False))
+    print(write_json(run.root / "eval.json", results))
     return results
 
 

@@ -15,7 +15,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
 from PIL import Image
 
-from common.checkpoint import write_bytes
+from common.checkpoint import writable_folder, write_bytes
 from common.cli import run_cli
 from common.config import Config
 from common.errors import RunFolderError, UserError
@@ -91,17 +91,17 @@ def slug(text: str) -> str:
 def main(config: Config, args: argparse.Namespace) -> list[Path]:
     if args.num < 1 or (args.steps is not None and args.steps < 1):
         raise UserError(f"--num and --steps must be at least 1 (got --num {args.num}, --steps {args.steps})")
+    out = writable_folder(args.out or Path(args.run or config.run_dir) / "samples" / "generate", "--out")
     pipe = load_pipeline(args.run or config.run_dir, scheduler=args.scheduler)
     try:
-        return _generate(pipe, config, args)
+        return _generate(pipe, config, args, out)
     except ValueError as error:  # bad prompts or characters: the pipeline's message says what is wrong
         raise UserError(str(error)) from None
 
 
-def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace) -> list[Path]:
+def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace, out: Path) -> list[Path]:
     steps = args.steps or config.sample.num_inference_steps
     guidance = args.guidance if args.guidance is not None else config.sample.guidance_scale
-    out = Path(args.out or Path(args.run or config.run_dir) / "samples" / "generate")
     out.mkdir(parents=True, exist_ok=True)
     prompts = list(args.prompts)
     if args.all_classes:

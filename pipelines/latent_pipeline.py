@@ -12,6 +12,7 @@ The run's class table is part of the pipeline's config (`model_index.json`).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from common.checkpoint import folder_fingerprint
 from common.errors import RunFolderError
 from ldm.sampling import decode_latents, denoise, encode_prompts, guided_prediction, initial_latents, predicted_clean_latents
 from pipelines.glyphs import lay_out_line, segment
@@ -49,16 +51,19 @@ class LatentPipeline(DiffusionPipeline):
         unet: UNet2DConditionModel predicting noise (or v) from noisy latents, timestep and text states.
         scheduler: any diffusers scheduler; DPM-Solver++ by default.
         classes: the class table of a class dataset, `[{"key", "fields", "prompt"}]` (what `write()` draws).
+        built_from: hashes of the `vae` and `text_encoder` folders the UNet was trained with; loading a
+            folder whose components no longer match them is refused.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "noise_pred", "pred_original_sample"]
 
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                 unet: UNet2DConditionModel, scheduler: KarrasDiffusionSchedulers, classes: list[dict] | None = None):
+                 unet: UNet2DConditionModel, scheduler: KarrasDiffusionSchedulers, classes: list[dict] | None = None,
+                 built_from: dict | None = None):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        self.register_to_config(classes=list(classes or []))
+        self.register_to_config(classes=list(classes or []), built_from=dict(built_from or {}))
         if vae is not None and text_encoder is not None and unet is not None:
             check_components(vae, text_encoder, unet)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
@@ -78,10 +83,19 @@ class LatentPipeline(DiffusionPipeline):
         unpickled (pass use_safetensors=False explicitly to allow .bin files you trust)."""
         kwargs.setdefault("use_safetensors", True)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        check_built_from(Path(pretrained_model_name_or_path), pipe.config.built_from)
         legacy = Path(pretrained_model_name_or_path) / LEGACY_CLASSES_FILE
         if not pipe.classes and legacy.is_file():
             pipe.classes = json.loads(legacy.read_text(encoding="utf-8"))
         return pipe
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """diffusers' save_pretrained; `built_from` is then re-measured on the files just written."""
+        super().save_pretrained(save_directory, **kwargs)
+        if self.config.built_from:
+            self.register_to_config(built_from={name: folder_fingerprint(Path(save_directory) / name)
+                                                for name in self.config.built_from})
+            self.save_config(save_directory)
 
     # ---- writing a line of glyphs (one per character), for class datasets of characters ------------
 
@@ -127,8 +141,17 @@ class LatentPipeline(DiffusionPipeline):
 
     def check_inputs(self, prompts: list, negative_prompt: list[str] | None, num_inference_steps: int,
                      num_images_per_prompt: int, output_type: str, callback_tensor_inputs: list[str],
-                     generator: Any, device: torch.device) -> None:
+                     generator: Any, device: torch.device, guidance_scale: float = 1.0,
+                     height: int | None = None, width: int | None = None) -> None:
         """Refuse arguments that cannot work, saying what to pass instead."""
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number (e.g. 1.75), got {guidance_scale!r}")
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        for name, size in (("height", height), ("width", width)):
+            if size is not None and (not isinstance(size, int) or size <= 0 or size % multiple):
+                raise ValueError(f"{name} must be a positive multiple of {multiple} pixels (the VAE's and the "
+                                 f"UNet's downsampling), got {size!r}; the default is "
+                                 f"{self.unet.config.sample_size * self.vae_scale_factor}")
         if not prompts:
             raise ValueError("prompt must be a string or a non-empty list of strings")
         if not all(isinstance(p, str) for p in prompts):
@@ -193,7 +216,7 @@ class LatentPipeline(DiffusionPipeline):
             negative_prompt = [negative_prompt] * len(prompts)
         device = self._execution_device
         self.check_inputs(prompts, negative_prompt, num_inference_steps, num_images_per_prompt, output_type,
-                          list(callback_on_step_end_tensor_inputs), generator, device)
+                          list(callback_on_step_end_tensor_inputs), generator, device, guidance_scale, height, width)
         default_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or default_size, width or default_size
         guided = guidance_scale > 1.0
@@ -216,15 +239,35 @@ class LatentPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = latents
         else:
-            images = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
+            decoded = self.decode_latents(latents)
+            if not torch.isfinite(decoded).all():
+                raise FloatingPointError("the VAE decoded non-finite pixels from finite latents; check vae/ "
+                                         "(e.g. run the VAE in float32: pipe.vae.to(torch.float32))")
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return LatentPipelineOutput(images=images)
 
 
+def check_built_from(folder: Path, built_from: dict) -> None:
+    """Refuse a run folder whose VAE or text encoder was replaced after its UNet was trained."""
+    if not folder.is_dir():
+        return  # loaded from elsewhere (a hub cache): nothing to compare
+    changed = [name for name, digest in (built_from or {}).items()
+               if (folder / name).is_dir() and folder_fingerprint(folder / name) != digest]
+    if changed:
+        raise RunFolderError(f"{' and '.join(f'{name}/' for name in changed)} in {folder} changed after unet/ was trained "
+                             f"on {'them' if len(changed) > 1 else 'it'}: the UNet no longer matches. Re-run "
+                             f"`encode-dataset` and `train-ldm` (or restore the old {changed[0]}/)")
+
+
 def check_components(vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel) -> None:
     """Refuse components that cannot work together (e.g. folders copied from different runs)."""
+    scale = vae.config.scaling_factor
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise RunFolderError(f"vae/config.json has scaling_factor {scale!r}; it must be a positive number "
+                             f"(train-vae measures it). Re-run `train-vae`, or restore vae/config.json")
     if unet.config.in_channels != vae.config.latent_channels:
         raise RunFolderError(f"the UNet takes {unet.config.in_channels}-channel latents but the VAE makes "
                              f"{vae.config.latent_channels}; unet/ and vae/ come from different runs. Re-run "

@@ -8,7 +8,7 @@ shift || true
 overrides=("$@")  # e.g. --set ldm.max_steps=100, passed to every command
 run_dir=$(python - "$config" "$@" <<'PY'
 import sys
-from common.config import load_config
+from common.config_yaml import load_config
 args = sys.argv[2:]
 print(load_config(sys.argv[1], [args[i + 1] for i, a in enumerate(args) if a == "--set"]).run_dir)
 PY

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from common.config import load_config
+from common.config_yaml import load_config
 from common.images import make_grid, prompt_grid, save_image
 from pipelines.generate import denoising_frames, load_pipeline, save_gif, steps_grid
 

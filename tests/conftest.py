@@ -20,7 +20,7 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 def tiny_config(run_dir: Path | str, *overrides: str):
     """configs/tiny.yaml with its run folder under the test's tmp_path."""
-    from common.config import load_config
+    from common.config_yaml import load_config
 
     return load_config(TINY, [f"run_dir={run_dir}", *overrides])
 

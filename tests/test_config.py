@@ -5,7 +5,8 @@ import sys
 import pytest
 import yaml
 
-from common.config import Config, ConfigError, dump_config, from_dict, load_config
+from common.config import Config, ConfigError, dump_config
+from common.config_yaml import from_dict, load_config
 from conftest import ROOT, TINY, tiny_config
 
 

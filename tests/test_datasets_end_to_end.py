@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from common.config import load_config
+from common.config_yaml import load_config
 from conftest import ROOT, tiny_config
 from ldm.encode import main as encode_main
 from ldm.train import main as ldm_main
@@ -36,7 +36,7 @@ def test_flowers_config_on_a_folder_of_coloured_shapes(flowers_folder, tmp_path)
 
 
 def test_metadata_jsonl_with_free_captions_end_to_end(jsonl_folder, tmp_path):
-    config = tiny_config(tmp_path / "run", "data.name=", f"data.path={jsonl_folder}", "data.channels=3",
+    config = tiny_config(tmp_path / "run", "data.name=", f"data.path={jsonl_folder}", "data.channels=3", "data.max_per_class=0",
                          "data.holdout_fraction=0.2", "data.augment.rotate_degrees=0")
     pipe = run_chain(config)
     images = pipe(["a bright circle number 0", "a bright triangle"], num_inference_steps=2, output_type="np",

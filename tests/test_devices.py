@@ -6,8 +6,9 @@ import shutil
 import pytest
 import torch
 
-import common.training
-from common.training import Trainer, make_accelerator, resolve_mixed_precision
+import common.devices
+from common.devices import make_accelerator, resolve_mixed_precision
+from common.training import Trainer
 from conftest import tiny_config
 from ldm.train import main as ldm_main
 
@@ -136,7 +137,7 @@ def test_encoding_needs_no_accelerator(tiny_run, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("encode-dataset built an Accelerator")
 
-    monkeypatch.setattr(common.training, "Accelerator", refuse)
+    monkeypatch.setattr(common.devices, "Accelerator", refuse)
     manifest = ldm.encode.main(tiny_config(run))
     assert manifest["num_images"] == 200 and (run / "latents" / "manifest.json").is_file()
 

@@ -150,6 +150,11 @@ def test_model_index_written_by_train_ldm_is_what_save_pretrained_writes(tiny_ru
     written = json.loads((tiny_run / "model_index.json").read_text(encoding="utf-8"))
     saved = json.loads((tmp_path / "copy" / "model_index.json").read_text(encoding="utf-8"))
     assert saved.pop("_name_or_path") == str(tiny_run)  # where a loaded pipeline came from
+    # built_from hashes the files of each folder: the copy's (whose config.json names its origin) are its own
+    from common.checkpoint import folder_fingerprint
+
+    assert saved.pop("built_from") == {name: folder_fingerprint(tmp_path / "copy" / name) for name in ("vae", "text_encoder")}
+    assert written.pop("built_from") == {name: folder_fingerprint(tiny_run / name) for name in ("vae", "text_encoder")}
     assert written == saved
     assert [c["prompt"] for c in written["classes"]] == [f"Draw a {n}" for n in
                                                          "zero one two three four five six seven eight nine".split()]

@@ -16,7 +16,7 @@ from contextlib import nullcontext
 
 import torch
 
-from common.checkpoint import atomic_directory, write_text
+from common.checkpoint import atomic_directory, write_json
 from common.cli import run_cli
 from common.config import Config
 from common.data import StepBatches, augment_batch, load_train_and_holdout, spread_indices, steps_for
@@ -42,67 +42,68 @@ def frozen(module: torch.nn.Module):
 
 def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     cfg = config.vae
-    trainer = Trainer("vae", config, cfg)
-    run, device = trainer.run, trainer.device
+    with Trainer("vae", config, cfg) as trainer:
+        run, device = trainer.run, trainer.device
 
-    train_set, holdout_set = load_train_and_holdout(config.data)
-    trainer.print(f"[vae] {len(train_set)} training images, {len(holdout_set)} held out, "
-                  f"{config.data.image_size}x{config.data.image_size}x{config.data.channels}")
+        train_set, holdout_set = load_train_and_holdout(config.data)
+        trainer.record_inputs(dataset=train_set.fingerprint())
+        trainer.print(f"[vae] {len(train_set)} training images, {len(holdout_set)} held out, "
+                      f"{config.data.image_size}x{config.data.image_size}x{config.data.channels}")
 
-    autoencoder = trainer.add("vae", AutoencoderWithPosterior(build_vae(cfg, config.data.channels, config.data.image_size)),
-                              ema=True)
-    last_layer = trainer.unwrap("vae").vae.decoder.conv_out.weight  # where the GAN weight is balanced
-    use_gan = cfg.disc_start >= 0 and cfg.disc_weight > 0
-    disc = trainer.add("disc", PatchDiscriminator(config.data.channels, cfg.disc_channels, cfg.disc_layers)) if use_gan else None
-    perceptual = build_perceptual_loss(cfg)
-    if perceptual is not None:
-        perceptual.to(device)
-    trainer.describe_batch()
+        autoencoder = trainer.add("vae", AutoencoderWithPosterior(build_vae(cfg, config.data.channels, config.data.image_size)),
+                                  ema=True)
+        last_layer = trainer.unwrap("vae").vae.decoder.conv_out.weight  # where the GAN weight is balanced
+        use_gan = cfg.disc_start >= 0 and cfg.disc_weight > 0
+        disc = trainer.add("disc", PatchDiscriminator(config.data.channels, cfg.disc_channels, cfg.disc_layers)) if use_gan else None
+        perceptual = build_perceptual_loss(cfg)
+        if perceptual is not None:
+            perceptual.to(device)
+        trainer.describe_batch()
 
-    total_steps = steps_for(cfg.max_steps, cfg.epochs, len(train_set), trainer.global_batch)
-    start = trainer.resume()
-    batches = iter(torch.utils.data.DataLoader(
-        train_set, num_workers=config.data.num_workers, persistent_workers=config.data.num_workers > 0,
-        batch_sampler=StepBatches(len(train_set), cfg.batch_size, config.seed, start, trainer.rank,
-                                  trainer.world_size, cfg.grad_accum)))
-    grid_images = torch.stack([holdout_set[i]["pixel_values"] for i in spread_indices(len(holdout_set), 32)]).to(device)
+        total_steps = steps_for(cfg.max_steps, cfg.epochs, len(train_set), trainer.global_batch)
+        start = trainer.resume()
+        batches = iter(torch.utils.data.DataLoader(
+            train_set, num_workers=config.data.num_workers, persistent_workers=config.data.num_workers > 0,
+            batch_sampler=StepBatches(len(train_set), cfg.batch_size, config.seed, start, trainer.rank,
+                                      trainer.world_size, cfg.grad_accum)))
+        grid_images = torch.stack([holdout_set[i]["pixel_values"] for i in spread_indices(len(holdout_set), 32)]).to(device)
 
-    with trainer.running(total_steps):
-        for step in range(start, total_steps):
-            trainer.set_learning_rate(step)
-            trainer.reseed(step)
-            gan_on = use_gan and step >= cfg.disc_start
-            for micro in range(cfg.grad_accum):
-                images = next(batches)["pixel_values"].to(device)  # (B, C, H, W) in [-1, 1]
-                if cfg.augment:
-                    images = augment_batch(images, config.data.augment)
-                with trainer.no_sync("vae", micro), frozen(trainer.unwrap("disc")) if gan_on else nullcontext() as judge:
-                    loss, terms, recon = autoencoder_loss(autoencoder, images, cfg, perceptual, judge, last_layer)
-                    trainer.backward(loss / cfg.grad_accum)
+        with trainer.running(total_steps):
+            for step in range(start, total_steps):
+                trainer.set_learning_rate(step)
+                trainer.reseed(step)
+                gan_on = use_gan and step >= cfg.disc_start
+                for micro in range(cfg.grad_accum):
+                    images = next(batches)["pixel_values"].to(device)  # (B, C, H, W) in [-1, 1]
+                    if cfg.augment:
+                        images = augment_batch(images, config.data.augment)
+                    with trainer.no_sync("vae", micro), frozen(trainer.unwrap("disc")) if gan_on else nullcontext() as judge:
+                        loss, terms, recon = autoencoder_loss(autoencoder, images, cfg, perceptual, judge, last_layer)
+                        trainer.backward(loss / cfg.grad_accum)
+                    if gan_on:
+                        with trainer.no_sync("disc", micro):
+                            # real and fake in one forward pass: DDP allows one forward per backward
+                            logits_real, logits_fake = disc(torch.cat([images, recon.detach()])).chunk(2)
+                            disc_loss = hinge_d_loss(logits_real, logits_fake)
+                            trainer.backward(disc_loss / cfg.grad_accum)
+                        terms["disc"] = disc_loss.detach()
+                finite = trainer.optimizer_step("vae")
                 if gan_on:
-                    with trainer.no_sync("disc", micro):
-                        # real and fake in one forward pass: DDP allows one forward per backward
-                        logits_real, logits_fake = disc(torch.cat([images, recon.detach()])).chunk(2)
-                        disc_loss = hinge_d_loss(logits_real, logits_fake)
-                        trainer.backward(disc_loss / cfg.grad_accum)
-                    terms["disc"] = disc_loss.detach()
-            finite = trainer.optimizer_step("vae")
-            if gan_on:
-                finite = finite & trainer.optimizer_step("disc")
-            trainer.check_finite(finite, step)
-            trainer.update_ema(step)
-            trainer.log(step, **terms)
-            if trainer.is_main and (step + 1) % cfg.sample_every == 0:
-                with evaluating(trainer.inference_model("vae")) as model:
-                    save_image(reconstruction_grid(model.vae, grid_images), run.samples / f"vae-step{step + 1:06d}.png")
-            trainer.save_if_due(step)
-    trainer.save_final()
+                    finite = finite & trainer.optimizer_step("disc")
+                trainer.check_finite(finite, step)
+                trainer.update_ema(step)
+                trainer.log(step, **terms)
+                if trainer.is_main and (step + 1) % cfg.sample_every == 0:
+                    with evaluating(trainer.inference_model("vae")) as model:
+                        save_image(reconstruction_grid(model.vae, grid_images), run.samples / f"vae-step{step + 1:06d}.png")
+                trainer.save_if_due(step)
+        trainer.save_final()
 
-    results = {}
-    if trainer.is_main:
-        results = export(trainer, config, train_set, holdout_set, grid_images)
-    trainer.accelerator.wait_for_everyone()
-    return results
+        results = {}
+        if trainer.is_main:
+            results = export(trainer, config, train_set, holdout_set, grid_images)
+        trainer.accelerator.wait_for_everyone()
+        return results
 
 
 def export(trainer: Trainer, config: Config, train_set, holdout_set, grid_images: torch.Tensor) -> dict:
@@ -118,7 +119,7 @@ def export(trainer: Trainer, config: Config, train_set, holdout_set, grid_images
     results = {"step": trainer.step, "heldout_psnr": metrics["psnr"], "heldout_ssim": metrics["ssim"],
                "heldout_images": metrics["images"], "scaling_factor": scaling_factor, "grid": str(grid_path)}
     trainer.write_log({"event": "final", **results})
-    write_text(run.root / "vae_metrics.json", json.dumps(results, indent=2))
+    write_json(run.root / "vae_metrics.json", results)
     trainer.print(f"[vae] held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f} "
                   f"({metrics['images']} images); scaling_factor {scaling_factor:.4f}")
     trainer.print(f"[vae] saved {run.component('vae')}; reconstructions in {grid_path}")

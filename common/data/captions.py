@@ -44,10 +44,16 @@ def build_captions(listing: Listing, templates: list[str]) -> tuple[list[str], l
     if listing.texts is not None:
         return captions, [[add(t) for t in texts] for texts in listing.texts]
     per_class = []
+    seen: dict[str, str] = {}  # a class's first caption, as the tokenizer reads it (lowercase) -> its key
     for image_class in listing.classes:
         ids = [add(text) for template in templates if (text := format_caption(template, image_class.fields)) is not None]
         if not ids:
             raise DatasetError(f"no caption template fits class '{image_class.key}' (fields: "
                                f"{sorted(image_class.fields)}); add a template such as '{{name}}' to data.captions")
+        said = " ".join(captions[ids[0]].lower().split())
+        if said in seen:  # two classes a prompt cannot tell apart would be merged silently
+            raise DatasetError(f"classes '{seen[said]}' and '{image_class.key}' get the same caption ({captions[ids[0]]!r}, "
+                               f"case and separators aside); rename one of the folders, or merge them")
+        seen[said] = image_class.key
         per_class.append(ids)
     return captions, [per_class[label] for label in listing.labels]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -79,10 +78,10 @@ class ImageDataset(torch.utils.data.Dataset):
         c = self.config
         h.update(json.dumps([c.name, c.image_size, c.channels, c.fit, c.holdout_fraction, c.max_per_class,
                              c.per_class, self.captions, self.listing.identity]).encode())
-        if self.listing.pixels is None:
+        if self.listing.pixels is None:  # the files' content: a swapped image with its old size and mtime counts
             for source in self.listing.sources:
-                stat = os.stat(source)
-                h.update(f"{source}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+                with open(source, "rb") as f:
+                    h.update(f"{source}|{hashlib.blake2b(f.read(), digest_size=16).hexdigest()}\n".encode())
         return h.hexdigest()
 
 

@@ -22,6 +22,13 @@ def class_fields(key: str) -> dict:
     return known if known is not None else {"name": re.sub(r"[_\-]+", " ", key).strip()}
 
 
+def check_class_name(key: str, where: Path) -> str:
+    """A class name becomes captions, labels and JSON: refuse control characters (a newline in a folder name)."""
+    if not key.isprintable():
+        raise DatasetError(f"class name {key!r} in '{where}' contains a control character (e.g. a newline); rename it")
+    return key
+
+
 def templates_for(classes: list[ImageClass]) -> list[str]:
     """The Devanagari dataset's folders get its templates, like the built-in source; others the generic ones."""
     return devanagari.CAPTIONS if classes and all("kind" in c.fields for c in classes) else CAPTIONS
@@ -38,7 +45,7 @@ def list_class_folders(root: Path, config: DataConfig) -> Listing:
     test_dirs = [p for name, p in split_dirs.items() if name in HOLDOUT_FOLDERS]
     groups = [(d, False) for d in train_dirs] + [(d, True) for d in test_dirs] if train_dirs else [(root, None)]
     keys = sorted({c.name for group, _ in groups for c in _subfolders(group)})
-    classes = [ImageClass(key, class_fields(key)) for key in keys]
+    classes = [ImageClass(check_class_name(key, root), class_fields(key)) for key in keys]
     index = {key: i for i, key in enumerate(keys)}
     sources, labels, holdout = [], [], []
     for group, is_holdout in groups:
@@ -67,7 +74,7 @@ def list_class_index_files(root: Path, config: DataConfig) -> Listing:
                                f"rename it, or put images in one sub-folder per class")
         keys.append(f.stem.rsplit("_", 1)[0])
     names = sorted(set(keys))
-    classes = [ImageClass(key, class_fields(key)) for key in names]
+    classes = [ImageClass(check_class_name(key, root), class_fields(key)) for key in names]
     index = {key: i for i, key in enumerate(names)}
     order = sorted(range(len(files)), key=lambda i: (index[keys[i]], files[i].name))
     listing = Listing([str(files[i]) for i in order], [index[keys[i]] for i in order], [False] * len(files),

@@ -14,9 +14,16 @@ from common.errors import DatasetError
 def list_metadata_jsonl(root: Path, config: DataConfig) -> Listing:
     """`metadata.jsonl` lines `{"file_name": "a.png", "text": "..."}` (text: a string or a list of them)."""
     path = root / "metadata.jsonl"
+    if config.max_per_class > 0:
+        raise DatasetError(f"data.max_per_class={config.max_per_class} needs a class dataset, but {path} has free "
+                           f"captions and no classes; set data.max_per_class=0 (or keep fewer lines in the file)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
     root_resolved = root.resolve()
-    sources, texts = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    sources, texts, first_line = [], [], {}
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -35,6 +42,11 @@ def list_metadata_jsonl(root: Path, config: DataConfig) -> Listing:
                                f"only paths inside '{root}' are read")
         if not file.is_file():
             raise DatasetError(f"{path}: line {number}: file '{name}' does not exist")
+        resolved = file.resolve()
+        if resolved in first_line:  # the same image twice could land in training and in the held-out split
+            raise DatasetError(f"{path}: lines {first_line[resolved]} and {number} name the same image ('{name}'); keep "
+                               f"one line and give it all the captions as a list: \"text\": [\"...\", \"...\"]")
+        first_line[resolved] = number
         sources.append(str(file))
         texts.append(text)
     if not sources:

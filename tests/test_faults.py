@@ -1,0 +1,264 @@
+"""Reliability, round two: every fault class of issue 16 either gives a clear error before anything is
+written, or a correct result. One table per class of fault."""
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+
+import common.checkpoint
+from common.checkpoint import CheckpointWriteError, save_tensors, write_json
+from common.config import ConfigError, DataConfig
+from common.config_yaml import load_config, parse_override
+from common.data import ImageDataset, list_dataset
+from common.errors import DatasetError, RunFolderError, UserError
+from common.run import RunLock
+from conftest import ROOT, TINY, shape_image, tiny_config
+from ldm.encode import main as encode_main
+from ldm.train import main as ldm_main
+from pipelines import LatentPipeline
+from vae.train import main as train_vae
+
+
+# ---- configuration: refused up front, naming key and value ------------------------------------------
+
+
+@pytest.mark.parametrize("override, message", [
+    ("clip.patch_size=0", "config key 'clip.patch_size' must be >= 1, got 0"),
+    ("vae.norm_num_groups=0", "config key 'vae.norm_num_groups' must be >= 1, got 0"),
+    ("ldm.norm_num_groups=0", "config key 'ldm.norm_num_groups' must be >= 1, got 0"),
+    ("vae.block_out_channels=[]", "config key 'vae.block_out_channels' must be a non-empty list of positive widths, got []"),
+    ("ldm.block_out_channels=[]", "config key 'ldm.block_out_channels' must be a non-empty list of positive widths, got []"),
+    ("encode.shard_size=0", "config key 'encode.shard_size' must be >= 1, got 0"),
+    ("encode.shard_size=-5", "config key 'encode.shard_size' must be >= 1, got -5"),
+    ("sample.num_inference_steps=1001", "config key 'sample.num_inference_steps' must be in [1, ldm.num_train_timesteps = 1000], got 1001"),
+    ("evaluate.images_per_class=0", "config key 'evaluate.images_per_class' must be >= 1, got 0"),
+    ("evaluate.classifier_steps=0", "config key 'evaluate.classifier_steps' must be >= 1, got 0"),
+    ("data.captions=['Draw a {name']", "config key 'data.captions[0]' 'Draw a {name' is not a caption template"),
+    ("data.captions=['{0}']", "config key 'data.captions[0]' '{0}' is not a caption template (every {} must name a field"),
+    ("vae.kl_weight=.nan", "config key 'vae.kl_weight' must be a finite number, got nan"),
+    ("sample.guidance_scale=.inf", "config key 'sample.guidance_scale' must be a finite number, got inf"),
+    ("seed=-1", "config key 'seed' must be in [0, 2**63), got -1"),
+    ("seed=9223372036854775808", "config key 'seed' must be in [0, 2**63), got 9223372036854775808"),
+    ("ldm.attention_heads=3", "config key 'ldm.attention_heads' (3) must divide every ldm.block_out_channels [32, 32]"),
+    ("clip.text_heads=3", "config key 'clip.text_heads' (3) must divide clip.text_hidden (32)"),
+])
+def test_bad_values_are_refused_naming_key_and_value(tmp_path, override, message):
+    with pytest.raises(ConfigError) as error:
+        tiny_config(tmp_path, override)
+    assert message in str(error.value)
+
+
+def test_overrides_mean_what_they_say(tmp_path):
+    assert parse_override("run_dir=runs/exp #3") == ("run_dir", "runs/exp #3")  # not YAML: '#' is no comment
+    assert parse_override("data.path=data: 2024/no") == ("data.path", "data: 2024/no")
+    assert parse_override("data.name=no") == ("data.name", "no")  # YAML would read `no` as False
+    assert tiny_config(tmp_path, "vae.lr=3e-4").vae.lr == 3e-4  # other keys: YAML, then type-checked
+    assert parse_override("ldm.cross_attention=[true, false]") == ("ldm.cross_attention", [True, False])
+    assert tiny_config(tmp_path / "exp #3").run_dir == str(tmp_path / "exp #3")
+    assert load_config(TINY, ["run_dir=~/somewhere"]).run_dir == os.path.expanduser("~/somewhere")
+
+
+def test_config_files_with_a_key_twice_or_not_utf8_are_refused(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("vae:\n  max_steps: 3\nseed: 1\nvae:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml': key 'vae' appears twice \(lines 1 and 4\)"):
+        load_config(twice)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("seed: 1  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml' is not UTF-8 text \(byte 14\); save it as UTF-8"):
+        load_config(latin)
+
+
+# ---- the run folder: nothing lost, nothing interleaved ----------------------------------------------
+
+
+def test_a_failed_input_check_leaves_the_saved_config_alone(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = (run / "config.yaml").read_bytes()
+    (run / "latents" / "manifest.json").unlink()
+    from ldm.latents import StaleCacheError
+
+    with pytest.raises(StaleCacheError):
+        ldm_main(tiny_config(run, "ldm.lr=0.0005"))
+    assert (run / "config.yaml").read_bytes() == before
+
+
+def test_two_commands_on_one_stage_of_a_run_folder_are_refused_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    with RunLock(run, "vae"):
+        with pytest.raises(RunFolderError, match=r"is in use: its vae stage is being written by `.*` \(pid \d+ on "):
+            train_vae(tiny_config(run, "vae.max_steps=1"))
+    train_vae(tiny_config(run, "vae.max_steps=1"))  # released: the same command now runs
+    with RunLock(run, "vae"):  # and the finished run released it too
+        pass
+
+
+@pytest.mark.parametrize("kind", ["file", "read-only"])
+def test_a_run_dir_or_out_folder_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch, capsys, kind):
+    target = tmp_path / "target"
+    if kind == "file":
+        target.write_text("not a folder")
+        problem = f"'{target}' is a file, not a folder; choose another path"
+    else:
+        monkeypatch.setattr(common.checkpoint.os, "access", lambda path, mode: False)
+        problem = f"'{target}' cannot be written"
+    with pytest.raises(UserError, match=f"run_dir {problem}"):
+        train_vae(tiny_config(target))
+    from pipelines.generate import cli as generate_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli(["--run", str(ROOT / "checkpoints" / "mnist"), "--out", str(target), "--steps", "1", "--num", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"error: --out {problem}" in err
+    assert "Loading pipeline" not in err  # refused before any work
+
+
+def test_a_stage_built_on_changed_inputs_is_refused_not_resumed(tiny_run, tmp_path):
+    """Retrain (here: change) the VAE of a finished run and re-encode: train-ldm must not resume its
+    finished state and re-export the old UNet; the pipeline must not pair the new VAE with that UNet."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    vae = __import__("diffusers").AutoencoderKL.from_pretrained(run / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.1)
+    vae.save_pretrained(run / "vae")
+    with pytest.raises(RunFolderError, match=r"vae/ in .* changed after unet/ was trained on it: the UNet no longer matches"):
+        LatentPipeline.from_pretrained(run)
+    encode_main(tiny_config(run))
+    with pytest.raises(RunFolderError, match=r"the ldm checkpoint state-00000004.safetensors \(step 4\) was trained on "
+                                             r"another latent_cache than this run has now \(the VAE was retrained"):
+        ldm_main(tiny_config(run))
+    shutil.rmtree(run / "train_state" / "ldm")  # the fix the message gives
+    ldm_main(tiny_config(run))
+    assert LatentPipeline.from_pretrained(run).unet is not None
+
+
+# ---- sampling: never NaN images without a word -------------------------------------------------------
+
+
+def test_sampling_faults_are_clear_errors(tiny_run, pipe, tmp_path):
+    for scale in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            pipe("Draw a six", guidance_scale=scale, num_inference_steps=2)
+    with pytest.raises(ValueError, match="height must be a positive multiple of 4 pixels"):
+        pipe("Draw a six", height=15, num_inference_steps=2)
+    with pytest.raises(ValueError, match=r"DPMSolverMultistepScheduler with 1000 steps repeats 1 timestep\(s\) .* use fewer steps"):
+        pipe("Draw a six", num_inference_steps=1000)
+
+    def poison(pipe, i, t, tensors):
+        return {"latents": tensors["latents"] * float("nan")}
+
+    with pytest.raises(FloatingPointError, match=r"sampling gave non-finite latents \(DPMSolverMultistepScheduler, 2 steps"):
+        pipe("Draw a six", num_inference_steps=2, callback_on_step_end=poison)
+    for scale in (0.0, float("nan")):
+        run = tmp_path / f"scale{scale}"
+        shutil.copytree(tiny_run, run)
+        config = json.loads((run / "vae" / "config.json").read_text())
+        config["scaling_factor"] = scale
+        (run / "vae" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(RunFolderError, match="vae/config.json has scaling_factor .*; it must be a positive number"):
+            LatentPipeline.from_pretrained(run)
+
+
+# ---- datasets: no merged classes, no leaks, content-true fingerprints --------------------------------
+
+
+@pytest.mark.parametrize("names", [("red-car", "red_car"), ("Cat", "cat"), ("a b", "a  b")])
+def test_classes_a_prompt_cannot_tell_apart_are_refused(tmp_path, names):
+    root = tmp_path / "classes"
+    for name in names:
+        (root / name).mkdir(parents=True)
+        shape_image("circle", (16, 16)).save(root / name / "0.png")
+    first, second = sorted(names)
+    with pytest.raises(DatasetError, match=f"classes '{first}' and '{second}' get the same caption"):
+        ImageDataset(DataConfig(name="", path=str(root)), "all")
+
+
+def test_metadata_jsonl_duplicates_limits_and_encoding(jsonl_folder):
+    path = jsonl_folder / "metadata.jsonl"
+    config = DataConfig(name="", path=str(jsonl_folder))
+    path.write_text(json.dumps({"file_name": "images/1.png", "text": "a"}) + "\n"
+                    + json.dumps({"file_name": "./images/1.png", "text": "b"}) + "\n")
+    with pytest.raises(DatasetError, match=r"lines 1 and 2 name the same image \('./images/1.png'\)"):
+        list_dataset(config)
+    with pytest.raises(DatasetError, match="data.max_per_class=3 needs a class dataset"):
+        list_dataset(DataConfig(name="", path=str(jsonl_folder), max_per_class=3))
+    path.write_bytes(b'{"file_name": "images/1.png", "text": "caf\xe9"}\n')
+    with pytest.raises(DatasetError, match=r"metadata.jsonl is not UTF-8 text \(byte 42\)"):
+        list_dataset(config)
+
+
+def test_a_class_name_with_a_newline_is_refused(tmp_path):
+    root = tmp_path / "classes"
+    for name in ("ok", "two\nlines"):
+        (root / name).mkdir(parents=True)
+        shape_image("square", (16, 16)).save(root / name / "0.png")
+    with pytest.raises(DatasetError, match=r"class name 'two\\nlines' .* contains a control character"):
+        list_dataset(DataConfig(name="", path=str(root)))
+
+
+def test_the_fingerprint_sees_a_swapped_image_of_the_same_size_and_mtime(class_folder):
+    config = DataConfig(name="", path=str(class_folder), image_size=16)
+    before = ImageDataset(config, "all").fingerprint()
+    a, b = class_folder / "circle" / "000.png", class_folder / "circle" / "001.png"
+    stat = os.stat(a)
+    swapped = np.asarray(Image.open(a)).copy()
+    swapped[0, 0] = 255 - swapped[0, 0]  # one pixel changed, the old mtime put back
+    Image.fromarray(swapped).save(a)
+    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert ImageDataset(config, "all").fingerprint() != before
+
+
+# ---- writes: strict JSON, modes, full disks ---------------------------------------------------------
+
+
+def test_json_results_never_hold_nan(tmp_path):
+    text = write_json(tmp_path / "eval.json", {"accuracy": float("nan"), "per_class": [1.0, float("inf")]})
+    assert json.loads(text) == {"accuracy": None, "per_class": [1.0, None]}
+    json.loads((tmp_path / "eval.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+
+def test_written_files_get_the_umasks_mode(tiny_run):
+    expected = 0o666 & ~common.checkpoint._umask()
+    files = [*(tiny_run / "unet").iterdir(), *(tiny_run / "vae").iterdir(), *(tiny_run / "latents").iterdir(),
+             *(tiny_run / "train_state" / "ldm").iterdir()]
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(expected) for f in files}
+
+
+def test_safetensors_write_errors_are_clear_and_keep_the_previous_file(tmp_path, monkeypatch):
+    save_tensors(tmp_path / "a.safetensors", {"x": torch.ones(2)})
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(common.checkpoint, "save_file", full)
+    with pytest.raises(CheckpointWriteError, match=r"could not save .*a.safetensors': the write failed .*is the disk full\?\)"):
+        save_tensors(tmp_path / "a.safetensors", {"x": torch.zeros(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+    with pytest.raises(CheckpointWriteError, match="is the disk full"):
+        with common.checkpoint.atomic_directory(tmp_path / "vae"):
+            raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+
+def test_evaluate_on_a_run_with_no_model_yet_says_what_to_run(tmp_path):
+    from pipelines.evaluate import main as evaluate_main
+
+    train_vae(tiny_config(tmp_path / "run", "vae.max_steps=1"))
+    with pytest.raises(RunFolderError, match=r"is not a finished run \(no model_index.json\); train it with `train-ldm`"):
+        evaluate_main(tiny_config(tmp_path / "run"))
+
+
+def test_near_copy_rate_on_a_few_training_images():
+    from pipelines.evaluate import near_copy_rate
+
+    train = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert near_copy_rate(train[:2].clone(), train) == 1.0  # 4 neighbours instead of 50
+    assert math.isnan(near_copy_rate(train[:1], train[:1]))
