@@ -159,6 +159,13 @@ class EvalConfig:
     classifier_batch_size: int = 128
     # prompts never used in training, for the paraphrase accuracy; {name}/{symbol} as in captions
     paraphrases: list[str] = field(default_factory=list)
+    # tune the run's sampling defaults first (pipelines/tuning.py): every steps x guidance of the grid is
+    # measured, and the best by the stated rule is saved in model_index.json for pipe(prompt) to use
+    tune: bool = False
+    tune_guidance: list[float] = field(default_factory=lambda: [1.25, 1.5, 1.75, 2.0, 2.5, 3.0])
+    tune_steps: list[int] = field(default_factory=lambda: [20])
+    tune_images_per_class: int = 20
+    tune_min_recognition: float = 0.97
 
 
 @dataclass
@@ -306,7 +313,12 @@ def validate(config: Config) -> None:
             f"must be in [1, ldm.num_train_timesteps = {ldm.num_train_timesteps}], got {sample.num_inference_steps}")
     require(sample.guidance_scale >= 0, "sample.guidance_scale", f"must be >= 0, got {sample.guidance_scale}")
     evaluation = config.evaluate
-    for key in ("images_per_class", "classifier_steps", "classifier_batch_size"):
+    require(bool(evaluation.tune_guidance) and all(g >= 0 for g in evaluation.tune_guidance), "evaluate.tune_guidance",
+            f"must be a non-empty list of numbers >= 0, got {evaluation.tune_guidance}")
+    require(bool(evaluation.tune_steps) and all(1 <= n <= ldm.num_train_timesteps for n in evaluation.tune_steps),
+            "evaluate.tune_steps", f"must be a non-empty list of steps in [1, {ldm.num_train_timesteps}], got {evaluation.tune_steps}")
+    require(0 <= evaluation.tune_min_recognition <= 1, "evaluate.tune_min_recognition", "must be in [0, 1]")
+    for key in ("images_per_class", "tune_images_per_class", "classifier_steps", "classifier_batch_size"):
         require(getattr(evaluation, key) >= 1, f"evaluate.{key}", f"must be >= 1, got {getattr(evaluation, key)}")
     for i, template in enumerate(evaluation.paraphrases):
         problem = template_problem(template)

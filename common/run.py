@@ -54,6 +54,12 @@ class RunFolder:
                  **{name: list(spec) for name, spec in components.items()}, **pipeline_config}
         write_text(self.root / "model_index.json", json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
+    def update_model_index(self, **pipeline_config) -> None:
+        """Change entries of the pipeline's config in `model_index.json` (e.g. tuned sampling defaults)."""
+        path = self.root / "model_index.json"
+        index = {**json.loads(path.read_text(encoding="utf-8")), **pipeline_config}
+        write_text(path, json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
 
 class RunLock:
     """An exclusive lock on one stage of a run folder (`run/.lock-<stage>`), held while the stage writes.

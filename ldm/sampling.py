@@ -19,6 +19,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.text import encode_text
 
+# What a run samples with when neither the caller nor the run (model_index.json "sampling") says:
+# runs trained before the run's own defaults were recorded
+FALLBACK_SAMPLING = {"num_inference_steps": 20, "guidance_scale": 4.0}
+
 # called after each step with (step index, timestep, the scheduler's step output, latents before the
 # step, guided model output); returns the latents to continue from
 StepHook = Callable[[int, torch.Tensor, Any, torch.Tensor, torch.Tensor], torch.Tensor]

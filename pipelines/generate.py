@@ -100,8 +100,8 @@ def main(config: Config, args: argparse.Namespace) -> list[Path]:
 
 
 def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace, out: Path) -> list[Path]:
-    steps = args.steps or config.sample.num_inference_steps
-    guidance = args.guidance if args.guidance is not None else config.sample.guidance_scale
+    steps, guidance = pipe.sampling_defaults(args.steps, args.guidance)  # the run's tuned values unless given
+    seed = args.seed if args.seed is not None else config.seed
     out.mkdir(parents=True, exist_ok=True)
     prompts = list(args.prompts)
     if args.all_classes:
@@ -111,7 +111,7 @@ def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace, ou
     prompts = prompts or [""]
     paths = []
     if args.prompts or args.all_classes or not args.write:
-        generator = torch.Generator(pipe.device).manual_seed(args.seed)
+        generator = torch.Generator(pipe.device).manual_seed(seed)
         images = pipe(prompts, negative_prompt=args.negative, num_images_per_prompt=args.num, num_inference_steps=steps,
                       guidance_scale=guidance, generator=generator).images
         for i, image in enumerate(images):
@@ -119,19 +119,19 @@ def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace, ou
             paths.append(save_image(image, out / f"{prompt_index:02d}-{slug(prompts[prompt_index])}-{k}.png"))
         labels = [p if p else "(unconditional)" for p in prompts]
         paths.append(save_image(prompt_grid(images, labels, args.num), out / "grid.png"))
-        print(f"[generate] {len(images)} images ({steps} steps, guidance {guidance}, seed {args.seed}) in {out}; "
+        print(f"[generate] {len(images)} images ({steps} steps, guidance {guidance}, seed {seed}) in {out}; "
               f"grid: {paths[-1]}")
     if args.write:
         line = pipe.write(args.write, num_inference_steps=steps, guidance_scale=guidance,
-                          generator=torch.Generator(pipe.device).manual_seed(args.seed))
+                          generator=torch.Generator(pipe.device).manual_seed(seed))
         paths.append(save_image(line, out / f"write-{slug(args.write)}.png"))
         print(f"[generate] wrote {args.write!r}: {paths[-1]}")
     if args.steps_grid:
-        paths.append(save_image(steps_grid(pipe, prompts[0], args.seed, guidance), out / "steps-grid.png"))
+        paths.append(save_image(steps_grid(pipe, prompts[0], seed, guidance), out / "steps-grid.png"))
         print(f"[generate] steps grid for {prompts[0]!r}: {paths[-1]}")
     if args.gif:
         for prompt in prompts:
-            frames = denoising_frames(pipe, prompt, steps, args.seed, guidance)
+            frames = denoising_frames(pipe, prompt, steps, seed, guidance)
             paths.append(save_gif(frames, out / f"denoising-{slug(prompt)}.gif"))
             print(f"[generate] denoising animation for {prompt!r} ({len(frames)} frames): {paths[-1]}")
     return paths
@@ -142,11 +142,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", help="a run folder (default: the config's run_dir)")
     parser.add_argument("--all-classes", action="store_true", help="also one prompt per class of a class dataset")
     parser.add_argument("--num", type=int, default=4, help="images per prompt")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: sample.num_inference_steps)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's own)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the run's tuned value)")
     parser.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="sampler (default: the run's, DPM-Solver++)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="default: the config's seed")
     parser.add_argument("--out", default=None, help="output folder (default: RUN/samples/generate)")
     parser.add_argument("--write", metavar="TEXT", help='also write TEXT as one line of generated glyphs, e.g. "2026"')
     parser.add_argument("--steps-grid", action="store_true", help="also the first prompt after 1, 2, 3, 5, 10, 20, 50 steps")

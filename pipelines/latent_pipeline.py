@@ -28,7 +28,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from common.checkpoint import folder_fingerprint
 from common.errors import RunFolderError
-from ldm.sampling import decode_latents, denoise, encode_prompts, guided_prediction, initial_latents, predicted_clean_latents
+from ldm.sampling import FALLBACK_SAMPLING, decode_latents, denoise, encode_prompts, guided_prediction, initial_latents, predicted_clean_latents
 from pipelines.glyphs import lay_out_line, segment
 
 LEGACY_CLASSES_FILE = "classes.json"  # where runs before the class table moved into model_index.json kept it
@@ -53,6 +53,8 @@ class LatentPipeline(DiffusionPipeline):
         classes: the class table of a class dataset, `[{"key", "fields", "prompt"}]` (what `write()` draws).
         built_from: hashes of the `vae` and `text_encoder` folders the UNet was trained with; loading a
             folder whose components no longer match them is refused.
+        sampling: the run's tuned defaults, `{"num_inference_steps", "guidance_scale"}`: what `__call__`
+            and `write` use when the caller passes none.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -60,10 +62,11 @@ class LatentPipeline(DiffusionPipeline):
 
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  unet: UNet2DConditionModel, scheduler: KarrasDiffusionSchedulers, classes: list[dict] | None = None,
-                 built_from: dict | None = None):
+                 built_from: dict | None = None, sampling: dict | None = None):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        self.register_to_config(classes=list(classes or []), built_from=dict(built_from or {}))
+        self.register_to_config(classes=list(classes or []), built_from=dict(built_from or {}),
+                                sampling={**FALLBACK_SAMPLING, **(sampling or {})})
         if vae is not None and text_encoder is not None and unet is not None:
             check_components(vae, text_encoder, unet)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
@@ -76,6 +79,11 @@ class LatentPipeline(DiffusionPipeline):
     @classes.setter
     def classes(self, value: list[dict]) -> None:
         self.register_to_config(classes=list(value))
+
+    def sampling_defaults(self, num_inference_steps: int | None = None, guidance_scale: float | None = None) -> tuple[int, float]:
+        """The caller's values where given, else the run's own (model_index.json "sampling")."""
+        return (num_inference_steps if num_inference_steps is not None else self.config.sampling["num_inference_steps"],
+                guidance_scale if guidance_scale is not None else self.config.sampling["guidance_scale"])
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "LatentPipeline":
@@ -104,7 +112,7 @@ class LatentPipeline(DiffusionPipeline):
         return segment(self.classes, text)
 
     @torch.no_grad()
-    def write(self, text: str, num_inference_steps: int = 20, guidance_scale: float = 4.0,
+    def write(self, text: str, num_inference_steps: int | None = None, guidance_scale: float | None = None,
               generator: torch.Generator | None = None, gap: int = 0) -> PIL.Image.Image:
         """One generated glyph per character of `text`, side by side, evenly spaced, on one line.
 
@@ -181,8 +189,8 @@ class LatentPipeline(DiffusionPipeline):
         prompt: str | list[str] = "",
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 4.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         height: int | None = None,
@@ -198,8 +206,9 @@ class LatentPipeline(DiffusionPipeline):
             prompt: text(s) to draw; "" gives unconditional samples.
             negative_prompt: what guidance steers away from (default: the empty prompt).
             num_images_per_prompt: images per prompt.
-            num_inference_steps: scheduler steps.
-            guidance_scale: classifier-free guidance weight; <= 1 disables guidance (conditional only).
+            num_inference_steps: scheduler steps (default: the run's, `self.config.sampling`).
+            guidance_scale: classifier-free guidance weight; <= 1 disables guidance (conditional only)
+                (default: the run's tuned value, `self.config.sampling`).
             generator: torch.Generator(s) for reproducible noise.
             latents: start from these (B * num_images_per_prompt, C, h, w) noise latents instead.
             height, width: image size in pixels (default: the training size).
@@ -212,6 +221,7 @@ class LatentPipeline(DiffusionPipeline):
             LatentPipelineOutput with `.images`, or a 1-tuple of the images.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        num_inference_steps, guidance_scale = self.sampling_defaults(num_inference_steps, guidance_scale)
         if isinstance(negative_prompt, str):
             negative_prompt = [negative_prompt] * len(prompts)
         device = self._execution_device

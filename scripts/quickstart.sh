@@ -26,8 +26,8 @@ stage train-clip     train-clip     --config "$config" "${overrides[@]}"
 stage train-vae      train-vae      --config "$config" "${overrides[@]}"
 stage encode-dataset encode-dataset --config "$config" "${overrides[@]}"
 stage train-ldm      train-ldm      --config "$config" "${overrides[@]}"
+stage evaluate       evaluate       --config "$config" "${overrides[@]}"   # tunes the run's sampling defaults first
 stage generate       generate       --config "$config" "${overrides[@]}" --num 8 --out "$run_dir/samples/quickstart" --all-classes
-stage evaluate       evaluate       --config "$config" "${overrides[@]}"
 echo
 echo "=== wall time per stage"
 printf '%s\n' "${timings[@]}"

@@ -257,7 +257,7 @@ def test_evaluate_on_a_run_with_no_model_yet_says_what_to_run(tmp_path):
 
 
 def test_near_copy_rate_on_a_few_training_images():
-    from pipelines.evaluate import near_copy_rate
+    from pipelines.quality import near_copy_rate
 
     train = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     assert near_copy_rate(train[:2].clone(), train) == 1.0  # 4 neighbours instead of 50

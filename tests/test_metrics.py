@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.metrics import psnr, ssim
-from pipelines.evaluate import frechet_distance, mean_pairwise_distance, near_copy_rate
+from pipelines.quality import frechet_distance, mean_pairwise_distance, near_copy_rate
 
 
 def test_psnr_of_a_known_error_and_ssim_of_identical_images():

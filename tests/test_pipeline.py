@@ -181,3 +181,39 @@ def test_training_previews_and_the_pipeline_sample_the_same_way(tiny_run, pipe):
     images = pipe(prompts, num_images_per_prompt=2, num_inference_steps=3, guidance_scale=2.0,
                   generator=torch.Generator().manual_seed(5)).images
     assert [np.asarray(a).tobytes() for a in preview] == [np.asarray(b).tobytes() for b in images]
+
+
+def test_the_run_samples_with_its_own_defaults_unless_told(tiny_run, pipe, tmp_path):
+    """train-ldm saves the config's sampling settings in model_index.json; pipe(prompt) and write() use
+    them, an explicit argument wins, and a run saved before them falls back to 20 steps, guidance 4."""
+    assert pipe.config.sampling == {"num_inference_steps": 2, "guidance_scale": 2.0}  # configs/tiny.yaml's sample
+    default = run_pipe(pipe, output_type="np", num_inference_steps=None, guidance_scale=None)
+    assert np.array_equal(default, run_pipe(pipe, output_type="np", num_inference_steps=2, guidance_scale=2.0))
+    assert not np.array_equal(default, run_pipe(pipe, output_type="np", num_inference_steps=2, guidance_scale=5.0))
+    line = pipe.write("26", generator=torch.Generator().manual_seed(1))
+    assert np.array_equal(np.asarray(line), np.asarray(
+        pipe.write("26", num_inference_steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(1))))
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    index = json.loads((old / "model_index.json").read_text())
+    del index["sampling"]
+    (old / "model_index.json").write_text(json.dumps(index))
+    assert LatentPipeline.from_pretrained(old).config.sampling == {"num_inference_steps": 20, "guidance_scale": 4.0}
+
+
+def test_evaluate_tunes_the_runs_sampling_defaults_by_its_rule(tiny_run, tmp_path):
+    from pipelines.evaluate import main as evaluate_main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = tiny_config(run, "evaluate.tune=true", "evaluate.tune_guidance=[1.0, 2.0, 3.0]", "evaluate.tune_steps=[1, 2]",
+                         "evaluate.tune_images_per_class=2", "evaluate.tune_min_recognition=0.0")
+    results = evaluate_main(config)
+    tuning = json.loads((run / "sampling_tuning.json").read_text())
+    assert [(r["num_inference_steps"], r["guidance_scale"]) for r in tuning["table"]] == \
+        [(1, 1.0), (1, 2.0), (1, 3.0), (2, 1.0), (2, 2.0), (2, 3.0)]
+    best = min(tuning["table"], key=lambda r: (r["fd_ratio"], r["num_inference_steps"]))  # all reach 0% recognition
+    assert tuning["chosen"] == {"num_inference_steps": best["num_inference_steps"], "guidance_scale": best["guidance_scale"]}
+    assert json.loads((run / "model_index.json").read_text())["sampling"] == tuning["chosen"]
+    assert LatentPipeline.from_pretrained(run).config.sampling == tuning["chosen"]
+    assert (results["num_inference_steps"], results["guidance_scale"]) == tuple(tuning["chosen"].values())

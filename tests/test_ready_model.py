@@ -5,7 +5,7 @@ import torch
 from common.checkpoint import load_tensors
 from conftest import ROOT
 from pipelines import LatentPipeline
-from pipelines.evaluate import CLASSIFIER_FILE, DigitClassifier, classify
+from pipelines.quality import CLASSIFIER_FILE, DigitClassifier, classify
 
 READY = ROOT / "checkpoints" / "mnist"
 INFERENCE_PARTS = ["model_index.json", "vae", "text_encoder", "tokenizer", "unet", "scheduler",

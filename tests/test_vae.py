@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -79,3 +80,19 @@ def test_discriminator_and_adaptive_weight():
     gan = -PatchDiscriminator(1, 8, 1)(recon).mean()
     weight = adaptive_gan_weight(rec, gan, vae.decoder.conv_out.weight)
     assert weight.ndim == 0 and 0 < weight.item() < 1e4
+
+
+def test_the_latent_scale_is_measured_on_every_class():
+    """scaling_factor comes from a random sample of the training images, not the first ones: on the
+    class-ordered MNIST listing the first 2,048 are zeros to fours only."""
+    from common.config import DataConfig
+    from common.data import ImageDataset
+    from vae.reconstruct import scale_sample
+
+    train = ImageDataset(DataConfig(name="mnist"), "train")
+    chosen = scale_sample(len(train), 2048)
+    assert len(chosen) == 2048 == len(set(chosen)) and chosen == sorted(chosen)
+    counts = np.bincount([train.labels[i] for i in chosen], minlength=10)
+    assert counts.min() >= 150 and counts.max() <= 260  # about 205 of each digit
+    assert sorted({train.labels[i] for i in range(2048)}) == [0, 1, 2, 3, 4]  # what the first 2,048 would be
+    assert scale_sample(len(train), 2048) == chosen  # seeded

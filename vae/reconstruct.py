@@ -32,9 +32,16 @@ def reconstruction_metrics(vae: AutoencoderKL, dataset: ImageDataset, limit: int
             "images": sum(len(p) for p in psnrs)}
 
 
+def scale_sample(length: int, limit: int, seed: int = 0) -> list[int]:
+    """`limit` training images drawn at random (seeded), in ascending order: every class of a
+    class-ordered dataset, not the first ones (the first 2,048 MNIST digits are zeros to fours)."""
+    chosen = torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:limit]
+    return chosen.sort().values.tolist()
+
+
 @torch.no_grad()
 def latent_std(vae: AutoencoderKL, dataset: ImageDataset, limit: int, batch_size: int = 128) -> float:
-    """Std of posterior samples over `limit` training images: the LDM trains on latents / std.
+    """Std of posterior samples over `limit` random training images: the LDM trains on latents / std.
 
     As in Stable Diffusion, scaling_factor = 1 / std gives the diffusion model unit-variance inputs
     (Rombach et al. 2022, section 4.3.2); here it is measured, not hard-coded.
@@ -42,7 +49,7 @@ def latent_std(vae: AutoencoderKL, dataset: ImageDataset, limit: int, batch_size
     device = next(vae.parameters()).device
     generator = torch.Generator(device=device).manual_seed(0)
     total, total_sq, count = 0.0, 0.0, 0
-    for batch in image_batches(dataset, batch_size, limit):
+    for batch in image_batches(dataset, batch_size, indices=scale_sample(len(dataset), limit)):
         latents = vae.encode(batch["pixel_values"].to(device)).latent_dist.sample(generator=generator).double()
         total, total_sq, count = total + latents.sum().item(), total_sq + latents.pow(2).sum().item(), count + latents.numel()
     mean = total / count

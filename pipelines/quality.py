@@ -1,0 +1,154 @@
+"""What `evaluate` measures with: a classifier trained on the run's own training split, and the measures
+built on it (recognition, Frechet distance in its features, diversity, near-copies of training images).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.checkpoint import load_tensors, save_tensors
+from common.config import AugmentConfig, Config, EvalConfig
+from common.data import ImageDataset, augment_batch, image_batches
+from common.run import RunFolder
+
+CLASSIFIER_FILE = "classifier.safetensors"
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN; its 128-d penultimate layer is the feature space of the Frechet distance."""
+
+    VERSION = 2  # part of the cache key: a changed architecture retrains
+
+    def __init__(self, channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *block(channels, width), nn.MaxPool2d(2),  # (N, 32, H/2, W/2)
+            *block(width, 2 * width), nn.MaxPool2d(2),  # (N, 64, H/4, W/4)
+            *block(2 * width, 4 * width), nn.MaxPool2d(2),  # (N, 128, H/8, W/8)
+            *block(4 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (N, 128)
+        )
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # -> logits (N, K), features (N, 128)
+        features = self.features(images)
+        return self.head(features), features
+
+
+def train_classifier(config: Config, train_set: ImageDataset, holdout_set: ImageDataset, device: torch.device) -> tuple[DigitClassifier, float]:
+    """Train the evaluator on the training split, or load it from run/evaluator/.
+
+    It always trains with small random shifts, rotations and zooms, whatever the dataset's own augmentation.
+    """
+    cfg: EvalConfig = config.evaluate
+    folder = RunFolder(config.run_dir).root / "evaluator"
+    model = DigitClassifier(config.data.channels, len(train_set.classes)).to(device)
+    key = {"dataset": train_set.fingerprint(), "steps": cfg.classifier_steps, "batch": cfg.classifier_batch_size,
+           "seed": config.seed, "classes": len(train_set.classes), "version": DigitClassifier.VERSION}
+    if (folder / CLASSIFIER_FILE).is_file():
+        tensors, meta = load_tensors(folder / CLASSIFIER_FILE)
+        if meta and meta.get("key") == key:
+            model.load_state_dict(tensors)
+            return model.eval(), meta["heldout_accuracy"]
+    torch.manual_seed(config.seed)
+    images, labels = real_images(train_set).to(device), torch.tensor(train_set.labels, device=device)
+    shifts = AugmentConfig(rotate_degrees=10, translate=0.1, scale=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=cfg.classifier_steps)
+    model.train()
+    for _ in range(cfg.classifier_steps):
+        batch = torch.randint(len(images), (cfg.classifier_batch_size,), device=device)
+        logits, _ = model(augment_batch(images[batch], shifts))
+        loss = F.cross_entropy(logits, labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    accuracy = classify(model, real_images(holdout_set), device)[0].eq(torch.tensor(holdout_set.labels)).float().mean().item()
+    save_tensors(folder / CLASSIFIER_FILE, model.state_dict(), {"key": key, "heldout_accuracy": accuracy})
+    return model, accuracy
+
+
+def real_images(dataset: ImageDataset) -> torch.Tensor:
+    """Every image of `dataset`, un-augmented: (N, C, H, W) in [-1, 1]."""
+    return torch.cat([b["pixel_values"] for b in image_batches(dataset, 256)])
+
+
+@torch.no_grad()
+def classify(model: DigitClassifier, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C, H, W) in [-1, 1] -> predicted labels (N,), features (N, 128)."""
+    labels, features = [], []
+    for start in range(0, len(images), 512):
+        logits, feats = model(images[start:start + 512].to(device))
+        labels.append(logits.argmax(1).cpu())
+        features.append(feats.cpu())
+    return torch.cat(labels), torch.cat(features)
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between two feature sets (Heusel et al. 2017)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    # Tr((S_a S_b)^(1/2)) = sum of the square roots of the eigenvalues of S_a S_b (real, >= 0 up to round-off)
+    sqrt_trace = torch.linalg.eigvals(cov_a @ cov_b).real.clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * sqrt_trace)
+
+
+def mean_pairwise_distance(features: torch.Tensor) -> float:
+    n = len(features)
+    if n < 2:
+        return float("nan")
+    return float(torch.cdist(features, features).sum() / (n * (n - 1)))
+
+
+def near_copy_rate(images: torch.Tensor, train_images: torch.Tensor, ratio: float = 1 / 3, neighbours: int = 50) -> float:
+    """Share of `images` whose nearest training image is much closer than the next `neighbours` ones.
+
+    An image counts as a near-copy when d(nearest) < ratio * mean d(2nd .. 51st nearest), in pixel
+    space: the relative test of Carlini et al. 2023 (Extracting training data from diffusion models).
+    """
+    flat_train = train_images.flatten(1).float()
+    neighbours = min(neighbours, len(flat_train) - 1)  # small datasets: compare with as many as there are
+    if neighbours < 1:
+        return float("nan")  # one training image: no ratio to test
+    copies = 0
+    for start in range(0, len(images), 256):
+        d = torch.cdist(images[start:start + 256].flatten(1).float(), flat_train)
+        nearest = d.topk(neighbours + 1, largest=False).values  # (n, 51), ascending
+        copies += (nearest[:, 0] < ratio * nearest[:, 1:].mean(1)).sum().item()
+    return copies / len(images)
+
+
+@torch.no_grad()
+def generate_for(pipe, prompts: list[str], per_prompt: int, seed: int, steps: int | None = None,
+                 guidance: float | None = None) -> torch.Tensor:
+    """`per_prompt` images for each prompt, in prompt order: (len(prompts) * per_prompt, C, H, W) in [-1, 1].
+    `steps`/`guidance`: None samples with the run's own defaults."""
+    images = []
+    generator = torch.Generator(pipe.device).manual_seed(seed)
+    for start in range(0, len(prompts), 4):  # a few prompts per batch bounds memory
+        chunk = prompts[start:start + 4]
+        out = pipe(chunk, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=generator, output_type="pt").images
+        images.append(out.cpu() * 2 - 1)
+    return torch.cat(images)
+
+
+def class_recognition(pipe, classifier: DigitClassifier, prompts: list[str], per_class: int, seed: int,
+                      device: torch.device, steps: int | None = None, guidance: float | None = None) -> dict:
+    """Generate `per_class` images for each class prompt (prompt k draws class k) and classify them."""
+    generated = generate_for(pipe, prompts, per_class, seed, steps, guidance)
+    labels = torch.arange(len(prompts)).repeat_interleave(per_class)
+    predicted, features = classify(classifier, generated, device)
+    correct = predicted.eq(labels)
+    return {"images": generated, "labels": labels, "features": features, "accuracy": correct.float().mean().item(),
+            "per_class": [correct[labels == k].float().mean().item() for k in range(len(prompts))]}
+
+
