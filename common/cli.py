@@ -16,20 +16,28 @@ from common.config_yaml import load_config
 from common.errors import UserError
 
 
-def build_parser(description: str, config_required: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+def build_parser(description: str, config_required: bool = True, example: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, epilog=f"example:\n  {example}" if example else None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=config_required, help="a YAML file in configs/")
+    parser.add_argument("--run", help="the run folder (the same as --set run_dir=...; default: checkpoints/<config name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set vae.max_steps=100 (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     return parser
 
 
-def run_cli(description: str, main: Callable[..., Any], argv: list[str] | None = None,
+def run_cli(doc: str, main: Callable[..., Any], argv: list[str] | None = None,
             add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
             config_required: bool = True) -> None:
-    """Parse `--config/--set/--dry-run` (plus a command's own arguments) and call `main(config, args)`."""
-    parser = build_parser(description, config_required)
+    """Parse `--config/--run/--set/--dry-run` (plus a command's own arguments) and call `main(config, args)`.
+
+    `doc` is the command module's docstring: its first line describes the command, its first indented
+    line is the example `--help` shows.
+    """
+    lines = doc.strip().splitlines()
+    example = next((line.strip() for line in lines[1:] if line.startswith("    ")), "")
+    parser = build_parser(lines[0], config_required, example)
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)
@@ -53,5 +61,5 @@ def resolve_config(args: argparse.Namespace) -> Config:
         path = saved if saved.is_file() else None
     config = load_config(path, args.overrides)
     if run:
-        config.run_dir = str(run)
+        config.run_dir = str(Path(run).expanduser())
     return config

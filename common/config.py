@@ -256,13 +256,18 @@ def validate(config: Config) -> None:
                 f"must be two numbers in [0, 1), got {stage.adam_betas}")
         for every in ("save_every", "sample_every", "log_every", "keep_checkpoints", "max_bad_steps"):
             require(getattr(stage, every) >= 1, f"{name}.{every}", f"must be >= 1, got {getattr(stage, every)}")
+    def require_levels(name: str, model: VAEConfig | LDMConfig) -> None:
+        """The widths, blocks per level and GroupNorm groups of the VAE or the UNet."""
+        channels, groups = model.block_out_channels, model.norm_num_groups
+        require(len(channels) >= 1 and all(c >= 1 for c in channels), f"{name}.block_out_channels",
+                f"must be a non-empty list of positive widths, got {channels}")
+        require(model.layers_per_block >= 1, f"{name}.layers_per_block", f"must be >= 1, got {model.layers_per_block}")
+        require(groups >= 1, f"{name}.norm_num_groups", f"must be >= 1, got {groups}")
+        require(all(c % groups == 0 for c in channels), f"{name}.norm_num_groups",
+                f"({groups}) must divide every {name}.block_out_channels {channels}")
+
     vae = config.vae
-    require(len(vae.block_out_channels) >= 1 and all(c >= 1 for c in vae.block_out_channels),
-            "vae.block_out_channels", f"must be a non-empty list of positive widths, got {vae.block_out_channels}")
-    require(vae.layers_per_block >= 1, "vae.layers_per_block", f"must be >= 1, got {vae.layers_per_block}")
-    require(vae.norm_num_groups >= 1, "vae.norm_num_groups", f"must be >= 1, got {vae.norm_num_groups}")
-    require(all(c % vae.norm_num_groups == 0 for c in vae.block_out_channels), "vae.norm_num_groups",
-            f"({vae.norm_num_groups}) must divide every vae.block_out_channels {vae.block_out_channels}")
+    require_levels("vae", vae)
     require(vae.latent_channels >= 1, "vae.latent_channels", f"must be >= 1, got {vae.latent_channels}")
     for key in ("kl_weight", "lpips_weight", "disc_weight"):
         require(getattr(vae, key) >= 0, f"vae.{key}", f"must be >= 0, got {getattr(vae, key)}")
@@ -287,18 +292,13 @@ def validate(config: Config) -> None:
     require(encode.batch_size >= 1, "encode.batch_size", f"must be >= 1, got {encode.batch_size}")
     require(encode.shard_size >= 1, "encode.shard_size", f"must be >= 1, got {encode.shard_size}")
     ldm = config.ldm
-    require(len(ldm.block_out_channels) >= 1 and all(c >= 1 for c in ldm.block_out_channels),
-            "ldm.block_out_channels", f"must be a non-empty list of positive widths, got {ldm.block_out_channels}")
-    require(ldm.layers_per_block >= 1, "ldm.layers_per_block", f"must be >= 1, got {ldm.layers_per_block}")
+    require_levels("ldm", ldm)
     require(ldm.attention_heads >= 1, "ldm.attention_heads", f"must be >= 1, got {ldm.attention_heads}")
     require(all(c % ldm.attention_heads == 0 for c in ldm.block_out_channels), "ldm.attention_heads",
             f"({ldm.attention_heads}) must divide every ldm.block_out_channels {ldm.block_out_channels}")
-    require(ldm.norm_num_groups >= 1, "ldm.norm_num_groups", f"must be >= 1, got {ldm.norm_num_groups}")
     require(0.0 <= ldm.cond_dropout <= 1.0, "ldm.cond_dropout", f"must be in [0, 1], got {ldm.cond_dropout}")
     require(len(ldm.cross_attention) == len(ldm.block_out_channels), "ldm.cross_attention",
             "must have one entry per ldm.block_out_channels")
-    require(all(c % ldm.norm_num_groups == 0 for c in ldm.block_out_channels), "ldm.norm_num_groups",
-            f"({ldm.norm_num_groups}) must divide every ldm.block_out_channels {ldm.block_out_channels}")
     require(ldm.num_train_timesteps >= 2, "ldm.num_train_timesteps", f"must be >= 2, got {ldm.num_train_timesteps}")
     for key in ("snr_gamma", "offset_noise"):
         require(getattr(ldm, key) >= 0, f"ldm.{key}", f"must be >= 0, got {getattr(ldm, key)}")

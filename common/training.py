@@ -79,6 +79,7 @@ class Trainer:
         self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)
         self._sums: dict[str, torch.Tensor | float] = {}
         self._count = 0
+        self.last_logged: dict[str, float] = {}  # the means of the last log line (the stage's final loss)
         self._signals = StopSignals()
         self._saved_step = -1
         self._progress = None
@@ -197,13 +198,16 @@ class Trainer:
             finite = torch.ones((), dtype=torch.bool, device=self.device)
         else:
             finite = torch.isfinite(norm)
-        if self.accelerator.scaler is None:  # fp16's GradScaler skips steps with inf gradients itself
-            inner = optimizer.optimizer
-            if inner.defaults.get("fused"):
-                inner.found_inf = (~finite).float()
-            elif not bool(finite):  # an unfused optimizer can only skip from the host
-                optimizer.zero_grad(set_to_none=True)
-                return finite
+        if self.accelerator.scaler is not None:  # fp16: GradScaler skips inf steps itself while it calibrates,
+            optimizer.step()                     # which is routine, not a sign of divergence
+            optimizer.zero_grad(set_to_none=True)
+            return torch.ones((), dtype=torch.bool, device=self.device)
+        inner = optimizer.optimizer
+        if inner.defaults.get("fused"):
+            inner.found_inf = (~finite).float()
+        elif not bool(finite):  # an unfused optimizer can only skip from the host
+            optimizer.zero_grad(set_to_none=True)
+            return finite
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return finite
@@ -241,7 +245,7 @@ class Trainer:
         if done % self.train.log_every and done != self.total_steps:
             return
         means = {k: float(v) / self._count for k, v in self._sums.items()}
-        self._sums, self._count = {}, 0
+        self._sums, self._count, self.last_logged = {}, 0, means
         lr = next(iter(self.optimizers.values())).param_groups[0]["lr"] if self.optimizers else 0.0
         self._progress.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
         self.write_log({"step": done, "lr": lr, **means})
@@ -264,6 +268,9 @@ class Trainer:
             self.save()
         if self.skipped_steps:
             self.print(f"[{self.stage}] skipped {self.skipped_steps} step(s) with a non-finite loss")
+        final = ", ".join(f"{k} {v:.4g}" for k, v in self.last_logged.items()) or "no step run"
+        self.print(f"[{self.stage}] trained to step {self.step} in {time.time() - self._started:.0f} s; "
+                   f"last logged: {final}; resume state in {self.state_dir}")
 
     def _stop_requested(self, step: int) -> bool:
         stop = self._signals.received is not None

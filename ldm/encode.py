@@ -122,7 +122,7 @@ def _write_manifest(run: RunFolder, dataset, key: str, vae_hash: str, dataset_ha
 
 
 def cli(argv: list[str] | None = None) -> None:
-    run_cli(__doc__.splitlines()[0], main, argv)
+    run_cli(__doc__, main, argv)
 
 
 if __name__ == "__main__":

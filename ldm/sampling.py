@@ -14,6 +14,7 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -24,8 +25,8 @@ from ldm.text import encode_text
 FALLBACK_SAMPLING = {"num_inference_steps": 20, "guidance_scale": 4.0}
 
 # called after each step with (step index, timestep, the scheduler's step output, latents before the
-# step, guided model output); returns the latents to continue from
-StepHook = Callable[[int, torch.Tensor, Any, torch.Tensor, torch.Tensor], torch.Tensor]
+# step, guided model output); returns replacements (or None): "latents", "prompt_embeds", "negative_prompt_embeds"
+StepHook = Callable[[int, torch.Tensor, Any, torch.Tensor, torch.Tensor], dict | None]
 
 
 def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str], device: torch.device,
@@ -57,14 +58,16 @@ def initial_latents(scheduler, shape: tuple[int, ...], dtype: torch.dtype, devic
 
 def guided_prediction(unet: UNet2DConditionModel, scheduler, latents: torch.Tensor, t: torch.Tensor,
                       prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
-                      guidance_scale: float) -> torch.Tensor:
-    """The guided model output: uncond + s * (cond - uncond); the conditional one alone without negatives."""
+                      guidance_scale: float, guidance_rescale: float = 0.0) -> torch.Tensor:
+    """The guided model output: uncond + s * (cond - uncond); the conditional one alone without negatives.
+    `guidance_rescale` > 0 pulls its std back towards the conditional output's (Lin et al. 2024, section 3.4)."""
     if negative_embeds is None:
         return unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=prompt_embeds).sample
     model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
     output = unet(model_input, t, encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds])).sample
     uncond, cond = output.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    guided = uncond + guidance_scale * (cond - uncond)
+    return rescale_noise_cfg(guided, cond, guidance_rescale) if guidance_rescale > 0 else guided
 
 
 def predicted_clean_latents(scheduler, step_output: Any, latents: torch.Tensor, model_output: torch.Tensor,
@@ -92,7 +95,8 @@ def predicted_clean_latents(scheduler, step_output: Any, latents: torch.Tensor, 
 def denoise(unet: UNet2DConditionModel, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor,
             negative_embeds: torch.Tensor | None, guidance_scale: float,
             generator: torch.Generator | list[torch.Generator] | None = None, on_step: StepHook | None = None,
-            progress: Callable[[Iterable], Iterable] = lambda steps: steps) -> torch.Tensor:
+            progress: Callable[[Iterable], Iterable] = lambda steps: steps, eta: float = 0.0,
+            guidance_rescale: float = 0.0) -> torch.Tensor:
     """Run the scheduler's timesteps (set beforehand with `set_timesteps`) from noisy `latents` to clean ones.
 
     Raises ValueError when the schedule repeats a timestep (multistep solvers then divide by a zero
@@ -104,12 +108,19 @@ def denoise(unet: UNet2DConditionModel, scheduler, latents: torch.Tensor, prompt
         raise ValueError(f"{type(scheduler).__name__} with {len(timesteps)} steps repeats {repeated} timestep(s) "
                          f"(the model was trained on {scheduler.config.num_train_timesteps}), which breaks the "
                          f"sampler; use fewer steps (e.g. {len(timesteps) - repeated - 1})")
-    # stochastic schedulers (DDPM, Euler ancestral, ...) draw their noise from the same generator
-    extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    # stochastic schedulers (DDPM, Euler ancestral, ...) draw their noise from the same generator; DDIM takes eta
+    accepts = inspect.signature(scheduler.step).parameters
+    extra = {k: v for k, v in (("generator", generator), ("eta", eta)) if k in accepts}
     for i, t in enumerate(progress(timesteps)):
-        model_output = guided_prediction(unet, scheduler, latents, t, prompt_embeds, negative_embeds, guidance_scale)
+        model_output = guided_prediction(unet, scheduler, latents, t, prompt_embeds, negative_embeds, guidance_scale,
+                                         guidance_rescale)
         step = scheduler.step(model_output, t, latents, **extra)
-        latents = step.prev_sample if on_step is None else on_step(i, t, step, latents, model_output)
+        before, latents = latents, step.prev_sample
+        if on_step is not None:
+            updates = on_step(i, t, step, before, model_output) or {}
+            latents = updates.get("latents", latents)
+            prompt_embeds = updates.get("prompt_embeds", prompt_embeds)
+            negative_embeds = updates.get("negative_prompt_embeds", negative_embeds)
     if not torch.isfinite(latents).all():
         raise FloatingPointError(f"sampling gave non-finite latents ({type(scheduler).__name__}, {len(timesteps)} steps, "
                                  f"guidance {guidance_scale}); try fewer steps, another scheduler or a lower guidance scale")

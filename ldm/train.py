@@ -156,7 +156,7 @@ def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_sche
 
 
 def cli(argv: list[str] | None = None) -> None:
-    run_cli(__doc__.splitlines()[0], main, argv)
+    run_cli(__doc__, main, argv)
 
 
 if __name__ == "__main__":

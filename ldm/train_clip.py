@@ -143,7 +143,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    run_cli(__doc__.splitlines()[0], main, argv)
+    run_cli(__doc__, main, argv)
 
 
 if __name__ == "__main__":

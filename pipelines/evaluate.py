@@ -107,11 +107,10 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
 
 def cli(argv: list[str] | None = None) -> None:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--run", help="a run folder (default: the config's run_dir)")
         parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's own)")
         parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the run's tuned value)")
 
-    run_cli(__doc__.splitlines()[0], main, argv, add_arguments=add_arguments, config_required=False)
+    run_cli(__doc__, main, argv, add_arguments=add_arguments, config_required=False)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,6 @@ def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace, ou
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="*", help='prompts, e.g. "Draw a six"; none: unconditional samples')
-    parser.add_argument("--run", help="a run folder (default: the config's run_dir)")
     parser.add_argument("--all-classes", action="store_true", help="also one prompt per class of a class dataset")
     parser.add_argument("--num", type=int, default=4, help="images per prompt")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's own)")
@@ -154,7 +153,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    run_cli(__doc__.splitlines()[0], main, argv, add_arguments=add_arguments, config_required=False)
+    run_cli(__doc__, main, argv, add_arguments=add_arguments, config_required=False)
 
 
 if __name__ == "__main__":

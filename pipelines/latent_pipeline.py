@@ -22,6 +22,7 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -126,11 +127,28 @@ class LatentPipeline(DiffusionPipeline):
 
     # ---- the steps of __call__ -------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: list[str], device: torch.device, num_images_per_prompt: int,
-                      negative_prompt: list[str] | None, do_classifier_free_guidance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token states (B * num_images_per_prompt, L, D) for the prompts and, with guidance, the negatives."""
-        return encode_prompts(self.tokenizer, self.text_encoder, prompt, device, num_images_per_prompt,
-                              do_classifier_free_guidance, negative_prompt)
+    def encode_prompt(self, prompt: str | list[str] | None, device: torch.device, num_images_per_prompt: int,
+                      do_classifier_free_guidance: bool, negative_prompt: str | list[str] | None = None,
+                      prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token states for the prompts and, with guidance, the negatives, as StableDiffusionPipeline.encode_prompt:
+        (B * num_images_per_prompt, L, D) each; given `prompt_embeds` / `negative_prompt_embeds` (B, L, D) are used
+        as they are (and repeated per image). The negatives default to the empty prompt."""
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+            if negative_prompt_embeds is None:
+                return encode_prompts(self.tokenizer, self.text_encoder, prompts, device, num_images_per_prompt,
+                                      do_classifier_free_guidance, negatives)
+            prompt_embeds, _ = encode_prompts(self.tokenizer, self.text_encoder, prompts, device, 1, False)
+        prompt_embeds = prompt_embeds.to(device)
+        batch = len(prompt_embeds)
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) or negative_prompt is None else negative_prompt
+            negative_prompt_embeds, _ = encode_prompts(self.tokenizer, self.text_encoder, [n or "" for n in negatives],
+                                                       device, 1, False)
+        repeat = lambda embeds: embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)  # noqa: E731
+        return repeat(prompt_embeds), repeat(negative_prompt_embeds) if do_classifier_free_guidance else None
 
     def prepare_latents(self, batch_size: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
                         generator: torch.Generator | list[torch.Generator] | None,
@@ -150,8 +168,19 @@ class LatentPipeline(DiffusionPipeline):
     def check_inputs(self, prompts: list, negative_prompt: list[str] | None, num_inference_steps: int,
                      num_images_per_prompt: int, output_type: str, callback_tensor_inputs: list[str],
                      generator: Any, device: torch.device, guidance_scale: float = 1.0,
-                     height: int | None = None, width: int | None = None) -> None:
+                     height: int | None = None, width: int | None = None, prompt_embeds: torch.Tensor | None = None,
+                     negative_prompt_embeds: torch.Tensor | None = None) -> None:
         """Refuse arguments that cannot work, saying what to pass instead."""
+        if prompt_embeds is not None:
+            if prompts:
+                raise ValueError("pass either prompt or prompt_embeds, not both")
+            width_expected = self.text_encoder.config.hidden_size
+            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != width_expected:
+                raise ValueError(f"prompt_embeds must be (batch, tokens, {width_expected}), got {tuple(prompt_embeds.shape)}")
+            if negative_prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the shape of "
+                                 f"prompt_embeds {tuple(prompt_embeds.shape)}")
+            prompts = [""] * len(prompt_embeds)  # the batch size, for the checks below
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number (e.g. 1.75), got {guidance_scale!r}")
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -186,7 +215,7 @@ class LatentPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str] = "",
+        prompt: str | list[str] | None = "",
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         num_inference_steps: int | None = None,
@@ -199,6 +228,12 @@ class LatentPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        eta: float = 0.0,
+        guidance_rescale: float = 0.0,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
     ) -> LatentPipelineOutput | tuple:
         """Generate images for one prompt or a list of prompts.
 
@@ -215,37 +250,48 @@ class LatentPipeline(DiffusionPipeline):
             output_type: "pil", "np", "pt" (images in [0, 1]) or "latent".
             return_dict: return a LatentPipelineOutput rather than a tuple.
             callback_on_step_end: `fn(pipe, step_index, timestep, tensors) -> dict` after each step;
-                it may return replacements for the tensors named in `callback_on_step_end_tensor_inputs`.
+                it may return replacements for the tensors named in `callback_on_step_end_tensor_inputs`
+                (`latents`, `prompt_embeds`, `negative_prompt_embeds` are used from then on).
+            prompt_embeds, negative_prompt_embeds: (B, L, D) text states to use instead of `prompt` /
+                `negative_prompt` (see `encode_prompt`).
+            eta: DDIM's eta (Song et al. 2021): 0 is deterministic; ignored by schedulers without it.
+            guidance_rescale: rescales the guided output towards the conditional one's std (Lin et al.
+                2024, section 3.4); 0 disables it.
+            timesteps, sigmas: a custom schedule for schedulers whose `set_timesteps` accepts one.
 
         Returns:
             LatentPipelineOutput with `.images`, or a 1-tuple of the images.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [] if prompt is None or (prompt == "" and prompt_embeds is not None) else \
+            [prompt] if isinstance(prompt, str) else list(prompt)
         num_inference_steps, guidance_scale = self.sampling_defaults(num_inference_steps, guidance_scale)
         if isinstance(negative_prompt, str):
-            negative_prompt = [negative_prompt] * len(prompts)
+            negative_prompt = [negative_prompt] * (len(prompts) or (len(prompt_embeds) if prompt_embeds is not None else 0))
         device = self._execution_device
         self.check_inputs(prompts, negative_prompt, num_inference_steps, num_images_per_prompt, output_type,
-                          list(callback_on_step_end_tensor_inputs), generator, device, guidance_scale, height, width)
+                          list(callback_on_step_end_tensor_inputs), generator, device, guidance_scale, height, width,
+                          prompt_embeds, negative_prompt_embeds)
         default_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or default_size, width or default_size
         guided = guidance_scale > 1.0
 
-        prompt_embeds, negative_embeds = self.encode_prompt(prompts, device, num_images_per_prompt, negative_prompt, guided)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = self.prepare_latents(len(prompts) * num_images_per_prompt, height, width, prompt_embeds.dtype,
-                                       device, generator, latents)
+        prompt_embeds, negative_embeds = self.encode_prompt(prompts, device, num_images_per_prompt, guided,
+                                                            negative_prompt, prompt_embeds, negative_prompt_embeds)
+        retrieve_timesteps(self.scheduler, None if timesteps or sigmas else num_inference_steps, device, timesteps, sigmas)
+        latents = self.prepare_latents(len(prompt_embeds), height, width, prompt_embeds.dtype, device, generator, latents)
 
-        def on_step(i: int, t: torch.Tensor, step: Any, before: torch.Tensor, noise_pred: torch.Tensor) -> torch.Tensor:
-            tensors = {"latents": step.prev_sample, "prompt_embeds": prompt_embeds,
-                       "negative_prompt_embeds": negative_embeds, "noise_pred": noise_pred}
+        embeds = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_embeds}  # as the callback leaves them
+
+        def on_step(i: int, t: torch.Tensor, step: Any, before: torch.Tensor, noise_pred: torch.Tensor) -> dict:
+            tensors = {"latents": step.prev_sample, **embeds, "noise_pred": noise_pred}
             if "pred_original_sample" in callback_on_step_end_tensor_inputs:
                 tensors["pred_original_sample"] = predicted_clean_latents(self.scheduler, step, before, noise_pred, t)
-            outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
-            return outputs.get("latents", step.prev_sample) if outputs else step.prev_sample
+            outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs}) or {}
+            embeds.update({k: v for k, v in outputs.items() if k in embeds})
+            return outputs
 
         latents = denoise(self.unet, self.scheduler, latents, prompt_embeds, negative_embeds, guidance_scale, generator,
-                          on_step if callback_on_step_end is not None else None, self.progress_bar)
+                          on_step if callback_on_step_end is not None else None, self.progress_bar, eta, guidance_rescale)
         if output_type == "latent":
             images = latents
         else:

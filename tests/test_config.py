@@ -70,3 +70,22 @@ def test_cli_dry_run_prints_resolved_config_and_errors_are_one_line(tmp_path):
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2
     assert "unknown config key 'vae.typo'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_every_command_takes_run_config_and_set_the_same_way_and_shows_an_example():
+    for module, example in [("vae.train", "train-vae --config"), ("ldm.train_clip", "train-clip --config"),
+                            ("ldm.encode", "encode-dataset --config"), ("ldm.train", "train-ldm --config"),
+                            ("pipelines.generate", "generate --run"), ("pipelines.evaluate", "evaluate --config")]:
+        out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT).stdout
+        assert all(flag in out for flag in ("--config", "--run", "--set", "--dry-run")), module
+        assert f"example:\n  {example}" in out, module
+
+
+def test_run_is_the_run_dir_and_the_stage_ends_with_a_summary(tmp_path):
+    run = tmp_path / "by-run"
+    done = subprocess.run([sys.executable, "-m", "vae.train", "--config", str(TINY), "--run", str(run),
+                           "--set", "vae.max_steps=2"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (run / "vae" / "config.json").is_file() and yaml.safe_load((run / "config.yaml").read_text())["run_dir"] == str(run)
+    summary = [line for line in done.stdout.splitlines() if line.startswith("[vae] trained to step 2 in ")]
+    assert len(summary) == 1 and "last logged: rec " in summary[0], done.stdout[-2000:]

@@ -34,10 +34,10 @@ def test_seeded_generation_is_deterministic_and_seeds_differ(pipe):
 
 def test_guidance_scale_one_is_the_conditional_prediction_alone(pipe):
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    text = pipe.encode_prompt(["Draw a six"], "cpu", 1, None, False)[0]
+    text = pipe.encode_prompt(["Draw a six"], "cpu", 1, False)[0]
     t = pipe.scheduler.timesteps[0] if pipe.scheduler.timesteps is not None else torch.tensor(999)
     conditional = pipe.unet(noise, t, encoder_hidden_states=text).sample
-    guided, negative = pipe.encode_prompt(["Draw a six"], "cpu", 1, None, True)
+    guided, negative = pipe.encode_prompt(["Draw a six"], "cpu", 1, True)
     at_one = pipe.predict_noise(noise, t, guided, negative, guidance_scale=1.0)
     assert torch.allclose(at_one, conditional, atol=1e-5)
     # and the pipeline skips the unconditional half altogether at <= 1
@@ -217,3 +217,59 @@ def test_evaluate_tunes_the_runs_sampling_defaults_by_its_rule(tiny_run, tmp_pat
     assert json.loads((run / "model_index.json").read_text())["sampling"] == tuning["chosen"]
     assert LatentPipeline.from_pretrained(run).config.sampling == tuning["chosen"]
     assert (results["num_inference_steps"], results["guidance_scale"]) == tuple(tuning["chosen"].values())
+
+
+def test_prompt_embeds_are_the_prompt_encode_prompt_as_stable_diffusion(pipe):
+    prompt_embeds, negative = pipe.encode_prompt("Draw a six", "cpu", 2, True, negative_prompt="Draw a one")
+    assert prompt_embeds.shape == negative.shape == (2, 16, 32)  # repeated per image, as StableDiffusionPipeline does
+    one, one_negative = pipe.encode_prompt(["Draw a six"], "cpu", 1, True, "Draw a one")
+    by_text = run_pipe(pipe, "Draw a six", negative_prompt="Draw a one", output_type="np")
+    by_embeds = run_pipe(pipe, None, prompt_embeds=one, negative_prompt_embeds=one_negative, output_type="np")
+    assert np.array_equal(by_text, by_embeds)
+    assert np.array_equal(run_pipe(pipe, "Draw a six", output_type="np"), run_pipe(pipe, None, prompt_embeds=one, output_type="np"))
+    with pytest.raises(ValueError, match="pass either prompt or prompt_embeds, not both"):
+        pipe("Draw a six", prompt_embeds=one)
+    with pytest.raises(ValueError, match=r"prompt_embeds must be \(batch, tokens, 32\), got \(1, 16\)"):
+        pipe(None, prompt_embeds=one[:, :, 0])
+
+
+def test_callback_tensors_are_used_from_then_on(pipe):
+    seven, _ = pipe.encode_prompt("Draw a seven", "cpu", 1, False)
+    plain = run_pipe(pipe, "Draw a six", output_type="np", num_inference_steps=3)
+    same = run_pipe(pipe, "Draw a six", output_type="np", num_inference_steps=3,
+                    callback_on_step_end=lambda p, i, t, tensors: tensors, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    assert np.array_equal(plain, same)
+    switched = run_pipe(pipe, "Draw a six", output_type="np", num_inference_steps=3,
+                        callback_on_step_end=lambda p, i, t, tensors: {"prompt_embeds": seven},
+                        callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    assert not np.array_equal(plain, switched)  # steps 2 and 3 denoised towards "Draw a seven"
+
+
+def test_eta_guidance_rescale_custom_timesteps_and_latent_output(pipe):
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = DDIMScheduler.from_config(original.config)
+        deterministic = run_pipe(pipe, output_type="np", num_inference_steps=4)
+        assert np.array_equal(deterministic, run_pipe(pipe, output_type="np", num_inference_steps=4, eta=0.0))
+        assert not np.array_equal(deterministic, run_pipe(pipe, output_type="np", num_inference_steps=4, eta=1.0))
+    finally:
+        pipe.scheduler = original
+    plain = run_pipe(pipe, output_type="np")
+    assert np.array_equal(plain, run_pipe(pipe, output_type="np", guidance_rescale=0.0))
+    assert not np.array_equal(plain, run_pipe(pipe, output_type="np", guidance_rescale=0.7))
+    run_pipe(pipe, output_type="np", timesteps=[999, 600, 300, 1])
+    assert pipe.scheduler.timesteps.tolist() == [999, 600, 300, 1]
+    latents = run_pipe(pipe, output_type="latent")
+    assert latents.shape == (1, 4, 8, 8)
+
+
+def test_diffusion_pipeline_from_pretrained_with_the_custom_pipeline_keeps_the_class_table(tiny_run):
+    from diffusers import DiffusionPipeline
+
+    import pipelines.latent_pipeline
+
+    loaded = DiffusionPipeline.from_pretrained(tiny_run, custom_pipeline=pipelines.latent_pipeline.__file__,
+                                               trust_remote_code=True)
+    assert type(loaded).__name__ == "LatentPipeline"
+    assert [c["prompt"] for c in loaded.classes][:2] == ["Draw a zero", "Draw a one"]
+    assert loaded.config.sampling == {"num_inference_steps": 2, "guidance_scale": 2.0}

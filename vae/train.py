@@ -127,7 +127,7 @@ def export(trainer: Trainer, config: Config, train_set, holdout_set, grid_images
 
 
 def cli(argv: list[str] | None = None) -> None:
-    run_cli(__doc__.splitlines()[0], main, argv)
+    run_cli(__doc__, main, argv)
 
 
 if __name__ == "__main__":
