@@ -306,8 +306,8 @@ def validate(config: Config) -> None:
     latent_size = data.image_size // factor
     ldm_factor = 2 ** (len(ldm.block_out_channels) - 1)
     require(latent_size % ldm_factor == 0, "ldm.block_out_channels",
-            f"has {len(ldm.block_out_channels)} levels, so the latent size ({latent_size}) must be "
-            f"divisible by {ldm_factor}; use fewer levels or a larger image")
+            f"has {len(ldm.block_out_channels)} levels, so the latent size ({latent_size} = data.image_size "
+            f"{data.image_size} / the VAE factor {factor} of vae.block_out_channels) must be divisible by {ldm_factor}; use fewer levels or a larger image")
     sample = config.sample
     require(1 <= sample.num_inference_steps <= ldm.num_train_timesteps, "sample.num_inference_steps",
             f"must be in [1, ldm.num_train_timesteps = {ldm.num_train_timesteps}], got {sample.num_inference_steps}")
@@ -316,8 +316,10 @@ def validate(config: Config) -> None:
     require(bool(evaluation.tune_guidance) and all(g >= 0 for g in evaluation.tune_guidance), "evaluate.tune_guidance",
             f"must be a non-empty list of numbers >= 0, got {evaluation.tune_guidance}")
     require(bool(evaluation.tune_steps) and all(1 <= n <= ldm.num_train_timesteps for n in evaluation.tune_steps),
-            "evaluate.tune_steps", f"must be a non-empty list of steps in [1, {ldm.num_train_timesteps}], got {evaluation.tune_steps}")
-    require(0 <= evaluation.tune_min_recognition <= 1, "evaluate.tune_min_recognition", "must be in [0, 1]")
+            "evaluate.tune_steps", f"must be a non-empty list of steps in [1, ldm.num_train_timesteps = {ldm.num_train_timesteps}], "
+            f"got {evaluation.tune_steps}")
+    require(0 <= evaluation.tune_min_recognition <= 1, "evaluate.tune_min_recognition",
+            f"must be in [0, 1], got {evaluation.tune_min_recognition}")
     for key in ("images_per_class", "tune_images_per_class", "classifier_steps", "classifier_batch_size"):
         require(getattr(evaluation, key) >= 1, f"evaluate.{key}", f"must be >= 1, got {getattr(evaluation, key)}")
     for i, template in enumerate(evaluation.paraphrases):
