@@ -47,6 +47,11 @@ def _temporary(path: Path) -> str:
     return tmp
 
 
+def default_file_mode() -> int:
+    """The mode a plain open() would give a new file (0o666 less the umask); temp files get 0o600."""
+    return 0o666 & ~_umask()
+
+
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)

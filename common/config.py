@@ -50,6 +50,10 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes for folder datasets
 
 
+# accelerate's tracker names (accelerate.utils.LoggerType), kept here so loading a config imports no torch
+TRACKERS = ("all", "aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
+
+
 @dataclass
 class TrainConfig:
     """The optimisation loop every training stage shares."""
@@ -77,6 +81,11 @@ class TrainConfig:
     log_every: int = 10
     keep_checkpoints: int = 2
     max_bad_steps: int = 20  # consecutive non-finite losses before training stops
+    # experiment trackers (accelerate's log_with): "auto" is tensorboard when installed (logs in
+    # run/logs/<stage>/), "none", "all", or names such as "tensorboard,wandb"
+    report_to: str = "auto"
+    # start from trained weights: a run folder, or a diffusers-format folder of this stage's model
+    init_from: str = ""
 
 
 @dataclass
@@ -144,6 +153,10 @@ class LDMConfig(TrainConfig):
     offset_noise: float = 0.0  # Guttenberg 2023; 0 disables
     validation_prompts: list[str] = field(default_factory=list)  # empty: one prompt per class
     caption_variants: int = 0  # perturbed copies of each caption (made-up words inserted) to train on too
+    # LoRA (Hu et al. 2021) on the attention of the ldm.init_from UNet instead of training all of it;
+    # 0: full training. lora_alpha 0 means alpha = rank (scale 1)
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
 
 
 @dataclass
@@ -166,6 +179,9 @@ class EvalConfig:
     tune_steps: list[int] = field(default_factory=lambda: [20])
     tune_images_per_class: int = 20
     tune_min_recognition: float = 0.97
+    # caption datasets (no classes): how many held-out captions are drawn, one image each, for the
+    # CLIP score and the Frechet distance in the run's own CLIP image space
+    caption_images: int = 256
 
 
 @dataclass
@@ -254,6 +270,11 @@ def validate(config: Config) -> None:
         require(0.0 <= stage.ema_decay < 1.0, f"{name}.ema_decay", f"must be in [0, 1), got {stage.ema_decay}")
         require(len(stage.adam_betas) == 2 and all(0 <= b < 1 for b in stage.adam_betas), f"{name}.adam_betas",
                 f"must be two numbers in [0, 1), got {stage.adam_betas}")
+        trackers = [t.strip() for t in stage.report_to.split(",")]
+        require(all(t in ("auto", "none", *TRACKERS) for t in trackers) and (len(trackers) == 1 or "auto" not in trackers
+                and "none" not in trackers), f"{name}.report_to",
+                f"must be auto, none, all, or tracker names separated by commas ({', '.join(TRACKERS[1:])}); "
+                f"got {stage.report_to!r}")
         for every in ("save_every", "sample_every", "log_every", "keep_checkpoints", "max_bad_steps"):
             require(getattr(stage, every) >= 1, f"{name}.{every}", f"must be >= 1, got {getattr(stage, every)}")
     def require_levels(name: str, model: VAEConfig | LDMConfig) -> None:
@@ -303,6 +324,10 @@ def validate(config: Config) -> None:
     for key in ("snr_gamma", "offset_noise"):
         require(getattr(ldm, key) >= 0, f"ldm.{key}", f"must be >= 0, got {getattr(ldm, key)}")
     require(ldm.caption_variants >= 0, "ldm.caption_variants", f"must be >= 0, got {ldm.caption_variants}")
+    require(ldm.lora_rank >= 0, "ldm.lora_rank", f"must be >= 0 (0: no LoRA, train the whole UNet), got {ldm.lora_rank}")
+    require(ldm.lora_alpha >= 0, "ldm.lora_alpha", f"must be >= 0 (0: alpha = ldm.lora_rank), got {ldm.lora_alpha}")
+    require(ldm.lora_rank == 0 or bool(ldm.init_from), "ldm.lora_rank",
+            f"({ldm.lora_rank}) adapts a trained UNet: set ldm.init_from to its run folder, or ldm.lora_rank=0")
     latent_size = data.image_size // factor
     ldm_factor = 2 ** (len(ldm.block_out_channels) - 1)
     require(latent_size % ldm_factor == 0, "ldm.block_out_channels",
@@ -320,7 +345,7 @@ def validate(config: Config) -> None:
             f"got {evaluation.tune_steps}")
     require(0 <= evaluation.tune_min_recognition <= 1, "evaluate.tune_min_recognition",
             f"must be in [0, 1], got {evaluation.tune_min_recognition}")
-    for key in ("images_per_class", "tune_images_per_class", "classifier_steps", "classifier_batch_size"):
+    for key in ("images_per_class", "tune_images_per_class", "classifier_steps", "classifier_batch_size", "caption_images"):
         require(getattr(evaluation, key) >= 1, f"evaluate.{key}", f"must be >= 1, got {getattr(evaluation, key)}")
     for i, template in enumerate(evaluation.paraphrases):
         problem = template_problem(template)

@@ -7,7 +7,10 @@ import os
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import TorchDynamoPlugin
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin
+
+from common.errors import UserError
 
 
 def resolve_mixed_precision(setting: str, key: str = "mixed_precision") -> str:
@@ -27,7 +30,26 @@ def resolve_mixed_precision(setting: str, key: str = "mixed_precision") -> str:
     return setting
 
 
-def make_accelerator(mixed_precision: str = "no", compile_mode: str = "auto") -> Accelerator:
+def resolve_trackers(setting: str, key: str = "report_to") -> list[str]:
+    """The experiment trackers a stage logs to: `auto` is TensorBoard when it is installed, `none` is
+    none; named ones must be installed (checked here, before the stage writes anything)."""
+    available = {str(t) for t in get_available_trackers()}
+    names = [name.strip() for name in setting.split(",")]
+    if names == ["auto"]:
+        return ["tensorboard"] if "tensorboard" in available else []
+    if names == ["none"]:
+        return []
+    if names == ["all"]:
+        return sorted(available)
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise UserError(f"config key '{key}' asks for {', '.join(missing)}, which is not installed: "
+                        f"pip install {' '.join(missing)}, or set {key}=none (or auto: TensorBoard when installed)")
+    return names
+
+
+def make_accelerator(mixed_precision: str = "no", compile_mode: str = "auto", trackers: list[str] | None = None,
+                     logging_dir: str | os.PathLike | None = None) -> Accelerator:
     """An Accelerator in `mixed_precision` (already resolved), on CUDA when there is a GPU; otherwise the
     CPU, where several processes started by `accelerate launch --multi_gpu` / torchrun train over gloo.
 
@@ -35,6 +57,7 @@ def make_accelerator(mixed_precision: str = "no", compile_mode: str = "auto") ->
     that run one after another in one process (a notebook, the tests) may each want their own, so
     that state is reset here. The process group (accelerate's PartialState) is kept. An earlier
     stage's Accelerator reads the shared state too, so build each stage's when the stage starts.
+    `trackers` (see `resolve_trackers`) log under `logging_dir` once `init_trackers` is called.
     """
     dynamo = None if compile_mode == "auto" else TorchDynamoPlugin(
         backend="no" if compile_mode == "no" else "inductor", mode=None if compile_mode == "no" else compile_mode)
@@ -44,8 +67,10 @@ def make_accelerator(mixed_precision: str = "no", compile_mode: str = "auto") ->
     if torch.cuda.is_available():  # TF32 matmuls and convolutions: fp32 accuracy is not needed for training
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    project = ProjectConfiguration(project_dir=str(logging_dir), logging_dir=str(logging_dir)) if logging_dir else None
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
-                       step_scheduler_with_optimizer=False, dynamo_plugin=dynamo)
+                       step_scheduler_with_optimizer=False, dynamo_plugin=dynamo, log_with=trackers or None,
+                       project_config=project)
 
 
 def process_state() -> PartialState:

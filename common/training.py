@@ -33,13 +33,16 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
+import PIL.Image
 import torch
 from accelerate.utils import DynamoBackend
 from tqdm.auto import tqdm
 
 from common.checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, writable_folder
 from common.config import Config, TrainConfig, dump_config, to_dict
-from common.devices import make_accelerator, resolve_mixed_precision
+from common.tracking import hyperparameters, log_images, plot_curves
+from common.devices import make_accelerator, resolve_mixed_precision, resolve_trackers
+from common.images import save_image
 from common.errors import RunFolderError
 from common.loop import StopSignals, TrainingDiverged, TrainingInterrupted, ema_decay_at, ema_tensors, lr_factor, update_ema
 from common.run import RunFolder, RunLock
@@ -56,12 +59,13 @@ INPUT_CHANGES = {  # why an input of a stage changes, for the message when a che
 class Trainer:
     def __init__(self, stage: str, config: Config, train: TrainConfig):
         self.stage, self.config, self.train = stage, config, train
+        self.run = RunFolder(writable_folder(config.run_dir, "run_dir"))
+        self.trackers = resolve_trackers(train.report_to, f"{stage}.report_to")
         self.accelerator = make_accelerator(resolve_mixed_precision(train.mixed_precision, f"{stage}.mixed_precision"),
-                                            train.compile)
+                                            train.compile, self.trackers, self.run.logs)
         self.device = self.accelerator.device
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
-        self.run = RunFolder(writable_folder(config.run_dir, "run_dir"))
         self.state_dir = self.run.train_state(stage)
         self.inputs: dict[str, str] = {}  # fingerprints of what this stage is built from (record_inputs)
         self._lock = RunLock(self.run.root, stage)
@@ -77,6 +81,7 @@ class Trainer:
         # a step never waits for the GPU (see optimizer_step)
         self._bad_in_row = torch.zeros((), dtype=torch.int64, device=self.device)
         self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._grad_norms: dict[str, torch.Tensor] = {}  # each model's last gradient norm, on the device
         self._sums: dict[str, torch.Tensor | float] = {}
         self._count = 0
         self.last_logged: dict[str, float] = {}  # the means of the last log line (the stage's final loss)
@@ -98,7 +103,10 @@ class Trainer:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._lock.__exit__(*exc)
+        try:
+            self.accelerator.end_training()  # flush and close the trackers, however the stage ended
+        finally:
+            self._lock.__exit__(*exc)
 
     def record_inputs(self, **fingerprints: str) -> None:
         """What this stage is built from (the dataset, the latent cache, the text encoder). Checkpoints
@@ -159,6 +167,8 @@ class Trainer:
         self.total_steps = total_steps
         if self.is_main:  # every input has been checked by now: a command that failed them wrote nothing
             self.run.save_config(self.config)
+        if self.trackers:  # TensorBoard & co: run/logs/<stage>/, with the config as hyperparameters
+            self.accelerator.init_trackers(self.stage, config=hyperparameters(self.config, self.stage))
         self._first_step_started = time.time()
         self._progress = tqdm(total=total_steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
                               disable=not self.accelerator.is_local_main_process, smoothing=0.05)
@@ -198,6 +208,7 @@ class Trainer:
             finite = torch.ones((), dtype=torch.bool, device=self.device)
         else:
             finite = torch.isfinite(norm)
+            self._grad_norms[name] = norm.detach()
         if self.accelerator.scaler is not None:  # fp16: GradScaler skips inf steps itself while it calibrates,
             optimizer.step()                     # which is routine, not a sign of divergence
             optimizer.zero_grad(set_to_none=True)
@@ -232,13 +243,16 @@ class Trainer:
             update_ema(ema, model, decay)
 
     def log(self, step: int, **values: float | torch.Tensor) -> None:
-        """Tick the progress bar; average values over `log_every` steps into the bar and logs/<stage>.jsonl."""
+        """Tick the progress bar; average values (and each model's gradient norm, before clipping) over
+        `log_every` steps into the bar, logs/<stage>.jsonl and the trackers."""
         self._progress.update(1)
         if self._first_step_started is not None:  # compilation, if any, happens in the first step
             self.print(f"\n[{self.stage}] first step took {time.time() - self._first_step_started:.1f} s"
                        f"{' (torch.compile included)' if self.compiled else ''}")
             self._first_step_started = None
-        for key, value in values.items():  # summed on the device; read once per log line
+        norms = {("grad_norm" if len(self.models) == 1 else f"grad_norm_{name}"): norm
+                 for name, norm in self._grad_norms.items()}
+        for key, value in {**values, **norms}.items():  # summed on the device; read once per log line
             self._sums[key] = self._sums.get(key, 0.0) + (value.detach().float() if torch.is_tensor(value) else value)
         self._count += 1
         done = step + 1
@@ -247,8 +261,17 @@ class Trainer:
         means = {k: float(v) / self._count for k, v in self._sums.items()}
         self._sums, self._count, self.last_logged = {}, 0, means
         lr = next(iter(self.optimizers.values())).param_groups[0]["lr"] if self.optimizers else 0.0
-        self._progress.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
+        self._progress.set_postfix({k: f"{v:.4g}" for k, v in means.items() if not k.startswith("grad_norm")},
+                                   refresh=False)
         self.write_log({"step": done, "lr": lr, **means})
+        if self.trackers:
+            self.accelerator.log({f"train/{k}": v for k, v in {"lr": lr, **means}.items()}, step=done)
+
+    def log_image(self, path: Path, image: PIL.Image.Image, step: int) -> Path:
+        """Save a sample grid as `path` and show it in the trackers (TensorBoard's Images tab) at `step`."""
+        save_image(image, path)
+        log_images(self.accelerator.trackers, f"samples/{self.stage}", image, step)
+        return path
 
     def save_if_due(self, step: int) -> None:
         """A checkpoint every `save_every` steps (never mid non-finite streak); on Ctrl-C/SIGTERM, save and exit."""
@@ -269,8 +292,11 @@ class Trainer:
         if self.skipped_steps:
             self.print(f"[{self.stage}] skipped {self.skipped_steps} step(s) with a non-finite loss")
         final = ", ".join(f"{k} {v:.4g}" for k, v in self.last_logged.items()) or "no step run"
+        curves = plot_curves(self.run.logs, self.run.root / "loss.png") if self.is_main else None
         self.print(f"[{self.stage}] trained to step {self.step} in {time.time() - self._started:.0f} s; "
-                   f"last logged: {final}; resume state in {self.state_dir}")
+                   f"last logged: {final}; resume state in {self.state_dir}"
+                   f"{f'; curves in {curves}' if curves else ''}"
+                   f"{f' and TensorBoard (tensorboard --logdir {self.run.logs})' if 'tensorboard' in self.trackers else ''}")
 
     def _stop_requested(self, step: int) -> bool:
         stop = self._signals.received is not None
@@ -283,8 +309,12 @@ class Trainer:
         return stop
 
     def write_log(self, record: dict) -> None:
+        """One record in logs/<stage>.jsonl; an event's numbers (a stage's final metrics) go to the trackers too."""
         if not self.is_main:
             return
+        if self.trackers and "event" in record:
+            self.accelerator.log({f"{record['event']}/{k}": v for k, v in record.items()
+                                  if k not in ("event", "step") and isinstance(v, (int, float))}, step=record.get("step"))
         self.run.logs.mkdir(parents=True, exist_ok=True)
         record = {"time": round(time.time() - self._started, 2), **record}
         with open(self.run.logs / f"{self.stage}.jsonl", "a", encoding="utf-8") as f:
@@ -367,3 +397,4 @@ class Trainer:
         saved_by = meta.get("world_size", 1)
         note = f" (saved by {saved_by} processes, resumed on {self.world_size})" if saved_by != self.world_size else ""
         self.print(f"[{self.stage}] resumed from {path} at step {self.step}{note}")
+

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
 
 from common.config import LDMConfig
+from common.errors import UserError
+from common.pretrained import adopt_architecture, forget_source_path, init_source
 
 # beta_start/beta_end of the two linear schedules: DDPM (Ho et al. 2020) and Stable Diffusion's
 BETA_RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
@@ -34,6 +38,49 @@ def build_unet(config: LDMConfig, latent_channels: int, latent_size: int, cross_
         attention_head_dim=config.attention_heads,
         norm_num_groups=config.norm_num_groups,
     )
+
+
+def initial_unet(config: LDMConfig, latent_channels: int, latent_size: int,
+                 cross_attention_dim: int) -> tuple[UNet2DConditionModel, str]:
+    """The UNet a run starts from: `ldm.init_from`'s (fine-tuning; its architecture replaces the config's)
+    or a new one. A UNet for other latents or another text encoder, or trained with another noise
+    schedule or prediction type, is refused. Returns it and a line for the log."""
+    if not config.init_from:
+        return build_unet(config, latent_channels, latent_size, cross_attention_dim), "new weights"
+    folder = init_source(config.init_from, "unet", "ldm.init_from", ("UNet2DConditionModel",))
+    unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    forget_source_path(unet)
+    c = unet.config
+    if c.in_channels != latent_channels or c.out_channels != latent_channels:
+        raise UserError(f"ldm.init_from: the UNet in {folder} denoises {c.in_channels}-channel latents, but this run's "
+                        f"VAE makes {latent_channels}-channel ones; start the run's VAE from the same base "
+                        f"(vae.init_from) or train a UNet from scratch")
+    if c.cross_attention_dim != cross_attention_dim:
+        raise UserError(f"ldm.init_from: the UNet in {folder} reads {c.cross_attention_dim}-wide text states, but this "
+                        f"run's text encoder gives {cross_attention_dim}; use the base's text encoder "
+                        f"(text_encoder.pretrained={config.init_from}, or clip.init_from)")
+    blocks = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+    if any(t not in blocks for t in c.down_block_types):
+        raise UserError(f"ldm.init_from: the UNet in {folder} has blocks {c.down_block_types}; this toolkit trains "
+                        f"UNets of {' and '.join(blocks)} only")
+    schedule = folder.parent / "scheduler" / "scheduler_config.json"
+    if schedule.is_file():  # a run or pipeline folder: the UNet learned this schedule's targets
+        saved = json.loads(schedule.read_text(encoding="utf-8"))
+        for key in ("prediction_type", "beta_schedule", "num_train_timesteps"):
+            if key in saved and saved[key] != getattr(config, key):
+                raise UserError(f"ldm.init_from: the UNet in {folder} was trained with {key}={saved[key]!r} ({schedule}), "
+                                f"but ldm.{key} is {getattr(config, key)!r}; set ldm.{key}={saved[key]}")
+    heads = c.attention_head_dim
+    note = adopt_architecture(config, {
+        "block_out_channels": list(c.block_out_channels), "layers_per_block": c.layers_per_block,
+        "cross_attention": [blocks[t] for t in c.down_block_types], "norm_num_groups": c.norm_num_groups,
+        **({"attention_heads": heads} if isinstance(heads, int) else {})}, "ldm")
+    levels = 2 ** (len(c.block_out_channels) - 1)
+    if latent_size % levels:
+        raise UserError(f"ldm.init_from: the UNet in {folder} has {len(c.block_out_channels)} levels, so the latent size "
+                        f"must be a multiple of {levels}; this run's latents are {latent_size}x{latent_size}")
+    unet.register_to_config(sample_size=latent_size)
+    return unet, f"weights from {folder} ({note})"
 
 
 def build_noise_scheduler(config: LDMConfig) -> DDPMScheduler:

@@ -13,20 +13,24 @@ are computed once per distinct caption. Writes `run/unet/` (EMA weights), `run/s
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from common.checkpoint import atomic_directory, folder_fingerprint
 from common.cli import run_cli
 from common.config import Config, LDMConfig
+from common.errors import UserError
+from common.run import RunFolder
 from common.data import ImageDataset, StepBatches, steps_for
-from common.images import prompt_grid, save_image
+from common.images import prompt_grid
 from common.loop import evaluating
 from common.training import Trainer
 from ldm.latents import LatentCache, fits_on, load_cache, vae_fingerprint
-from ldm.model import build_noise_scheduler, build_unet, diffusion_loss, inference_scheduler
+from ldm.lora import add_lora, merged, save_lora
+from ldm.model import build_noise_scheduler, diffusion_loss, inference_scheduler, initial_unet
 from ldm.sampling import sample_images
-from ldm.text import caption_variants, encode_text, load_text_encoder, text_encoder_fingerprint
+from ldm.text import caption_variants, encode_text, load_text_encoder, text_encoder_fingerprint, text_encoder_source
 from vae.model import load_vae
 
 
@@ -58,8 +62,14 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                       f"{'on ' + str(device) if train_latents.resident else 'memory-mapped from ' + str(run.latents)} "
                       f"({train_latents.nbytes / 2**20:.1f} MB)")
 
-        unet = trainer.add("unet", build_unet(cfg, latent_channels, latent_size, text_encoder.config.hidden_size), ema=True)
-        trainer.print(f"[ldm] UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
+        unet, origin = initial_unet(cfg, latent_channels, latent_size, text_encoder.config.hidden_size)  # ldm.init_from
+        if cfg.lora_rank:  # adapters on the attention only; the base's weights stay frozen
+            check_lora_base(config)
+            unet = add_lora(unet, cfg.lora_rank, cfg.lora_alpha)
+        unet = trainer.add("unet", unet, ema=True)
+        trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+        trainer.print(f"[ldm] UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
+                      f"{trainable / 1e6:.3f}M trained{f' (LoRA rank {cfg.lora_rank})' if cfg.lora_rank else ''}; {origin}")
         trainer.describe_batch()
         noise_scheduler = build_noise_scheduler(cfg)
         scaling_factor = vae.config.scaling_factor
@@ -88,8 +98,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                 if trainer.is_main and ((step + 1) % cfg.sample_every == 0 or step + 1 == total_steps):
                     path = run.samples / f"ldm-step{step + 1:06d}.png"
                     with evaluating(trainer.inference_model("unet")) as ema_unet:
-                        save_image(sample_sheet(vae, tokenizer, text_encoder, ema_unet, noise_scheduler,
-                                                validation_prompts, config), path)
+                        trainer.log_image(path, sample_sheet(vae, tokenizer, text_encoder, ema_unet, noise_scheduler,
+                                                             validation_prompts, config), step + 1)
                     trainer.print(f"\n[ldm] samples at step {step + 1}: {path}")
                 trainer.save_if_due(step)
         trainer.save_final()
@@ -119,6 +129,20 @@ def training_batch(cache: LatentCache, rows: torch.Tensor, caption_states: torch
     return latents, caption_states[chosen.to(device), variant.to(device)]
 
 
+def check_lora_base(config: Config) -> None:
+    """LoRA adapters are loaded into the base's pipeline, which decodes with the base's VAE and reads
+    prompts with its text encoder: this run must use the very same ones, or the adapters learn for
+    latents and text states that pipeline never makes."""
+    base = Path(config.ldm.init_from).expanduser()
+    ours = {"vae": RunFolder(config.run_dir).component("vae"), "text_encoder": Path(text_encoder_source(config)[0])}
+    for component, how in (("vae", f"vae.init_from={base} with vae.max_steps=0"),
+                           ("text_encoder", f"text_encoder.pretrained={base} instead of train-clip")):
+        if (base / component).is_dir() and folder_fingerprint(base / component) != folder_fingerprint(ours[component]):
+            raise UserError(f"ldm.lora_rank: this run's {component} ({ours[component]}) differs from the base's "
+                            f"({base / component}), so the adapters would not fit the base pipeline they load into. "
+                            f"Use the base's {component} unchanged ({how}), or fine-tune fully (ldm.lora_rank=0)")
+
+
 def sample_sheet(vae, tokenizer, text_encoder, unet, noise_scheduler, prompts: list[str], config: Config,
                  per_prompt: int = 8):
     """A labelled row of `per_prompt` samples for each prompt, from a fixed seed, with the inference sampler."""
@@ -132,6 +156,10 @@ def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_sche
     """Write the inference half of the run folder: unet (EMA), scheduler, text encoder copies, model_index."""
     run = trainer.run
     unet = trainer.inference_model("unet")
+    if config.ldm.lora_rank:  # the adapters alone for the base's pipeline, and the merged UNet for this run's
+        trainer.print(f"[ldm] LoRA weights: {save_lora(unet, run.root)} (pipe.load_lora_weights('{run.root}') "
+                      f"on the base {config.ldm.init_from})")
+        unet = merged(unet)
     with atomic_directory(run.component("unet")) as folder:
         unet.save_pretrained(folder, safe_serialization=True)
     scheduler = inference_scheduler(noise_scheduler)

@@ -6,7 +6,8 @@ Trains a byte-level BPE tokenizer on the captions, then transformers' `CLIPModel
 transformer and a ViT sized for the images) with CLIP's contrastive loss (Radford et al. 2021).
 Captions of the same class are all positives of each other, so a batch with several "Draw a six"
 images does not push identical texts apart. Writes `run/text_encoder/` (CLIPTextModel) and
-`run/tokenizer/` in the format of a pretrained CLIP, and reports zero-shot accuracy on the held-out
+`run/tokenizer/` in the format of a pretrained CLIP, the whole model (both towers, which `evaluate`
+scores captioned datasets with) in `run/clip/`, and reports zero-shot accuracy on the held-out
 split (each image against every class's prompts).
 """
 
@@ -17,11 +18,13 @@ import json
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, CLIPTextModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from common.checkpoint import atomic_directory, write_json
 from common.cli import run_cli
 from common.config import ClipConfig, Config
+from common.errors import UserError
+from common.pretrained import adopt_architecture, init_source
 from common.data import ImageDataset, StepBatches, augment_batch, image_batches, load_train_and_holdout, steps_for
 from common.training import Trainer
 from ldm.text import caption_variants, tokenize, train_tokenizer
@@ -37,6 +40,37 @@ def build_clip(cfg: ClipConfig, vocab_size: int, channels: int, image_size: int)
                   num_channels=channels, image_size=image_size, patch_size=cfg.patch_size,
                   projection_dim=cfg.projection_dim)
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
+
+
+def initial_clip(config: Config, captions: list[str]) -> tuple[CLIPModel, CLIPTokenizer, str]:
+    """The CLIP and tokenizer a run starts from: `clip.init_from`'s (a run's `clip/` and `tokenizer/`, or a
+    transformers CLIPModel folder with its tokenizer; the architecture replaces the config's), or a new
+    model with a tokenizer learned from `captions`. Returns them and a line for the log."""
+    cfg, data = config.clip, config.data
+    if not cfg.init_from:
+        tokenizer = train_tokenizer(captions, cfg.vocab_size, cfg.max_length)
+        return build_clip(cfg, len(tokenizer), data.channels, data.image_size), tokenizer, "new weights"
+    folder = init_source(cfg.init_from, "clip", "clip.init_from", ("CLIPModel", "clip"),
+                         hint=f". To keep a run's text encoder as it is instead, skip train-clip and set "
+                              f"text_encoder.pretrained={cfg.init_from}")
+    tokenizer_folder = folder.parent / "tokenizer" if (folder.parent / "tokenizer").is_dir() else folder
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        raise UserError(f"clip.init_from: no CLIP tokenizer in {tokenizer_folder}; the text tower needs the token "
+                        f"ids it was trained with") from None
+    model = CLIPModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    vision, text = model.config.vision_config, model.config.text_config
+    if vision.num_channels != data.channels or vision.image_size != data.image_size:
+        raise UserError(f"clip.init_from: the CLIP in {folder} sees {vision.image_size}x{vision.image_size}x"
+                        f"{vision.num_channels} images, but this run's are {data.image_size}x{data.image_size}x"
+                        f"{data.channels} (data.image_size, data.channels); its position embeddings fit one size only")
+    note = adopt_architecture(cfg, {
+        "vocab_size": text.vocab_size, "max_length": text.max_position_embeddings, "text_hidden": text.hidden_size,
+        "text_layers": text.num_hidden_layers, "text_heads": text.num_attention_heads, "vision_hidden": vision.hidden_size,
+        "vision_layers": vision.num_hidden_layers, "vision_heads": vision.num_attention_heads,
+        "patch_size": vision.patch_size, "projection_dim": model.config.projection_dim}, "clip")
+    return model, tokenizer, f"weights and tokenizer from {folder} ({note})"
 
 
 def contrastive_loss(logits_per_image: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -76,9 +110,9 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
 
         train_set, holdout_set = load_train_and_holdout(config.data)
         trainer.record_inputs(dataset=train_set.fingerprint())
-        tokenizer = train_tokenizer(train_set.captions, cfg.vocab_size, cfg.max_length)
+        clip_model, tokenizer, origin = initial_clip(config, train_set.captions)  # clip.init_from: fine-tune
         trainer.print(f"[clip] {len(train_set)} images, {len(train_set.captions)} distinct captions, "
-                      f"vocabulary {len(tokenizer)} tokens")
+                      f"vocabulary {len(tokenizer)} tokens; {origin}")
         # every caption and its perturbed variants, tokenized once: (K, V + 1, L)
         variants = caption_variants(tokenizer, train_set.captions, cfg.caption_variants, config.seed)
         caption_ids = tokenize(tokenizer, [v for group in variants for v in group]).input_ids
@@ -86,7 +120,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         captions_per_image = [torch.tensor(ids) for ids in train_set.caption_ids]
         labels = torch.tensor(train_set.labels)
 
-        model = trainer.add("clip", build_clip(cfg, len(tokenizer), config.data.channels, config.data.image_size))
+        model = trainer.add("clip", clip_model)
         trainer.describe_batch()
         total_steps = steps_for(cfg.max_steps, cfg.epochs, len(train_set), trainer.global_batch)
         start = trainer.resume()
@@ -132,12 +166,14 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                 text_encoder.save_pretrained(folder, safe_serialization=True)
             with atomic_directory(run.component("tokenizer")) as folder:
                 tokenizer.save_pretrained(folder)
+            with atomic_directory(run.component("clip")) as folder:  # both towers: evaluate's CLIP score
+                clip.save_pretrained(folder, safe_serialization=True)
             results = {"step": trainer.step, "zero_shot_accuracy": accuracy, "heldout_images": len(holdout_set),
                        "vocab_size": len(tokenizer)}
             trainer.write_log({"event": "final", **results})
             write_json(run.root / "clip_metrics.json", results)
             trainer.print(f"[clip] zero-shot accuracy on {len(holdout_set)} held-out images: {accuracy:.2%}")
-            trainer.print(f"[clip] saved {run.component('text_encoder')} and {run.component('tokenizer')}")
+            trainer.print(f"[clip] saved {run.component('text_encoder')}, {run.component('tokenizer')} and {run.component('clip')}")
         trainer.accelerator.wait_for_everyone()
         return results
 

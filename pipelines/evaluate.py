@@ -13,6 +13,9 @@
 - Memorization: the share of generated images that are near-copies of one training image
   (nearest-neighbour ratio test of Carlini et al. 2023), beside the same share for held-out images.
 
+Datasets with free captions (metadata.jsonl) have no classes to recognise: they get a CLIP score and
+a Frechet distance in the run's own CLIP space instead (pipelines/caption_quality.py).
+
 Images are sampled with the run's own defaults (`model_index.json` "sampling") unless `--steps` /
 `--guidance` are given. With `evaluate.tune: true` those defaults are first tuned (pipelines/tuning.py):
 the table goes to `run/sampling_tuning.json` and the chosen setting into `model_index.json`.
@@ -29,8 +32,8 @@ from common.checkpoint import writable_folder, write_json
 from common.cli import run_cli
 from common.config import Config, dump_config
 from common.data import class_prompt, load_train_and_holdout
-from common.errors import UserError
 from common.run import RunFolder
+from pipelines.caption_quality import caption_quality
 from pipelines.generate import load_pipeline
 from pipelines.quality import (class_recognition, classify, frechet_distance, generate_for, mean_pairwise_distance,
                                near_copy_rate, real_images, train_classifier)
@@ -45,11 +48,11 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(dump_config(config))
     train_set, holdout_set = load_train_and_holdout(config.data)
-    if not train_set.classes:
-        raise UserError("evaluate measures class datasets (recognition, paraphrases); this dataset has free captions only")
     pipe = load_pipeline(writable_folder(run.root, "run_dir"), device)  # a run with no model yet: a clear error
     pipe.set_progress_bar_config(disable=True)
     vae_metrics = reconstruction_metrics(pipe.vae.float(), holdout_set, len(holdout_set))
+    if not train_set.classes:  # free captions: no classifier, the run's own CLIP instead
+        return evaluate_captions(pipe, config, args, train_set, holdout_set, vae_metrics, started)
     classifier, ceiling = train_classifier(config, train_set, holdout_set, device)
     holdout, train_images = real_images(holdout_set), real_images(train_set)
     _, holdout_features = classify(classifier, holdout, device)
@@ -88,7 +91,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         items = [(template, k, prompt) for template in cfg.paraphrases for k, c in enumerate(train_set.classes)
                  if (prompt := class_prompt(c.fields, [template])) is not None]
         per_prompt = max(1, per_class // len(cfg.paraphrases))
-        para_images = generate_for(pipe, [prompt for _, _, prompt in items], per_prompt, config.seed + 1, steps, guidance)
+        para_images = generate_for(pipe, [prompt for _, _, prompt in items], per_prompt, config.seed + 1, steps, guidance,
+                                   desc="paraphrases")
         para_predicted = classify(classifier, para_images, device)[0].view(len(items), per_prompt)
         para_correct = para_predicted.eq(torch.tensor([k for _, k, _ in items])[:, None]).float()
         by_template = {t: para_correct[[i for i, item in enumerate(items) if item[0] == t]].mean().item()
@@ -102,6 +106,25 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     print(f"[evaluate] recognition {measured['accuracy']:.1%} (weakest: {weakest} {by_name[weakest]:.0%}), "
           f"FD ratio {results['frechet']['ratio']:.2f}, diversity {results['diversity']['relative']:.2f}, "
           f"at {steps} steps, guidance {guidance}; written to {run.root / 'eval.json'}")
+    return results
+
+
+def evaluate_captions(pipe, config: Config, args, train_set, holdout_set, vae_metrics: dict, started: float) -> dict:
+    """CLIP score and Frechet distance in the run's CLIP space, for datasets without classes."""
+    run = RunFolder(config.run_dir)
+    if config.evaluate.tune:
+        print("[evaluate] evaluate.tune picks sampling defaults by class recognition; this dataset has no classes, "
+              "so the run keeps its defaults")
+    steps, guidance = pipe.sampling_defaults(getattr(args, "steps", None), getattr(args, "guidance", None))
+    results = {"run": str(run.root), "sampler": type(pipe.scheduler).__name__, "num_inference_steps": steps,
+               "guidance_scale": guidance, "vae": {"heldout_psnr": vae_metrics["psnr"], "heldout_ssim": vae_metrics["ssim"]},
+               **caption_quality(pipe, config, train_set, holdout_set, steps, guidance),
+               "evaluation_seconds": time.time() - started}
+    print(write_json(run.root / "eval.json", results))
+    score, fd = results["clip_score"], results["frechet_clip"]
+    print(f"[evaluate] CLIP score {score['generated']:.1f} (real held-out {score['real_heldout']:.1f}, shuffled captions "
+          f"{score['real_shuffled_captions']:.1f}), CLIP-space FD ratio {fd['ratio']:.2f}, at {steps} steps, guidance "
+          f"{guidance}; relative measures for runs of this dataset; written to {run.root / 'eval.json'}")
     return results
 
 

@@ -22,6 +22,7 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
@@ -42,8 +43,11 @@ class LatentPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class LatentPipeline(DiffusionPipeline):
+class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Text-to-image latent diffusion with a VAE, a CLIP text encoder, a UNet and a scheduler.
+
+    LoRA adapters in diffusers' format (what `train-ldm` with `ldm.lora_rank` writes) load with
+    `load_lora_weights(folder)`, and `unload_lora_weights()` / `fuse_lora()` work as in Stable Diffusion.
 
     Args:
         vae: decodes latents to images (`scaling_factor` in its config).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm, trange
 
 from common.checkpoint import load_tensors, save_tensors
 from common.config import AugmentConfig, Config, EvalConfig
@@ -61,7 +62,7 @@ def train_classifier(config: Config, train_set: ImageDataset, holdout_set: Image
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=cfg.classifier_steps)
     model.train()
-    for _ in range(cfg.classifier_steps):
+    for _ in trange(cfg.classifier_steps, desc="evaluator classifier", dynamic_ncols=True, leave=False):
         batch = torch.randint(len(images), (cfg.classifier_batch_size,), device=device)
         logits, _ = model(augment_batch(images[batch], shifts))
         loss = F.cross_entropy(logits, labels[batch])
@@ -128,23 +129,26 @@ def near_copy_rate(images: torch.Tensor, train_images: torch.Tensor, ratio: floa
 
 @torch.no_grad()
 def generate_for(pipe, prompts: list[str], per_prompt: int, seed: int, steps: int | None = None,
-                 guidance: float | None = None) -> torch.Tensor:
+                 guidance: float | None = None, desc: str = "generate") -> torch.Tensor:
     """`per_prompt` images for each prompt, in prompt order: (len(prompts) * per_prompt, C, H, W) in [-1, 1].
-    `steps`/`guidance`: None samples with the run's own defaults."""
+    `steps`/`guidance`: None samples with the run's own defaults. A progress bar (with ETA) named `desc`."""
     images = []
     generator = torch.Generator(pipe.device).manual_seed(seed)
-    for start in range(0, len(prompts), 4):  # a few prompts per batch bounds memory
-        chunk = prompts[start:start + 4]
-        out = pipe(chunk, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                   generator=generator, output_type="pt").images
-        images.append(out.cpu() * 2 - 1)
+    with tqdm(total=len(prompts) * per_prompt, desc=desc, unit="img", dynamic_ncols=True, leave=False) as progress:
+        for start in range(0, len(prompts), 4):  # a few prompts per batch bounds memory
+            chunk = prompts[start:start + 4]
+            out = pipe(chunk, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                       generator=generator, output_type="pt").images
+            images.append(out.cpu() * 2 - 1)
+            progress.update(len(out))
     return torch.cat(images)
 
 
 def class_recognition(pipe, classifier: DigitClassifier, prompts: list[str], per_class: int, seed: int,
-                      device: torch.device, steps: int | None = None, guidance: float | None = None) -> dict:
+                      device: torch.device, steps: int | None = None, guidance: float | None = None,
+                      desc: str = "recognition") -> dict:
     """Generate `per_class` images for each class prompt (prompt k draws class k) and classify them."""
-    generated = generate_for(pipe, prompts, per_class, seed, steps, guidance)
+    generated = generate_for(pipe, prompts, per_class, seed, steps, guidance, desc)
     labels = torch.arange(len(prompts)).repeat_interleave(per_class)
     predicted, features = classify(classifier, generated, device)
     correct = predicted.eq(labels)

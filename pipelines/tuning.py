@@ -22,7 +22,7 @@ def tune_sampling(pipe, classifier: DigitClassifier, prompts: list[str], holdout
     for steps in cfg.tune_steps:
         for guidance in cfg.tune_guidance:
             measured = class_recognition(pipe, classifier, prompts, cfg.tune_images_per_class, config.seed + 2,
-                                         device, steps, guidance)
+                                         device, steps, guidance, desc=f"tune {steps} steps, guidance {guidance}")
             table.append({"num_inference_steps": steps, "guidance_scale": guidance,
                           "recognition": measured["accuracy"], "min_class": min(measured["per_class"]),
                           "fd_ratio": frechet_distance(measured["features"], holdout_features) / max(floor, 1e-12)})

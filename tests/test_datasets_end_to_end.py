@@ -1,14 +1,21 @@
 """The other dataset layouts through the whole chain: flowers (RGB class_index.jpg) and metadata.jsonl."""
 
+import json
+import shutil
+
 import numpy as np
+import pytest
 import torch
 
 from common.config_yaml import load_config
+from common.errors import UserError
 from conftest import ROOT, tiny_config
 from ldm.encode import main as encode_main
 from ldm.train import main as ldm_main
 from ldm.train_clip import main as clip_main
 from pipelines import LatentPipeline
+from pipelines.caption_quality import clip_score
+from pipelines.evaluate import main as evaluate_main
 from vae.train import main as vae_main
 
 FEW_STEPS = [f"{stage}.{key}={value}" for stage in ("vae", "clip", "ldm")
@@ -43,3 +50,25 @@ def test_metadata_jsonl_with_free_captions_end_to_end(jsonl_folder, tmp_path):
                   generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
     assert pipe.classes == []  # free captions: no class table, and write() says so
+
+    # evaluate: a CLIP score and a CLIP-space Frechet distance instead of class recognition
+    results = evaluate_main(tiny_config(tmp_path / "run", "data.name=", f"data.path={jsonl_folder}", "data.channels=3",
+                                        "data.max_per_class=0", "data.holdout_fraction=0.2", "evaluate.caption_images=2"))
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["clip_score"]["captions"] == 2 and saved["num_inference_steps"] == 2
+    assert {k: round(v, 6) for k, v in saved["clip_score"].items()} == {k: round(v, 6) for k, v in results["clip_score"].items()}
+    assert 0 <= saved["clip_score"]["generated"] <= 100 and saved["frechet_clip"]["train_vs_heldout_floor"] >= 0
+    assert "recognition" not in saved
+
+    # a run without the whole CLIP (trained before train-clip saved it) gets a clear error
+    shutil.rmtree(tmp_path / "run" / "clip")
+    with pytest.raises(UserError, match=r"evaluating a caption dataset needs the run's whole CLIP in .*/run/clip "
+                                        r"\(both towers\), which train-clip writes"):
+        evaluate_main(tiny_config(tmp_path / "run", "data.name=", f"data.path={jsonl_folder}", "data.channels=3",
+                                  "data.max_per_class=0", "data.holdout_fraction=0.2"))
+
+
+def test_clip_score_is_100_times_the_clamped_mean_cosine():
+    images = torch.tensor([[1.0, 0.0], [0.6, 0.8], [1.0, 0.0]])
+    texts = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]])  # cosines 1, 0.6, -1 (clamped to 0)
+    assert clip_score(images, texts) == pytest.approx(100 * (1 + 0.6 + 0) / 3, abs=1e-5)

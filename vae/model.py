@@ -15,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from common.config import VAEConfig
+from common.config import Config, VAEConfig
 from common.errors import RunFolderError, UserError
+from common.pretrained import adopt_architecture, forget_source_path, init_source
 
 
 def build_vae(config: VAEConfig, channels: int, image_size: int) -> AutoencoderKL:
@@ -35,6 +36,33 @@ def build_vae(config: VAEConfig, channels: int, image_size: int) -> AutoencoderK
         mid_block_add_attention=config.mid_attention,
         scaling_factor=1.0,  # measured from the data at the end of training
     )
+
+
+def initial_vae(config: Config) -> tuple[AutoencoderKL, str]:
+    """The VAE a run starts from: `vae.init_from`'s (fine-tuning; its architecture replaces the config's)
+    or a new one. Returns it and a line for the log."""
+    cfg, data = config.vae, config.data
+    if not cfg.init_from:
+        return build_vae(cfg, data.channels, data.image_size), "new weights"
+    folder = init_source(cfg.init_from, "vae", "vae.init_from", ("AutoencoderKL",))
+    vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    forget_source_path(vae)
+    c = vae.config
+    if c.in_channels != data.channels or c.out_channels != data.channels:
+        raise UserError(f"vae.init_from: the VAE in {folder} takes {c.in_channels}-channel images, but data.channels is "
+                        f"{data.channels}; set data.channels={c.in_channels} or start from another VAE")
+    factor = 2 ** (len(c.block_out_channels) - 1)
+    if data.image_size % factor:
+        raise UserError(f"vae.init_from: the VAE in {folder} downsamples by {factor}, which does not divide data.image_size "
+                        f"({data.image_size}); use an image size that is a multiple of {factor}")
+    if any(t != "DownEncoderBlock2D" for t in c.down_block_types):
+        raise UserError(f"vae.init_from: the VAE in {folder} has blocks {c.down_block_types}; this toolkit trains "
+                        f"AutoencoderKL with DownEncoderBlock2D/UpDecoderBlock2D blocks only")
+    note = adopt_architecture(cfg, {"block_out_channels": list(c.block_out_channels), "layers_per_block": c.layers_per_block,
+                                    "latent_channels": c.latent_channels, "norm_num_groups": c.norm_num_groups,
+                                    "mid_attention": c.mid_block_add_attention}, "vae")
+    vae.register_to_config(sample_size=data.image_size)
+    return vae, f"weights from {folder} ({note})"
 
 
 def load_vae(folder: Path) -> AutoencoderKL:

@@ -20,10 +20,9 @@ from common.checkpoint import atomic_directory, write_json
 from common.cli import run_cli
 from common.config import Config
 from common.data import StepBatches, augment_batch, load_train_and_holdout, spread_indices, steps_for
-from common.images import save_image
 from common.loop import evaluating
 from common.training import Trainer
-from vae.model import (AutoencoderWithPosterior, PatchDiscriminator, autoencoder_loss, build_perceptual_loss, build_vae,
+from vae.model import (AutoencoderWithPosterior, PatchDiscriminator, autoencoder_loss, build_perceptual_loss, initial_vae,
                        hinge_d_loss)
 from vae.reconstruct import latent_std, reconstruction_grid, reconstruction_metrics
 
@@ -50,8 +49,9 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         trainer.print(f"[vae] {len(train_set)} training images, {len(holdout_set)} held out, "
                       f"{config.data.image_size}x{config.data.image_size}x{config.data.channels}")
 
-        autoencoder = trainer.add("vae", AutoencoderWithPosterior(build_vae(cfg, config.data.channels, config.data.image_size)),
-                                  ema=True)
+        vae, origin = initial_vae(config)  # vae.init_from: fine-tune a trained VAE
+        trainer.print(f"[vae] {origin}")
+        autoencoder = trainer.add("vae", AutoencoderWithPosterior(vae), ema=True)
         last_layer = trainer.unwrap("vae").vae.decoder.conv_out.weight  # where the GAN weight is balanced
         use_gan = cfg.disc_start >= 0 and cfg.disc_weight > 0
         disc = trainer.add("disc", PatchDiscriminator(config.data.channels, cfg.disc_channels, cfg.disc_layers)) if use_gan else None
@@ -95,7 +95,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                 trainer.log(step, **terms)
                 if trainer.is_main and (step + 1) % cfg.sample_every == 0:
                     with evaluating(trainer.inference_model("vae")) as model:
-                        save_image(reconstruction_grid(model.vae, grid_images), run.samples / f"vae-step{step + 1:06d}.png")
+                        trainer.log_image(run.samples / f"vae-step{step + 1:06d}.png",
+                                          reconstruction_grid(model.vae, grid_images), step + 1)
                 trainer.save_if_due(step)
         trainer.save_final()
 
@@ -107,15 +108,18 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
 
 
 def export(trainer: Trainer, config: Config, train_set, holdout_set, grid_images: torch.Tensor) -> dict:
-    """Measure the latent scale, save `run/vae/`, report held-out PSNR/SSIM and a reconstruction grid."""
+    """Measure the latent scale (kept from vae.init_from when no step was trained), save `run/vae/`, report held-out PSNR/SSIM and a reconstruction grid."""
     run, cfg = trainer.run, config.vae
     vae = trainer.inference_model("vae").vae.eval()
-    scaling_factor = 1.0 / latent_std(vae, train_set, cfg.scale_images)
+    if cfg.init_from and trainer.step == 0:  # an untouched VAE (vae.max_steps=0) keeps the scale its UNet knows
+        scaling_factor = vae.config.scaling_factor
+    else:
+        scaling_factor = 1.0 / latent_std(vae, train_set, cfg.scale_images)
     vae.register_to_config(scaling_factor=scaling_factor)
     with atomic_directory(run.component("vae")) as folder:
         vae.save_pretrained(folder, safe_serialization=True)
     metrics = reconstruction_metrics(vae, holdout_set, cfg.eval_images)
-    grid_path = save_image(reconstruction_grid(vae, grid_images), run.samples / "vae-reconstructions.png")
+    grid_path = trainer.log_image(run.samples / "vae-reconstructions.png", reconstruction_grid(vae, grid_images), trainer.step)
     results = {"step": trainer.step, "heldout_psnr": metrics["psnr"], "heldout_ssim": metrics["ssim"],
                "heldout_images": metrics["images"], "scaling_factor": scaling_factor, "grid": str(grid_path)}
     trainer.write_log({"event": "final", **results})

@@ -1,0 +1,148 @@
+"""Fine-tuning (`<stage>.init_from`) and LoRA (`ldm.lora_rank`), from the tiny run as the base."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from common.checkpoint import folder_fingerprint
+from common.config import ConfigError
+from common.config_yaml import load_config
+from common.errors import UserError
+from conftest import tiny_config
+from ldm.encode import main as encode_main
+from ldm.lora import LORA_FILE
+from ldm.train import main as ldm_main
+from ldm.train_clip import main as clip_main
+from pipelines import LatentPipeline
+from vae.train import main as vae_main
+
+
+def reuse_base(run: Path, base: Path, *overrides: str):
+    """A run on the base's data that keeps the base's VAE and text encoder as they are."""
+    return tiny_config(run, f"text_encoder.pretrained={base}", f"vae.init_from={base}", "vae.max_steps=0",
+                       f"ldm.init_from={base}", *overrides)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_run, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("lora") / "run"
+    config = reuse_base(run, tiny_run, "ldm.lora_rank=4", "ldm.lr=0.05", "ldm.max_steps=2")
+    vae_main(config)
+    encode_main(config)
+    ldm_main(config)
+    return run
+
+
+def test_an_untrained_vae_copy_is_the_base_vae(lora_run, tiny_run):
+    assert folder_fingerprint(lora_run / "vae") == folder_fingerprint(tiny_run / "vae")  # scaling factor kept too
+
+
+def test_lora_weights_load_into_the_base_pipeline_and_unload(lora_run, tiny_run):
+    with safe_open(str(lora_run / LORA_FILE), "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+    # diffusers' format: unet.<module>.lora.down/up.weight on the attention projections only, rank 4
+    assert keys and all(k.startswith("unet.") and k.endswith((".lora.down.weight", ".lora.up.weight")) for k in keys)
+    assert {k.split(".")[-4] for k in keys} == {"to_q", "to_k", "to_v", "0"}
+    assert all(t.shape[0] == 4 for k, t in load_file(lora_run / LORA_FILE).items() if ".lora.down." in k)
+    assert json.loads(metadata["lora_adapter_metadata"])["unet.r"] == 4
+    base = LatentPipeline.from_pretrained(tiny_run)
+    tuned = LatentPipeline.from_pretrained(lora_run)  # the run itself: the UNet with the adapters merged
+    for p in (base, tuned):
+        p.set_progress_bar_config(disable=True)
+
+    def draw(p):
+        return p("Draw a six", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    before = draw(base)
+    base.load_lora_weights(lora_run)
+    with_lora = draw(base)
+    assert abs(with_lora - before).max() > 1e-3  # the adapters changed something
+    assert abs(with_lora - draw(tuned)).max() < 1e-4  # and exactly what the merged run does
+    base.unload_lora_weights()
+    assert (draw(base) == before).all()
+
+
+def test_only_the_adapters_trained(lora_run, tiny_run):
+    merged, original = load_file(lora_run / "unet" / "diffusion_pytorch_model.safetensors"), load_file(
+        tiny_run / "unet" / "diffusion_pytorch_model.safetensors")
+    assert merged.keys() == original.keys()  # a plain UNet: loads without peft
+    changed = {k for k in merged if not torch.equal(merged[k], original[k])}
+    assert changed and all(k.split(".")[-2] in ("to_q", "to_k", "to_v", "0") and "attn" in k for k in changed)
+
+
+def test_full_fine_tune_starts_from_the_base_unet(tiny_run, tmp_path):
+    config = reuse_base(tmp_path / "run", tiny_run, "ldm.max_steps=0", "ldm.block_out_channels=[16, 16]")
+    vae_main(config)
+    encode_main(config)
+    ldm_main(config)
+    assert folder_fingerprint(tmp_path / "run" / "unet") == folder_fingerprint(tiny_run / "unet")
+    # the architecture comes from the base, and the saved config says so
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.ldm.block_out_channels == tiny_config(tiny_run).ldm.block_out_channels == [32, 32]
+
+
+def test_clip_fine_tune_keeps_the_base_tokenizer(tiny_run, tmp_path):
+    clip_main(tiny_config(tmp_path / "run", f"clip.init_from={tiny_run}", "clip.max_steps=1", "clip.text_hidden=64"))
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").read_bytes() == (tiny_run / "tokenizer" / "tokenizer.json").read_bytes()
+    assert load_config(tmp_path / "run" / "config.yaml").clip.text_hidden == tiny_config(tiny_run).clip.text_hidden
+
+
+def test_bad_init_sources_are_refused_before_anything_is_written(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    cases = [
+        (vae_main, [f"vae.init_from={tmp_path / 'nowhere'}"],
+         f"vae.init_from='{tmp_path / 'nowhere'}' is not a folder; point it at a run folder, or at a diffusers-format "
+         f"vae folder (config.json and safetensors weights)"),
+        (vae_main, [f"vae.init_from={tiny_run / 'unet'}"],
+         f"vae.init_from: {tiny_run / 'unet' / 'config.json'} describes a UNet2DConditionModel, not a AutoencoderKL; "
+         f"point vae.init_from at the vae of a run"),
+        (vae_main, [f"vae.init_from={tiny_run}", "data.channels=3"],
+         f"vae.init_from: the VAE in {tiny_run / 'vae'} takes 1-channel images, but data.channels is 3; "
+         f"set data.channels=1 or start from another VAE"),
+        (clip_main, [f"clip.init_from={tiny_run}", "data.image_size=32"],
+         f"clip.init_from: the CLIP in {tiny_run / 'clip'} sees 16x16x1 images, but this run's are 32x32x1 "
+         f"(data.image_size, data.channels); its position embeddings fit one size only"),
+    ]
+    for main, overrides, message in cases:
+        with pytest.raises(UserError) as error:
+            main(tiny_config(run, *overrides))
+        assert str(error.value) == message
+        assert not (run / "vae").exists() and not (run / "clip").exists()
+
+
+def test_a_unet_trained_with_another_prediction_type_is_refused(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    for stage in ("vae", "latents"):  # the base's VAE and cache, to reach the UNet check quickly
+        shutil.copytree(tiny_run / stage, run / stage)
+    shutil.copytree(tiny_run / "train_state" / "vae", run / "train_state" / "vae")
+    config = tiny_config(run, f"ldm.init_from={tiny_run}", "ldm.prediction_type=epsilon", f"text_encoder.pretrained={tiny_run}")
+    with pytest.raises(UserError) as error:
+        ldm_main(config)
+    assert str(error.value) == (
+        f"ldm.init_from: the UNet in {tiny_run / 'unet'} was trained with prediction_type='v_prediction' "
+        f"({tiny_run / 'scheduler' / 'scheduler_config.json'}), but ldm.prediction_type is 'epsilon'; "
+        f"set ldm.prediction_type=v_prediction")
+    assert not (run / "unet").exists()
+
+
+def test_lora_needs_a_base_and_its_vae(tiny_run, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        tiny_config(tmp_path, "ldm.lora_rank=4")
+    assert str(error.value) == ("config key 'ldm.lora_rank' (4) adapts a trained UNet: set ldm.init_from to its run "
+                                "folder, or ldm.lora_rank=0")
+    run = tmp_path / "run"
+    config = tiny_config(run, f"ldm.init_from={tiny_run}", "ldm.lora_rank=4", f"text_encoder.pretrained={tiny_run}",
+                         "vae.max_steps=1")
+    vae_main(config)  # a VAE trained one step further: no longer the base's
+    encode_main(config)
+    with pytest.raises(UserError) as error:
+        ldm_main(config)
+    assert str(error.value) == (
+        f"ldm.lora_rank: this run's vae ({run / 'vae'}) differs from the base's ({tiny_run / 'vae'}), so the adapters "
+        f"would not fit the base pipeline they load into. Use the base's vae unchanged (vae.init_from={tiny_run} with "
+        f"vae.max_steps=0), or fine-tune fully (ldm.lora_rank=0)")
