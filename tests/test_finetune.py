@@ -29,17 +29,35 @@ def reuse_base(run: Path, base: Path, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_run, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("lora") / "run"
-    config = reuse_base(run, tiny_run, "ldm.lora_rank=4", "ldm.lr=0.05", "ldm.max_steps=2")
+def copied_base(tiny_run, tmp_path_factory) -> Path:
+    """A run with the base's VAE copied untouched (vae.max_steps=0) and its latents encoded: what
+    fine-tuning runs start from. Tests copy it."""
+    run = tmp_path_factory.mktemp("copied") / "run"
+    config = reuse_base(run, tiny_run)
     vae_main(config)
     encode_main(config)
-    ldm_main(config)
     return run
 
 
-def test_an_untrained_vae_copy_is_the_base_vae(lora_run, tiny_run):
-    assert folder_fingerprint(lora_run / "vae") == folder_fingerprint(tiny_run / "vae")  # scaling factor kept too
+def copy_run(source: Path, destination: Path) -> Path:
+    shutil.copytree(source, destination, ignore=shutil.ignore_patterns(".lock-*"))
+    return destination
+
+
+@pytest.fixture(scope="module")
+def lora_run(copied_base, tiny_run, tmp_path_factory) -> Path:
+    run = copy_run(copied_base, tmp_path_factory.mktemp("lora") / "run")
+    ldm_main(reuse_base(run, tiny_run, "ldm.lora_rank=4", "ldm.lr=0.05", "ldm.max_steps=2"))
+    return run
+
+
+def test_an_untrained_vae_copy_is_the_base_vae(copied_base, tiny_run):
+    assert folder_fingerprint(copied_base / "vae") == folder_fingerprint(tiny_run / "vae")  # scaling factor kept too
+
+
+def test_a_bare_diffusers_model_folder_is_a_source_too(tiny_run, tmp_path):
+    vae_main(tiny_config(tmp_path / "run", f"vae.init_from={tiny_run / 'vae'}", "vae.max_steps=0"))
+    assert folder_fingerprint(tmp_path / "run" / "vae") == folder_fingerprint(tiny_run / "vae")
 
 
 def test_lora_weights_load_into_the_base_pipeline_and_unload(lora_run, tiny_run):
@@ -75,14 +93,12 @@ def test_only_the_adapters_trained(lora_run, tiny_run):
     assert changed and all(k.split(".")[-2] in ("to_q", "to_k", "to_v", "0") and "attn" in k for k in changed)
 
 
-def test_full_fine_tune_starts_from_the_base_unet(tiny_run, tmp_path):
-    config = reuse_base(tmp_path / "run", tiny_run, "ldm.max_steps=0", "ldm.block_out_channels=[16, 16]")
-    vae_main(config)
-    encode_main(config)
-    ldm_main(config)
-    assert folder_fingerprint(tmp_path / "run" / "unet") == folder_fingerprint(tiny_run / "unet")
+def test_full_fine_tune_starts_from_the_base_unet(copied_base, tiny_run, tmp_path):
+    run = copy_run(copied_base, tmp_path / "run")
+    ldm_main(reuse_base(run, tiny_run, "ldm.max_steps=0", "ldm.block_out_channels=[16, 16]"))
+    assert folder_fingerprint(run / "unet") == folder_fingerprint(tiny_run / "unet")
     # the architecture comes from the base, and the saved config says so
-    saved = load_config(tmp_path / "run" / "config.yaml")
+    saved = load_config(run / "config.yaml")
     assert saved.ldm.block_out_channels == tiny_config(tiny_run).ldm.block_out_channels == [32, 32]
 
 
@@ -115,14 +131,10 @@ def test_bad_init_sources_are_refused_before_anything_is_written(tiny_run, tmp_p
         assert not (run / "vae").exists() and not (run / "clip").exists()
 
 
-def test_a_unet_trained_with_another_prediction_type_is_refused(tiny_run, tmp_path):
-    run = tmp_path / "run"
-    for stage in ("vae", "latents"):  # the base's VAE and cache, to reach the UNet check quickly
-        shutil.copytree(tiny_run / stage, run / stage)
-    shutil.copytree(tiny_run / "train_state" / "vae", run / "train_state" / "vae")
-    config = tiny_config(run, f"ldm.init_from={tiny_run}", "ldm.prediction_type=epsilon", f"text_encoder.pretrained={tiny_run}")
+def test_a_unet_trained_with_another_prediction_type_is_refused(copied_base, tiny_run, tmp_path):
+    run = copy_run(copied_base, tmp_path / "run")
     with pytest.raises(UserError) as error:
-        ldm_main(config)
+        ldm_main(reuse_base(run, tiny_run, "ldm.prediction_type=epsilon"))
     assert str(error.value) == (
         f"ldm.init_from: the UNet in {tiny_run / 'unet'} was trained with prediction_type='v_prediction' "
         f"({tiny_run / 'scheduler' / 'scheduler_config.json'}), but ldm.prediction_type is 'epsilon'; "
