@@ -35,14 +35,17 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # a built-in dataset (mnist, devanagari), or "" when `path` is set
+    name: str = "mnist"  # a built-in dataset (mnist, devanagari, letters), or "" when `path` is set
     path: str = ""  # a folder: class sub-folders, class_index.jpg files, or metadata.jsonl
     image_size: int = 32
     channels: int = 1  # 1 (grayscale) or 3 (RGB); every image is converted to this
     fit: Literal["pad", "crop", "stretch"] = "pad"  # how a non-square image becomes square
     holdout_fraction: float = 0.1  # the last fraction of each class, never trained on
     max_per_class: int = 0  # 0: all images
-    per_class: int = 2000  # images rendered per class by generated datasets (devanagari)
+    per_class: int = 2000  # images rendered per class by generated datasets (devanagari, letters)
+    # rendered datasets: hold out every image of this font (letters: "" = its last font; devanagari:
+    # "" = the last holdout_fraction of each class), so held-out images are a hand never trained on
+    holdout_font: str = ""
     seed: int = 0  # seed of generated datasets (a dataset does not change with the training seed)
     captions: list[str] = field(default_factory=list)  # templates; empty: the dataset's defaults
     augment: AugmentConfig = field(default_factory=AugmentConfig)
