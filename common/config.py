@@ -160,6 +160,10 @@ class EvalConfig:
     images_per_class: int = 100
     classifier_steps: int = 600
     classifier_batch_size: int = 128
+    # the split the evaluator classifier learns from; its accuracy on the other split is the ceiling.
+    # holdout: a rendered dataset's held-out font (data.holdout_font), so recognition asks whether the
+    # generated glyphs read as the characters to a reader of a hand the model never saw
+    classifier_trained_on: Literal["train", "holdout"] = "train"
     # prompts never used in training, for the paraphrase accuracy; {name}/{symbol} as in captions
     paraphrases: list[str] = field(default_factory=list)
     # tune the run's sampling defaults first (pipelines/tuning.py): every steps x guidance of the grid is
