@@ -239,6 +239,9 @@ def validate(config: Config) -> None:
     require(data.max_per_class >= 0, "data.max_per_class", f"must be >= 0 (0: all images), got {data.max_per_class}")
     require(data.per_class >= 1, "data.per_class", f"must be at least 1, got {data.per_class}")
     require(0 <= data.seed < 2**63, "data.seed", f"must be in [0, 2**63), got {data.seed}")
+    require(not data.holdout_font or data.name in ("letters", "devanagari"), "data.holdout_font",
+            f"({data.holdout_font!r}) holds out one font of a rendered dataset (data.name=letters or devanagari), "
+            f"not of {data.name or data.path!r}; leave it empty and use data.holdout_fraction")
     require(data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
     for i, template in enumerate(data.captions):
         problem = template_problem(template)

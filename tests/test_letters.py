@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common.data.letters as letters
-from common.config import DataConfig
+from common.config import ConfigError, DataConfig
 from common.config_yaml import load_config
 from common.data import ImageDataset, list_dataset
 from common.data.captions import class_prompt
@@ -86,6 +86,8 @@ def test_the_held_out_split_is_exactly_one_font():
         list_dataset(letters_config(holdout_font="comic-sans"))
     with pytest.raises(DatasetError, match="'permanent-marker' does not draw a b c .* z, so those classes"):
         list_dataset(letters_config(holdout_font="permanent-marker"))
+    with pytest.raises(ConfigError, match="config key 'data.holdout_font' \\('kalam'\\) holds out one font of a rendered dataset"):
+        tiny_config("run", "data.holdout_font=kalam")  # MNIST has no fonts
 
 
 def test_permanent_marker_draws_capitals_and_digits_only():
