@@ -35,14 +35,17 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # a built-in dataset (mnist, devanagari), or "" when `path` is set
+    name: str = "mnist"  # a built-in dataset (mnist, devanagari, letters), or "" when `path` is set
     path: str = ""  # a folder: class sub-folders, class_index.jpg files, or metadata.jsonl
     image_size: int = 32
     channels: int = 1  # 1 (grayscale) or 3 (RGB); every image is converted to this
     fit: Literal["pad", "crop", "stretch"] = "pad"  # how a non-square image becomes square
     holdout_fraction: float = 0.1  # the last fraction of each class, never trained on
     max_per_class: int = 0  # 0: all images
-    per_class: int = 2000  # images rendered per class by generated datasets (devanagari)
+    per_class: int = 2000  # images rendered per class by generated datasets (devanagari, letters)
+    # rendered datasets: hold out every image of this font (letters: "" = its last font; devanagari:
+    # "" = the last holdout_fraction of each class), so held-out images are a hand never trained on
+    holdout_font: str = ""
     seed: int = 0  # seed of generated datasets (a dataset does not change with the training seed)
     captions: list[str] = field(default_factory=list)  # templates; empty: the dataset's defaults
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -170,6 +173,10 @@ class EvalConfig:
     images_per_class: int = 100
     classifier_steps: int = 600
     classifier_batch_size: int = 128
+    # the split the evaluator classifier learns from; its accuracy on the other split is the ceiling.
+    # holdout: a rendered dataset's held-out font (data.holdout_font), so recognition asks whether the
+    # generated glyphs read as the characters to a reader of a hand the model never saw
+    classifier_trained_on: Literal["train", "holdout"] = "train"
     # prompts never used in training, for the paraphrase accuracy; {name}/{symbol} as in captions
     paraphrases: list[str] = field(default_factory=list)
     # tune the run's sampling defaults first (pipelines/tuning.py): every steps x guidance of the grid is
@@ -248,6 +255,9 @@ def validate(config: Config) -> None:
     require(data.max_per_class >= 0, "data.max_per_class", f"must be >= 0 (0: all images), got {data.max_per_class}")
     require(data.per_class >= 1, "data.per_class", f"must be at least 1, got {data.per_class}")
     require(0 <= data.seed < 2**63, "data.seed", f"must be in [0, 2**63), got {data.seed}")
+    require(not data.holdout_font or data.name in ("letters", "devanagari"), "data.holdout_font",
+            f"({data.holdout_font!r}) holds out one font of a rendered dataset (data.name=letters or devanagari), "
+            f"not of {data.name or data.path!r}; leave it empty and use data.holdout_fraction")
     require(data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
     for i, template in enumerate(data.captions):
         problem = template_problem(template)

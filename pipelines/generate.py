@@ -147,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="sampler (default: the run's, DPM-Solver++)")
     parser.add_argument("--seed", type=int, default=None, help="default: the config's seed")
     parser.add_argument("--out", default=None, help="output folder (default: RUN/samples/generate)")
-    parser.add_argument("--write", metavar="TEXT", help='also write TEXT as one line of generated glyphs, e.g. "2026"')
+    parser.add_argument("--write", metavar="TEXT", help='also write TEXT as one line of generated glyphs, e.g. "2026" or "Hello world"')
     parser.add_argument("--steps-grid", action="store_true", help="also the first prompt after 1, 2, 3, 5, 10, 20, 50 steps")
     parser.add_argument("--gif", action="store_true", help="also an animation of each prompt's denoising")
 

