@@ -38,7 +38,7 @@ from common.run import RunFolder
 from pipelines.caption_quality import caption_quality
 from pipelines.generate import load_pipeline
 from pipelines.quality import (class_recognition, classify, frechet_distance, generate_for, mean_pairwise_distance,
-                               near_copy_rate, real_images, train_classifier)
+                               near_copy_rate, real_images, shape_groups, train_classifier)
 from pipelines.tuning import tune_sampling
 from vae.reconstruct import reconstruction_metrics
 
@@ -66,7 +66,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
 
     results: dict = {"run": str(run.root)}
     if cfg.tune:  # the run's own sampling defaults, chosen by a stated rule and saved with the run
-        tuning = tune_sampling(pipe, classifier, prompts, holdout_features, floor, config, device)
+        tuning = tune_sampling(pipe, classifier, prompts, holdout_features, floor, config, device,
+                               shape_groups(train_set.classes))
         write_json(run.root / "sampling_tuning.json", tuning)
         run.update_model_index(sampling=tuning["chosen"])
         pipe.register_to_config(sampling=tuning["chosen"])
@@ -75,7 +76,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     results.update({"sampler": type(pipe.scheduler).__name__, "num_inference_steps": steps, "guidance_scale": guidance,
                     "vae": {"heldout_psnr": vae_metrics["psnr"], "heldout_ssim": vae_metrics["ssim"]}})
 
-    measured = class_recognition(pipe, classifier, prompts, per_class, config.seed, device, steps, guidance)
+    groups = shape_groups(train_set.classes)  # case pairs of one shape (C/c ...) count as one
+    measured = class_recognition(pipe, classifier, prompts, per_class, config.seed, device, steps, guidance, groups=groups)
     by_name = dict(zip(names, measured["per_class"]))
     results["recognition"] = {"accuracy": measured["accuracy"], "per_class": by_name, "min_class": min(by_name.values()),
                               "classifier_heldout_accuracy": ceiling,
@@ -97,7 +99,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         para_images = generate_for(pipe, [prompt for _, _, prompt in items], per_prompt, config.seed + 1, steps, guidance,
                                    desc="paraphrases")
         para_predicted = classify(classifier, para_images, device)[0].view(len(items), per_prompt)
-        para_correct = para_predicted.eq(torch.tensor([k for _, k, _ in items])[:, None]).float()
+        para_correct = groups[para_predicted].eq(groups[torch.tensor([k for _, k, _ in items])][:, None]).float()
         by_template = {t: para_correct[[i for i, item in enumerate(items) if item[0] == t]].mean().item()
                        for t in cfg.paraphrases}
         results["paraphrase"] = {"accuracy": para_correct.mean().item(), "per_template": by_template,

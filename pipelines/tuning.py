@@ -15,14 +15,15 @@ from pipelines.quality import DigitClassifier, class_recognition, frechet_distan
 
 
 def tune_sampling(pipe, classifier: DigitClassifier, prompts: list[str], holdout_features: torch.Tensor, floor: float,
-                  config: Config, device: torch.device) -> dict:
+                  config: Config, device: torch.device, groups: torch.Tensor | None = None) -> dict:
     """Measure every (steps, guidance) of the grid; returns the table, the rule and the chosen setting."""
     cfg = config.evaluate
     table = []
     for steps in cfg.tune_steps:
         for guidance in cfg.tune_guidance:
             measured = class_recognition(pipe, classifier, prompts, cfg.tune_images_per_class, config.seed + 2,
-                                         device, steps, guidance, desc=f"tune {steps} steps, guidance {guidance}")
+                                         device, steps, guidance, desc=f"tune {steps} steps, guidance {guidance}",
+                                         groups=groups)
             table.append({"num_inference_steps": steps, "guidance_scale": guidance,
                           "recognition": measured["accuracy"], "min_class": min(measured["per_class"]),
                           "fd_ratio": frechet_distance(measured["features"], holdout_features) / max(floor, 1e-12)})

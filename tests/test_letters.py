@@ -15,9 +15,11 @@ from common.config_yaml import load_config
 from common.data import ImageDataset, list_dataset
 from common.data.captions import class_prompt
 from common.data.glyph_render import hands_per_class, why_not_drawn
+from common.data.listing import ImageClass
 from common.errors import DatasetError
 from conftest import ROOT, tiny_config
 from pipelines.glyphs import LineLayout, lay_out_line, segment, vertical_role
+from pipelines.quality import shape_groups
 
 FONTS = ["caveat", "kalam", "shadows-into-light", "dancing-script", "permanent-marker", "indie-flower"]
 
@@ -132,6 +134,18 @@ def test_the_identity_changes_with_the_renderer_and_the_fonts(monkeypatch):
 
 def letters_table() -> list[dict]:
     return [{"key": key, "fields": letters.class_fields(key), "prompt": key} for key in letters.KEYS]
+
+
+def test_case_pairs_of_one_shape_count_as_one_in_recognition():
+    classes = [ImageClass(key, letters.class_fields(key)) for key in letters.KEYS]
+    groups = shape_groups(classes).tolist()
+    index = {key: k for k, key in enumerate(letters.KEYS)}
+    same = {key for key in letters.KEYS if groups[index[key]] != index[key]}  # the second of each pair
+    assert same == {f"small_{c}" for c in "cosvwxz"}
+    assert all(groups[index[f"small_{c}"]] == index[f"capital_{c.upper()}"] for c in "cosvwxz")
+    assert groups[index["small_a"]] != groups[index["capital_A"]] and groups[index["digit_0"]] != groups[index["small_o"]]
+    # a source without shape fields: every class is its own
+    assert shape_groups([ImageClass("0", {"name": "zero"}), ImageClass("1", {"name": "one"})]).tolist() == [0, 1]
 
 
 def test_segment_spells_mixed_case_and_digits():

@@ -32,6 +32,8 @@ CLASS_FIELDS = {
     **{f"digit_{d}": {"symbol": str(d), "name": DIGIT_WORDS[d], "digit": DIGIT_WORDS[d], "numeral": str(d),
                       "kind": "digit"} for d in range(10)},
 }
+for _letter in "cosvwxz":  # one shape in both cases once centred and scaled: recognition counts them as one
+    CLASS_FIELDS[f"capital_{_letter.upper()}"]["shape"] = CLASS_FIELDS[f"small_{_letter}"]["shape"] = _letter
 KEYS = list(CLASS_FIELDS)  # A-Z, a-z, 0-9
 
 # The first template that fits a class is its prompt. No template shows a letter without its case:
