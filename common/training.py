@@ -40,12 +40,12 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, writable_folder
 from common.config import Config, TrainConfig, dump_config, to_dict
-from common.tracking import hyperparameters, log_images, plot_curves
 from common.devices import make_accelerator, resolve_mixed_precision, resolve_trackers
-from common.images import save_image
 from common.errors import RunFolderError
+from common.images import save_image
 from common.loop import StopSignals, TrainingDiverged, TrainingInterrupted, ema_decay_at, ema_tensors, lr_factor, update_ema
 from common.run import RunFolder, RunLock
+from common.tracking import hyperparameters, log_images, plot_curves
 from common.seeding import seed_from
 
 
@@ -397,4 +397,3 @@ class Trainer:
         saved_by = meta.get("world_size", 1)
         note = f" (saved by {saved_by} processes, resumed on {self.world_size})" if saved_by != self.world_size else ""
         self.print(f"[{self.stage}] resumed from {path} at step {self.step}{note}")
-

@@ -1,6 +1,8 @@
-"""Make the pictures in the README from trained runs (MNIST, and Devanagari when it exists).
+"""Make the pictures in the README from trained runs (MNIST; Devanagari, letters and the fine-tuning
+recipe's runs when they exist).
 
     python scripts/readme_images.py [--mnist checkpoints/mnist] [--devanagari checkpoints/devanagari]
+        [--letters checkpoints/letters] [--finetune checkpoints/mnist-finetune] [--lora checkpoints/mnist-lora]
 """
 
 import argparse
@@ -25,13 +27,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mnist", default="checkpoints/mnist")
     parser.add_argument("--devanagari", default="checkpoints/devanagari")
+    parser.add_argument("--letters", default="checkpoints/letters")
+    parser.add_argument("--finetune", default="checkpoints/mnist-finetune")
+    parser.add_argument("--lora", default="checkpoints/mnist-lora")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args.mnist)
     pipe.set_progress_bar_config(disable=True)
     seed = lambda s=0: torch.Generator(pipe.device).manual_seed(s)  # noqa: E731
     guidance = 1.75
-    shutil.copy(Path(args.mnist) / "samples" / "quickstart" / "grid.png", OUT / "mnist-grid.png")
+    if (Path(args.mnist) / "samples" / "quickstart" / "grid.png").is_file():  # a quickstart run, not the shipped copy
+        shutil.copy(Path(args.mnist) / "samples" / "quickstart" / "grid.png", OUT / "mnist-grid.png")
     for name, prompt in [("mnist-unconditional", ""), ("mnist-seven", "Draw a seven")]:
         images = pipe(prompt, num_images_per_prompt=8, guidance_scale=guidance, generator=seed()).images
         save_image(make_grid(images, 4, scale=2), OUT / f"{name}.png")
@@ -53,7 +59,47 @@ def main() -> None:
         save_image(upscaled(sheet, 2), OUT / "devanagari-grid.png")
         save_image(upscaled(pipe.write("क्ष त्र ज्ञ", guidance_scale=guidance, generator=seed(), gap=2)),
                    OUT / "write-devanagari.png")
+    if (Path(args.letters) / "model_index.json").is_file():
+        letters(args.letters, seed)
+    if (Path(args.finetune) / "model_index.json").is_file() and (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
+        finetuning(args.mnist, args.finetune, args.lora, seed)
     print(f"pictures in {OUT}")
+
+
+def letters(run: str, seed) -> None:
+    """All 62 classes (4 samples each), and sentences written with write(), at the run's own defaults."""
+    pipe = load_pipeline(run)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [c["prompt"] for c in pipe.classes]
+    images = pipe(prompts, num_images_per_prompt=4, generator=seed()).images
+    labels = [c["fields"]["symbol"] for c in pipe.classes]
+    per_column = 16  # four panels of 16 classes side by side
+    panels = [prompt_grid(images[4 * a:4 * min(a + per_column, len(prompts))], labels[a:a + per_column], 4, scale=1)
+              for a in range(0, len(prompts), per_column)]
+    sheet = Image.new("RGB", (sum(p.width for p in panels) + 16 * (len(panels) - 1), panels[0].height), "white")
+    x = 0
+    for panel in panels:
+        sheet.paste(panel, (x, 0))
+        x += panel.width + 16
+    save_image(upscaled(sheet, 2), OUT / "letters-grid.png")
+    for name, text in [("write-hello-world", "Hello world"),
+                       ("write-quick-brown-fox", "The quick brown fox jumps over the lazy dog")]:
+        save_image(upscaled(pipe.write(text, generator=seed()), 2), OUT / f"{name}.png")
+    shutil.copy(Path(run) / "loss.png", OUT / "loss-letters.png")
+
+
+def finetuning(base: str, full: str, lora: str, seed) -> None:
+    """One row per model: the base, the base with the LoRA loaded, the fully fine-tuned run; digits 0-9."""
+    prompts = [f"Draw a {name}" for name in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
+    rows, labels = [], []
+    for label, run, adapters in [("base", base, None), ("base + LoRA", base, lora), ("full fine-tune", full, None)]:
+        pipe = load_pipeline(run)
+        pipe.set_progress_bar_config(disable=True)
+        if adapters:
+            pipe.load_lora_weights(adapters)
+        rows += pipe(prompts, generator=seed()).images
+        labels.append(label)
+    save_image(upscaled(prompt_grid(rows, labels, len(prompts), scale=1), 2), OUT / "finetune-digits.png")
 
 
 if __name__ == "__main__":
