@@ -62,3 +62,13 @@ def forget_source_path(model) -> None:
     from diffusers.configuration_utils import FrozenDict
 
     model._internal_dict = FrozenDict({k: v for k, v in model._internal_dict.items() if k != "_name_or_path"})
+
+
+def load_diffusers_model(model_class, path: str, component: str, key: str):
+    """The diffusers model (`AutoencoderKL`, `UNet2DConditionModel`) a stage starts from: found by
+    `init_source`, read offline from safetensors, its source path dropped from the config. Returns
+    the model and the folder it came from."""
+    folder = init_source(path, component, key, (model_class.__name__,))
+    model = model_class.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    forget_source_path(model)
+    return model, folder

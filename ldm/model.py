@@ -11,7 +11,7 @@ from diffusers.training_utils import compute_snr
 
 from common.config import LDMConfig
 from common.errors import UserError
-from common.pretrained import adopt_architecture, forget_source_path, init_source
+from common.pretrained import adopt_architecture, load_diffusers_model
 
 # beta_start/beta_end of the two linear schedules: DDPM (Ho et al. 2020) and Stable Diffusion's
 BETA_RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
@@ -47,9 +47,7 @@ def initial_unet(config: LDMConfig, latent_channels: int, latent_size: int,
     schedule or prediction type, is refused. Returns it and a line for the log."""
     if not config.init_from:
         return build_unet(config, latent_channels, latent_size, cross_attention_dim), "new weights"
-    folder = init_source(config.init_from, "unet", "ldm.init_from", ("UNet2DConditionModel",))
-    unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
-    forget_source_path(unet)
+    unet, folder = load_diffusers_model(UNet2DConditionModel, config.init_from, "unet", "ldm.init_from")
     c = unet.config
     if c.in_channels != latent_channels or c.out_channels != latent_channels:
         raise UserError(f"ldm.init_from: the UNet in {folder} denoises {c.in_channels}-channel latents, but this run's "

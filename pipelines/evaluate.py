@@ -54,7 +54,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     pipe.set_progress_bar_config(disable=True)
     vae_metrics = reconstruction_metrics(pipe.vae.float(), holdout_set, len(holdout_set))
     if not train_set.classes:  # free captions: no classifier, the run's own CLIP instead
-        return evaluate_captions(pipe, config, args, train_set, holdout_set, vae_metrics, started)
+        return evaluate_captions(pipe, run, config, args, train_set, holdout_set, vae_metrics, started)
     classifier, ceiling = train_classifier(config, train_set, holdout_set, device)
     holdout, train_images = real_images(holdout_set), real_images(train_set)
     _, holdout_features = classify(classifier, holdout, device)
@@ -114,9 +114,9 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     return results
 
 
-def evaluate_captions(pipe, config: Config, args, train_set, holdout_set, vae_metrics: dict, started: float) -> dict:
+def evaluate_captions(pipe, run: RunFolder, config: Config, args, train_set, holdout_set, vae_metrics: dict,
+                      started: float) -> dict:
     """CLIP score and Frechet distance in the run's CLIP space, for datasets without classes."""
-    run = RunFolder(config.run_dir)
     if config.evaluate.tune:
         print("[evaluate] evaluate.tune picks sampling defaults by class recognition; this dataset has no classes, "
               "so the run keeps its defaults")

@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL
 
 from common.config import Config, VAEConfig
 from common.errors import RunFolderError, UserError
-from common.pretrained import adopt_architecture, forget_source_path, init_source
+from common.pretrained import adopt_architecture, load_diffusers_model
 
 
 def build_vae(config: VAEConfig, channels: int, image_size: int) -> AutoencoderKL:
@@ -44,9 +44,7 @@ def initial_vae(config: Config) -> tuple[AutoencoderKL, str]:
     cfg, data = config.vae, config.data
     if not cfg.init_from:
         return build_vae(cfg, data.channels, data.image_size), "new weights"
-    folder = init_source(cfg.init_from, "vae", "vae.init_from", ("AutoencoderKL",))
-    vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True)
-    forget_source_path(vae)
+    vae, folder = load_diffusers_model(AutoencoderKL, cfg.init_from, "vae", "vae.init_from")
     c = vae.config
     if c.in_channels != data.channels or c.out_channels != data.channels:
         raise UserError(f"vae.init_from: the VAE in {folder} takes {c.in_channels}-channel images, but data.channels is "
