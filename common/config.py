@@ -153,6 +153,8 @@ class LDMConfig(TrainConfig):
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 disables
+    # training timesteps: uniform, or logit-normal (Esser et al. 2024, SD3), which favours mid noise levels
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
     offset_noise: float = 0.0  # Guttenberg 2023; 0 disables
     validation_prompts: list[str] = field(default_factory=list)  # empty: one prompt per class
     caption_variants: int = 0  # perturbed copies of each caption (made-up words inserted) to train on too

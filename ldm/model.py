@@ -102,6 +102,14 @@ def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gam
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
+def training_timesteps(count: int, config: LDMConfig, device: torch.device) -> torch.Tensor:
+    """(count,) integer timesteps in [0, num_train_timesteps): uniform, or t = T * sigmoid(n), n ~ N(0, 1)."""
+    if config.timestep_sampling == "logit_normal":
+        fraction = torch.sigmoid(torch.randn(count, device=device))
+        return (fraction * config.num_train_timesteps).long().clamp_max(config.num_train_timesteps - 1)
+    return torch.randint(0, config.num_train_timesteps, (count,), device=device)
+
+
 def diffusion_loss(unet: torch.nn.Module, noise_scheduler: DDPMScheduler, latents: torch.Tensor,
                    text_states: torch.Tensor, config: LDMConfig) -> torch.Tensor:
     """The denoising objective for one batch: latents (B, C, h, w), text states (B, L, D) -> scalar.
@@ -112,7 +120,7 @@ def diffusion_loss(unet: torch.nn.Module, noise_scheduler: DDPMScheduler, latent
     noise = torch.randn_like(latents)
     if config.offset_noise > 0:  # a per-channel constant, so the model can change mean brightness
         noise = noise + config.offset_noise * torch.randn(*latents.shape[:2], 1, 1, device=latents.device)
-    timesteps = torch.randint(0, config.num_train_timesteps, (len(latents),), device=latents.device)
+    timesteps = training_timesteps(len(latents), config, latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = noise if config.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states=text_states).sample

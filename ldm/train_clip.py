@@ -5,7 +5,10 @@
 Trains a byte-level BPE tokenizer on the captions, then transformers' `CLIPModel` (a text
 transformer and a ViT sized for the images) with CLIP's contrastive loss (Radford et al. 2021).
 Captions of the same class are all positives of each other, so a batch with several "Draw a six"
-images does not push identical texts apart. Writes `run/text_encoder/` (CLIPTextModel) and
+images does not push identical texts apart. The empty prompt joins every batch as a text that matches
+no image: it is the unconditional prompt of classifier-free guidance, and without it nothing stops
+the contrastive loss from parking one class at the empty prompt's features (seen: "Draw a eight"
+read like "" to the UNet, so guidance could not draw eights). Writes `run/text_encoder/` (CLIPTextModel) and
 `run/tokenizer/` in the format of a pretrained CLIP, the whole model (both towers, which `evaluate`
 scores captioned datasets with) in `run/clip/`, and reports zero-shot accuracy on the held-out
 split (each image against every class's prompts).
@@ -27,7 +30,7 @@ from common.errors import UserError
 from common.pretrained import adopt_architecture, init_source
 from common.data import ImageDataset, StepBatches, augment_batch, image_batches, load_train_and_holdout, steps_for
 from common.training import Trainer
-from ldm.text import caption_variants, tokenize, train_tokenizer
+from ldm.text import caption_variants, prompt_separation, tokenize, train_tokenizer
 
 
 def build_clip(cfg: ClipConfig, vocab_size: int, channels: int, image_size: int) -> CLIPModel:
@@ -74,10 +77,16 @@ def initial_clip(config: Config, captions: list[str]) -> tuple[CLIPModel, CLIPTo
 
 
 def contrastive_loss(logits_per_image: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """Symmetric cross-entropy against every positive pair, not only the diagonal. (B, B) -> ()."""
+    """Symmetric cross-entropy against every positive pair, not only the diagonal. (B, T) -> ().
+
+    Texts beyond the B images' own (T > B) are negatives only: they enter each image's softmax, and,
+    having no positive, no text-side term.
+    """
     targets = positives.float()
     image_loss = -(targets / targets.sum(1, keepdim=True) * F.log_softmax(logits_per_image, 1)).sum(1).mean()
-    text_loss = -(targets.T / targets.T.sum(1, keepdim=True) * F.log_softmax(logits_per_image.T, 1)).sum(1).mean()
+    batch = logits_per_image.shape[0]
+    targets_t, logits_t = targets.T[:batch], logits_per_image.T[:batch]
+    text_loss = -(targets_t / targets_t.sum(1, keepdim=True) * F.log_softmax(logits_t, 1)).sum(1).mean()
     return 0.5 * (image_loss + text_loss)
 
 
@@ -117,6 +126,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         variants = caption_variants(tokenizer, train_set.captions, cfg.caption_variants, config.seed)
         caption_ids = tokenize(tokenizer, [v for group in variants for v in group]).input_ids
         caption_ids = caption_ids.view(len(variants), cfg.caption_variants + 1, -1).to(device)
+        empty_prompt = tokenize(tokenizer, [""]).input_ids.to(device)  # (1, L): a negative in every batch
         captions_per_image = [torch.tensor(ids) for ids in train_set.caption_ids]
         labels = torch.tensor(train_set.labels)
 
@@ -146,8 +156,10 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                     if cfg.augment:
                         images = augment_batch(images, config.data.augment)
                     variant = torch.randint(cfg.caption_variants + 1, (len(chosen),))
+                    texts = torch.cat([caption_ids[chosen.to(device), variant.to(device)], empty_prompt])  # (B + 1, L)
+                    positives = torch.cat([positives, positives.new_zeros(len(positives), 1)], 1)  # (B, B + 1)
                     with trainer.no_sync("clip", micro):
-                        out = model(input_ids=caption_ids[chosen.to(device), variant.to(device)], pixel_values=images)
+                        out = model(input_ids=texts, pixel_values=images)
                         loss = contrastive_loss(out.logits_per_image, positives.to(device))
                         trainer.backward(loss / cfg.grad_accum)
                 trainer.check_finite(trainer.optimizer_step("clip"), step)
@@ -170,9 +182,18 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                 clip.save_pretrained(folder, safe_serialization=True)
             results = {"step": trainer.step, "zero_shot_accuracy": accuracy, "heldout_images": len(holdout_set),
                        "vocab_size": len(tokenizer)}
+            prompts = train_set.class_prompts()
+            if len(prompts) > 1:  # train-ldm refuses a class prompt that reads like the empty one
+                separation = prompt_separation(tokenizer, text_encoder, prompts)
+                closest = min(separation, key=separation.get)
+                results["closest_to_empty_prompt"] = {"prompt": closest, "separation": separation[closest]}
             trainer.write_log({"event": "final", **results})
             write_json(run.root / "clip_metrics.json", results)
             trainer.print(f"[clip] zero-shot accuracy on {len(holdout_set)} held-out images: {accuracy:.2%}")
+            if "closest_to_empty_prompt" in results:
+                closest = results["closest_to_empty_prompt"]
+                trainer.print(f"[clip] class prompt closest to the empty prompt: '{closest['prompt']}' at "
+                              f"{closest['separation']:.2f} of the typical distance between two class prompts")
             trainer.print(f"[clip] saved {run.component('text_encoder')}, {run.component('tokenizer')} and {run.component('clip')}")
         trainer.accelerator.wait_for_everyone()
         return results

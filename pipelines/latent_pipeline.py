@@ -96,7 +96,15 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """Load a run folder. Weights are read from safetensors only: a pickle planted beside them is never
         unpickled (pass use_safetensors=False explicitly to allow .bin files you trust)."""
         kwargs.setdefault("use_safetensors", True)
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        try:
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (OSError, ValueError) as error:  # a mistyped run folder would read as a failed Hub lookup
+            if Path(pretrained_model_name_or_path).expanduser().exists():
+                raise
+            raise FileNotFoundError(
+                f"no run folder '{pretrained_model_name_or_path}' (and no model of that name in the Hugging Face "
+                f"cache): pass the folder train-ldm wrote (it holds model_index.json), e.g. "
+                f"LatentPipeline.from_pretrained('checkpoints/mnist')") from error
         check_built_from(Path(pretrained_model_name_or_path), pipe.config.built_from)
         legacy = Path(pretrained_model_name_or_path) / LEGACY_CLASSES_FILE
         if not pipe.classes and legacy.is_file():

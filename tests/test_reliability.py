@@ -322,6 +322,13 @@ def test_run_folder_missing_or_mixed_components(tiny_run, tmp_path):
                                          num_attention_heads=2, max_position_embeddings=12))
     with pytest.raises(RunFolderError, match="different runs"):
         LatentPipeline(pipe.vae, wider, pipe.tokenizer, pipe.unet, pipe.scheduler)
+    # a mistyped folder is not reported as a failed Hugging Face Hub lookup
+    for missing in [str(tmp_path / "no-such-run"), "checkpoints/no-such-run"]:
+        with pytest.raises(FileNotFoundError) as caught:
+            LatentPipeline.from_pretrained(missing)
+        assert str(caught.value) == (
+            f"no run folder '{missing}' (and no model of that name in the Hugging Face cache): pass the folder "
+            f"train-ldm wrote (it holds model_index.json), e.g. LatentPipeline.from_pretrained('checkpoints/mnist')")
 
 
 def test_a_stale_latent_cache_is_refused_at_train_ldm(tiny_run, tmp_path):

@@ -9,12 +9,16 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
 
+import torch.nn.functional as F
+
 from common.data import ImageDataset
+from common.errors import UserError
 from conftest import ROOT, tiny_config
 from ldm.encode import main as encode_main
 from ldm.latents import StaleCacheError, load_cache, vae_fingerprint
-from ldm.text import encode_text, train_tokenizer
+from ldm.text import check_prompts_apart, encode_text, prompt_separation, train_tokenizer
 from ldm.train import main as ldm_main
+from ldm.train_clip import contrastive_loss
 
 
 def test_tokenizer_covers_unseen_words_and_scripts(tmp_path):
@@ -51,6 +55,49 @@ def test_train_clip_writes_a_pretrained_style_text_encoder(tiny_run):
     assert metrics["heldout_images"] == 40 and metrics["step"] == 4  # 20% of 10 x 20 digits; clip.max_steps
     correct = metrics["zero_shot_accuracy"] * 40
     assert correct == pytest.approx(round(correct))  # a share of the 40 held-out images
+    closest = metrics["closest_to_empty_prompt"]  # the class prompt train-ldm would refuse first
+    prompts = ImageDataset(tiny_config(tiny_run).data, "all").class_prompts()
+    separation = prompt_separation(tokenizer, encoder, prompts)
+    assert closest == {"prompt": min(separation, key=separation.get), "separation": pytest.approx(min(separation.values()))}
+
+
+def test_contrastive_loss_takes_extra_texts_as_negatives_only():
+    # two images, their two texts, and the empty prompt's column, which matches neither image
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.5, 3.0, 2.5]])
+    positives = torch.tensor([[True, False, False], [False, True, False]])
+    expected = 0.5 * (F.cross_entropy(logits, torch.tensor([0, 1])) + F.cross_entropy(logits.T[:2], torch.tensor([0, 1])))
+    assert contrastive_loss(logits, positives).item() == pytest.approx(expected.item(), abs=1e-6)
+    # the empty prompt's column raises the image-side loss: it is a negative every image is pushed from
+    assert contrastive_loss(logits, positives) > contrastive_loss(logits[:, :2], positives[:, :2])
+
+
+def test_a_class_prompt_read_like_the_empty_prompt_is_refused(tiny_run):
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_run / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(tiny_run / "text_encoder")
+    check_prompts_apart(tokenizer, encoder, ["Draw a six", "Draw a seven"], "(run)")  # apart: no error
+    assert prompt_separation(tokenizer, encoder, ["Draw a six", "Draw a seven", ""])[""] == 0.0
+    with pytest.raises(UserError) as caught:
+        check_prompts_apart(tokenizer, encoder, ["Draw a six", "Draw a seven", ""], "(run)")
+    assert str(caught.value) == (
+        "the text encoder (run) reads '' (0.000) almost like the empty prompt (distance to it, as a fraction of the "
+        "typical distance between two class prompts, under 0.1), so classifier-free guidance could not draw that "
+        "class. Retrain it with train-clip (which keeps every caption apart from the empty prompt), or set "
+        "text_encoder.pretrained to another CLIP")
+
+
+def test_train_ldm_refuses_a_text_encoder_that_reads_every_class_alike(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    encoder = CLIPTextModel.from_pretrained(run / "text_encoder")
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.zero_()  # every prompt's states become the same
+    encoder.save_pretrained(run / "text_encoder")
+    before = {path: path.read_bytes() for path in [run / "config.yaml", *sorted((run / "unet").iterdir())]}
+    with pytest.raises(UserError, match=r"^the text encoder \(.*text_encoder\) reads every class prompt alike, so the "
+                                        r"UNet could not tell the classes apart\. Retrain it with train-clip"):
+        ldm_main(tiny_config(run, "ldm.max_steps=8"))
+    assert {path: path.read_bytes() for path in before} == before  # nothing written
 
 
 def test_latent_cache_holds_every_image_with_mean_and_std(tiny_run):
@@ -96,3 +143,21 @@ def test_encode_again_does_nothing_and_stale_caches_are_refused(tiny_run, tmp_pa
     encode_main(tiny_config(run))  # re-encoding makes it current again
     cache = load_cache(run / "latents", vae_fingerprint(run / "vae"), ImageDataset(tiny_config(run).data, "all").fingerprint())
     assert len(cache) == 200
+
+
+def test_training_timesteps_uniform_or_logit_normal():
+    from common.config import LDMConfig
+    from ldm.model import training_timesteps
+
+    uniform, logit_normal = LDMConfig(), LDMConfig(timestep_sampling="logit_normal")
+    torch.manual_seed(0)
+    drawn = training_timesteps(6, uniform, torch.device("cpu"))
+    torch.manual_seed(0)
+    assert drawn.tolist() == torch.randint(0, 1000, (6,)).tolist()  # the default draws as before
+    torch.manual_seed(0)
+    drawn = training_timesteps(4096, logit_normal, torch.device("cpu"))
+    torch.manual_seed(0)
+    assert drawn.tolist() == (torch.sigmoid(torch.randn(4096)) * 1000).long().tolist()
+    assert drawn.min() >= 0 and drawn.max() <= 999
+    # SD3's logit-normal(0, 1): a third of the draws in the middle fifth of the schedule (uniform: a fifth)
+    assert 0.3 < ((drawn >= 400) & (drawn < 600)).float().mean() < 0.36
