@@ -52,11 +52,7 @@ def main() -> None:
         images = pipe(prompts, num_images_per_prompt=4, guidance_scale=guidance, generator=seed()).images
         labels = [f"{c['fields']['symbol']}  {c['fields']['name']}" for c in pipe.classes]
         half = (len(prompts) + 1) // 2  # two panels side by side: 23 classes each, 4 samples per class
-        panels = [prompt_grid(images[4 * a:4 * b], labels[a:b], 4, scale=1) for a, b in [(0, half), (half, len(prompts))]]
-        sheet = Image.new("RGB", (panels[0].width + panels[1].width + 16, panels[0].height), "white")
-        sheet.paste(panels[0], (0, 0))
-        sheet.paste(panels[1], (panels[0].width + 16, 0))
-        save_image(upscaled(sheet, 2), OUT / "devanagari-grid.png")
+        save_image(upscaled(class_panels(images, labels, half), 2), OUT / "devanagari-grid.png")
         save_image(upscaled(pipe.write("क्ष त्र ज्ञ", guidance_scale=guidance, generator=seed(), gap=2)),
                    OUT / "write-devanagari.png")
     if (Path(args.letters) / "model_index.json").is_file():
@@ -66,6 +62,19 @@ def main() -> None:
     print(f"pictures in {OUT}")
 
 
+def class_panels(images: list[Image.Image], labels: list[str], per_panel: int, per_class: int = 4,
+                 gap: int = 16) -> Image.Image:
+    """Labelled class rows (`per_class` samples each), `per_panel` classes to a panel, panels side by side."""
+    panels = [prompt_grid(images[per_class * a:per_class * min(a + per_panel, len(labels))], labels[a:a + per_panel],
+                          per_class, scale=1) for a in range(0, len(labels), per_panel)]
+    sheet = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), panels[0].height), "white")
+    x = 0
+    for panel in panels:
+        sheet.paste(panel, (x, 0))
+        x += panel.width + gap
+    return sheet
+
+
 def letters(run: str, seed) -> None:
     """All 62 classes (4 samples each), and sentences written with write(), at the run's own defaults."""
     pipe = load_pipeline(run)
@@ -73,15 +82,7 @@ def letters(run: str, seed) -> None:
     prompts = [c["prompt"] for c in pipe.classes]
     images = pipe(prompts, num_images_per_prompt=4, generator=seed()).images
     labels = [c["fields"]["symbol"] for c in pipe.classes]
-    per_column = 16  # four panels of 16 classes side by side
-    panels = [prompt_grid(images[4 * a:4 * min(a + per_column, len(prompts))], labels[a:a + per_column], 4, scale=1)
-              for a in range(0, len(prompts), per_column)]
-    sheet = Image.new("RGB", (sum(p.width for p in panels) + 16 * (len(panels) - 1), panels[0].height), "white")
-    x = 0
-    for panel in panels:
-        sheet.paste(panel, (x, 0))
-        x += panel.width + 16
-    save_image(upscaled(sheet, 2), OUT / "letters-grid.png")
+    save_image(upscaled(class_panels(images, labels, 16), 2), OUT / "letters-grid.png")  # four panels of 16 classes
     for name, text in [("write-hello-world", "Hello world"),
                        ("write-quick-brown-fox", "The quick brown fox jumps over the lazy dog")]:
         save_image(upscaled(pipe.write(text, generator=seed()), 2), OUT / f"{name}.png")

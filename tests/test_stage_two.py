@@ -6,10 +6,9 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
-
-import torch.nn.functional as F
 
 from common.data import ImageDataset
 from common.errors import UserError
