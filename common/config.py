@@ -188,6 +188,7 @@ class EvalConfig:
     tune_steps: list[int] = field(default_factory=lambda: [20])
     tune_images_per_class: int = 20
     tune_min_recognition: float = 0.97
+    tune_min_class: float = 0.0  # and the weakest class at least this (0: no condition), see pipelines/tuning.py
     # caption datasets (no classes): how many held-out captions are drawn, one image each, for the
     # CLIP score and the Frechet distance in the run's own CLIP image space
     caption_images: int = 256
@@ -355,8 +356,8 @@ def validate(config: Config) -> None:
     require(bool(evaluation.tune_steps) and all(1 <= n <= ldm.num_train_timesteps for n in evaluation.tune_steps),
             "evaluate.tune_steps", f"must be a non-empty list of steps in [1, ldm.num_train_timesteps = {ldm.num_train_timesteps}], "
             f"got {evaluation.tune_steps}")
-    require(0 <= evaluation.tune_min_recognition <= 1, "evaluate.tune_min_recognition",
-            f"must be in [0, 1], got {evaluation.tune_min_recognition}")
+    for key in ("tune_min_recognition", "tune_min_class"):
+        require(0 <= getattr(evaluation, key) <= 1, f"evaluate.{key}", f"must be in [0, 1], got {getattr(evaluation, key)}")
     for key in ("images_per_class", "tune_images_per_class", "classifier_steps", "classifier_batch_size", "caption_images"):
         require(getattr(evaluation, key) >= 1, f"evaluate.{key}", f"must be >= 1, got {getattr(evaluation, key)}")
     for i, template in enumerate(evaluation.paraphrases):

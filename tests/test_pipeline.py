@@ -273,3 +273,21 @@ def test_diffusion_pipeline_from_pretrained_with_the_custom_pipeline_keeps_the_c
     assert type(loaded).__name__ == "LatentPipeline"
     assert [c["prompt"] for c in loaded.classes][:2] == ["Draw a zero", "Draw a one"]
     assert loaded.config.sampling == {"num_inference_steps": 2, "guidance_scale": 2.0}
+
+
+def test_tuning_rule_prefers_settings_without_a_weak_class_then_falls_back_as_it_says():
+    from pipelines.tuning import choose_setting
+
+    def row(guidance, recognition, min_class, fd):
+        return {"num_inference_steps": 20, "guidance_scale": guidance, "recognition": recognition,
+                "min_class": min_class, "fd_ratio": fd}
+    table = [row(1.25, 0.94, 0.8, 1.9), row(1.5, 0.98, 0.85, 1.58), row(1.75, 1.0, 1.0, 1.6), row(2.0, 1.0, 1.0, 1.8)]
+    assert choose_setting(table, 0.97) == (table[1], "lowest FD ratio among settings with recognition >= 97%")
+    assert choose_setting(table, 0.97, 0.9) == (
+        table[2], "lowest FD ratio among settings with recognition >= 97% and every class >= 90%")
+    weak = [row(1.5, 0.98, 0.85, 1.58), row(2.0, 0.99, 0.8, 1.7)]
+    assert choose_setting(weak, 0.97, 0.9) == (
+        weak[0], "lowest FD ratio among settings with recognition >= 97% (none had every class >= 90%)")
+    assert choose_setting(weak, 0.995, 0.9) == (
+        weak[1], "lowest FD ratio among settings with recognition >= 99.5% and every class >= 90% "
+                 "(none reached it: the highest recognition instead)")
