@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 quickstart: setup
-	PATH="$(abspath $(BIN)):$$PATH" bash scripts/quickstart.sh configs/mnist.yaml
+	$(BIN)/python scripts/quickstart.py configs/mnist.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

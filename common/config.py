@@ -168,6 +168,8 @@ class LDMConfig(TrainConfig):
 class SampleConfig:
     num_inference_steps: int = 20
     guidance_scale: float = 4.0
+    # [start, stop): the fraction of the steps that are guided (0 = the noisiest); the rest are conditional only
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
 
 
 @dataclass
@@ -189,6 +191,7 @@ class EvalConfig:
     tune_images_per_class: int = 20
     tune_min_recognition: float = 0.97
     tune_min_class: float = 0.0  # and the weakest class at least this (0: no condition), see pipelines/tuning.py
+    tune_guidance_intervals: list[list[float]] = field(default_factory=lambda: [[0.0, 1.0]])  # as sample.guidance_interval
     # caption datasets (no classes): how many held-out captions are drawn, one image each, for the
     # CLIP score and the Frechet distance in the run's own CLIP image space
     caption_images: int = 256
@@ -350,6 +353,10 @@ def validate(config: Config) -> None:
     require(1 <= sample.num_inference_steps <= ldm.num_train_timesteps, "sample.num_inference_steps",
             f"must be in [1, ldm.num_train_timesteps = {ldm.num_train_timesteps}], got {sample.num_inference_steps}")
     require(sample.guidance_scale >= 0, "sample.guidance_scale", f"must be >= 0, got {sample.guidance_scale}")
+    for key, interval in [("sample.guidance_interval", sample.guidance_interval)] + [
+            (f"evaluate.tune_guidance_intervals[{i}]", v) for i, v in enumerate(config.evaluate.tune_guidance_intervals)]:
+        require(len(interval) == 2 and 0 <= interval[0] < interval[1] <= 1, key,
+                f"must be [start, stop] with 0 <= start < stop <= 1 (fractions of the sampling steps), got {interval}")
     evaluation = config.evaluate
     require(bool(evaluation.tune_guidance) and all(g >= 0 for g in evaluation.tune_guidance), "evaluate.tune_guidance",
             f"must be a non-empty list of numbers >= 0, got {evaluation.tune_guidance}")

@@ -179,7 +179,8 @@ def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_sche
     # what the UNet was trained on: the pipeline refuses a run whose vae/ or text_encoder/ changed since
     built_from = {"vae": folder_fingerprint(run.component("vae")), "text_encoder": folder_fingerprint(run.component("text_encoder"))}
     # the run's sampling defaults, used by pipe(prompt), write(), generate and evaluate when not given
-    sampling = {"num_inference_steps": config.sample.num_inference_steps, "guidance_scale": config.sample.guidance_scale}
+    sampling = {"num_inference_steps": config.sample.num_inference_steps, "guidance_scale": config.sample.guidance_scale,
+                "guidance_interval": list(config.sample.guidance_interval)}
     run.write_model_index(components, {"classes": classes, "built_from": built_from, "sampling": sampling})
     trainer.print(f"[ldm] saved {run.component('unet')}, {run.component('scheduler')} and {run.root / 'model_index.json'}; "
                   f"load it with LatentPipeline.from_pretrained('{run.root}')")

@@ -37,8 +37,8 @@ from common.data import class_prompt, load_train_and_holdout
 from common.run import RunFolder
 from pipelines.caption_quality import caption_quality
 from pipelines.generate import load_pipeline
-from pipelines.quality import (class_recognition, classify, frechet_distance, generate_for, mean_pairwise_distance,
-                               near_copy_rate, real_images, shape_groups, train_classifier)
+from pipelines.quality import (class_recognition, classify, frechet_distance, generate_for, near_copy_rate, real_images,
+                               relative_diversity, shape_groups, train_classifier)
 from pipelines.tuning import tune_sampling
 from vae.reconstruct import reconstruction_metrics
 
@@ -58,6 +58,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     classifier, ceiling = train_classifier(config, train_set, holdout_set, device)
     holdout, train_images = real_images(holdout_set), real_images(train_set)
     _, holdout_features = classify(classifier, holdout, device)
+    holdout_labels = torch.tensor(holdout_set.labels)
     names = [c.fields.get("name", c.key) for c in train_set.classes]
     prompts = train_set.class_prompts()
     per_class = cfg.images_per_class
@@ -66,29 +67,29 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
 
     results: dict = {"run": str(run.root)}
     if cfg.tune:  # the run's own sampling defaults, chosen by a stated rule and saved with the run
-        tuning = tune_sampling(pipe, classifier, prompts, holdout_features, floor, config, device,
+        tuning = tune_sampling(pipe, classifier, prompts, holdout_features, holdout_labels, floor, config, device,
                                shape_groups(train_set.classes))
         write_json(run.root / "sampling_tuning.json", tuning)
         run.update_model_index(sampling=tuning["chosen"])
         pipe.register_to_config(sampling=tuning["chosen"])
         results["tuning"] = {"rule": tuning["rule"], "chosen": tuning["chosen"], "table": "sampling_tuning.json"}
     steps, guidance = pipe.sampling_defaults(getattr(args, "steps", None), getattr(args, "guidance", None))
+    interval = pipe.default_guidance_interval(getattr(args, "guidance_interval", None))
     results.update({"sampler": type(pipe.scheduler).__name__, "num_inference_steps": steps, "guidance_scale": guidance,
+                    "guidance_interval": list(interval),
                     "vae": {"heldout_psnr": vae_metrics["psnr"], "heldout_ssim": vae_metrics["ssim"]}})
 
     groups = shape_groups(train_set.classes)  # case pairs of one shape (C/c ...) count as one
-    measured = class_recognition(pipe, classifier, prompts, per_class, config.seed, device, steps, guidance, groups=groups)
+    measured = class_recognition(pipe, classifier, prompts, per_class, config.seed, device, steps, guidance, groups=groups,
+                                 guidance_interval=interval)
     by_name = dict(zip(names, measured["per_class"]))
     results["recognition"] = {"accuracy": measured["accuracy"], "per_class": by_name, "min_class": min(by_name.values()),
                               "classifier_heldout_accuracy": ceiling,
                               "classifier_trained_on": cfg.classifier_trained_on, "prompts": prompts, "images_per_class": per_class}
     fd = frechet_distance(measured["features"], holdout_features)
     results["frechet"] = {"generated_vs_heldout": fd, "train_vs_heldout_floor": floor, "ratio": fd / max(floor, 1e-12)}
-    labels, holdout_labels = measured["labels"], torch.tensor(holdout_set.labels)
-    gen_spread = [mean_pairwise_distance(measured["features"][labels == k]) for k in range(len(names))]
-    real_spread = [mean_pairwise_distance(holdout_features[holdout_labels == k]) for k in range(len(names))]
-    results["diversity"] = {"relative": sum(gen_spread) / sum(real_spread), "generated": sum(gen_spread) / len(names),
-                            "heldout": sum(real_spread) / len(names)}
+    results["diversity"] = relative_diversity(measured["features"], measured["labels"], holdout_features, holdout_labels,
+                                              len(names))
     results["memorization"] = {"rate": near_copy_rate(measured["images"], train_images),
                                "heldout_rate": near_copy_rate(holdout, train_images)}
 
@@ -97,7 +98,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                  if (prompt := class_prompt(c.fields, [template])) is not None]
         per_prompt = max(1, per_class // len(cfg.paraphrases))
         para_images = generate_for(pipe, [prompt for _, _, prompt in items], per_prompt, config.seed + 1, steps, guidance,
-                                   desc="paraphrases")
+                                   desc="paraphrases", guidance_interval=interval)
         para_predicted = classify(classifier, para_images, device)[0].view(len(items), per_prompt)
         para_correct = groups[para_predicted].eq(groups[torch.tensor([k for _, k, _ in items])][:, None]).float()
         by_template = {t: para_correct[[i for i, item in enumerate(items) if item[0] == t]].mean().item()
@@ -110,7 +111,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     weakest = min(by_name, key=by_name.get)
     print(f"[evaluate] recognition {measured['accuracy']:.1%} (weakest: {weakest} {by_name[weakest]:.0%}), "
           f"FD ratio {results['frechet']['ratio']:.2f}, diversity {results['diversity']['relative']:.2f}, "
-          f"at {steps} steps, guidance {guidance}; written to {run.root / 'eval.json'}")
+          f"at {steps} steps, guidance {guidance} (guided steps {list(interval)}); written to {run.root / 'eval.json'}")
     return results
 
 
@@ -137,6 +138,8 @@ def cli(argv: list[str] | None = None) -> None:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's own)")
         parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the run's tuned value)")
+        parser.add_argument("--guidance-interval", nargs=2, type=float, default=None, metavar=("START", "STOP"),
+                            help="guide only this fraction of the steps (default: the run's tuned interval)")
 
     run_cli(__doc__, main, argv, add_arguments=add_arguments, config_required=False)
 

@@ -113,7 +113,7 @@ def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace, ou
     if args.prompts or args.all_classes or not args.write:
         generator = torch.Generator(pipe.device).manual_seed(seed)
         images = pipe(prompts, negative_prompt=args.negative, num_images_per_prompt=args.num, num_inference_steps=steps,
-                      guidance_scale=guidance, generator=generator).images
+                      guidance_scale=guidance, generator=generator, guidance_interval=args.guidance_interval).images
         for i, image in enumerate(images):
             prompt_index, k = divmod(i, args.num)
             paths.append(save_image(image, out / f"{prompt_index:02d}-{slug(prompts[prompt_index])}-{k}.png"))
@@ -122,7 +122,7 @@ def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace, ou
         print(f"[generate] {len(images)} images ({steps} steps, guidance {guidance}, seed {seed}) in {out}; "
               f"grid: {paths[-1]}")
     if args.write:
-        line = pipe.write(args.write, num_inference_steps=steps, guidance_scale=guidance,
+        line = pipe.write(args.write, num_inference_steps=steps, guidance_scale=guidance, guidance_interval=args.guidance_interval,
                           generator=torch.Generator(pipe.device).manual_seed(seed))
         paths.append(save_image(line, out / f"write-{slug(args.write)}.png"))
         print(f"[generate] wrote {args.write!r}: {paths[-1]}")
@@ -143,6 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num", type=int, default=4, help="images per prompt")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's own)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the run's tuned value)")
+    parser.add_argument("--guidance-interval", nargs=2, type=float, default=None, metavar=("START", "STOP"),
+                        help="guide only this fraction of the steps, e.g. 0.2 1.0 (default: the run's own)")
     parser.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="sampler (default: the run's, DPM-Solver++)")
     parser.add_argument("--seed", type=int, default=None, help="default: the config's seed")

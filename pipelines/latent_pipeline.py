@@ -31,7 +31,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from common.checkpoint import folder_fingerprint
 from common.errors import RunFolderError
-from ldm.sampling import FALLBACK_SAMPLING, decode_latents, denoise, encode_prompts, guided_prediction, initial_latents, predicted_clean_latents
+from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
+                          initial_latents, predicted_clean_latents)
 from pipelines.glyphs import LineLayout, lay_out_line, segment
 
 LEGACY_CLASSES_FILE = "classes.json"  # where runs before the class table moved into model_index.json kept it
@@ -91,6 +92,11 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return (num_inference_steps if num_inference_steps is not None else self.config.sampling["num_inference_steps"],
                 guidance_scale if guidance_scale is not None else self.config.sampling["guidance_scale"])
 
+    def default_guidance_interval(self, guidance_interval: tuple[float, float] | None = None) -> tuple[float, float]:
+        """The caller's interval if given, else the run's own (runs made before it was recorded: every step)."""
+        chosen = guidance_interval if guidance_interval is not None else self.config.sampling.get("guidance_interval", NO_INTERVAL)
+        return tuple(chosen)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "LatentPipeline":
         """Load a run folder. Weights are read from safetensors only: a pickle planted beside them is never
@@ -128,7 +134,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     @torch.no_grad()
     def write(self, text: str, num_inference_steps: int | None = None, guidance_scale: float | None = None,
               generator: torch.Generator | None = None, gap: int | None = None,
-              layout: LineLayout | None = None) -> PIL.Image.Image:
+              layout: LineLayout | None = None, guidance_interval: tuple[float, float] | None = None) -> PIL.Image.Image:
         """`text` as one line of generated glyphs, one per character (or Devanagari cluster).
 
         Each glyph is cropped to its own ink and set on a baseline: small letters at x-height, g j p q y
@@ -140,7 +146,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         glyphs = self.segment(text)
         prompts = [self.classes[k]["prompt"] for k in glyphs if k is not None]
         images = self(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                      generator=generator).images if prompts else []
+                      generator=generator, guidance_interval=guidance_interval).images if prompts else []
         symbols = [None if k is None else str(self.classes[k]["fields"].get("symbol", "")) for k in glyphs]
         layout = layout or LineLayout()
         if gap is not None:
@@ -191,7 +197,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                      num_images_per_prompt: int, output_type: str, callback_tensor_inputs: list[str],
                      generator: Any, device: torch.device, guidance_scale: float = 1.0,
                      height: int | None = None, width: int | None = None, prompt_embeds: torch.Tensor | None = None,
-                     negative_prompt_embeds: torch.Tensor | None = None) -> None:
+                     negative_prompt_embeds: torch.Tensor | None = None,
+                     guidance_interval: tuple[float, float] = NO_INTERVAL) -> None:
         """Refuse arguments that cannot work, saying what to pass instead."""
         if prompt_embeds is not None:
             if prompts:
@@ -205,6 +212,10 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             prompts = [""] * len(prompt_embeds)  # the batch size, for the checks below
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number (e.g. 1.75), got {guidance_scale!r}")
+        if not (len(guidance_interval) == 2 and all(isinstance(v, (int, float)) for v in guidance_interval)
+                and 0 <= guidance_interval[0] < guidance_interval[1] <= 1):
+            raise ValueError(f"guidance_interval must be (start, stop) with 0 <= start < stop <= 1, the fraction of "
+                             f"the steps that are guided (e.g. (0.2, 1.0)), got {guidance_interval!r}")
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         for name, size in (("height", height), ("width", width)):
             if size is not None and (not isinstance(size, int) or size <= 0 or size % multiple):
@@ -256,6 +267,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         guidance_rescale: float = 0.0,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> LatentPipelineOutput | tuple:
         """Generate images for one prompt or a list of prompts.
 
@@ -280,6 +292,9 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             guidance_rescale: rescales the guided output towards the conditional one's std (Lin et al.
                 2024, section 3.4); 0 disables it.
             timesteps, sigmas: a custom schedule for schedulers whose `set_timesteps` accepts one.
+            guidance_interval: (start, stop), the fraction of the steps that are guided, counted as
+                diffusers' guiders do (0 is the noisiest step); the others use the conditional output
+                alone (Kynkäänniemi et al. 2024). Default: the run's own, else every step.
 
         Returns:
             LatentPipelineOutput with `.images`, or a 1-tuple of the images.
@@ -287,12 +302,13 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         prompts = [] if prompt is None or (prompt == "" and prompt_embeds is not None) else \
             [prompt] if isinstance(prompt, str) else list(prompt)
         num_inference_steps, guidance_scale = self.sampling_defaults(num_inference_steps, guidance_scale)
+        guidance_interval = self.default_guidance_interval(guidance_interval)
         if isinstance(negative_prompt, str):
             negative_prompt = [negative_prompt] * (len(prompts) or (len(prompt_embeds) if prompt_embeds is not None else 0))
         device = self._execution_device
         self.check_inputs(prompts, negative_prompt, num_inference_steps, num_images_per_prompt, output_type,
                           list(callback_on_step_end_tensor_inputs), generator, device, guidance_scale, height, width,
-                          prompt_embeds, negative_prompt_embeds)
+                          prompt_embeds, negative_prompt_embeds, guidance_interval)
         default_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or default_size, width or default_size
         guided = guidance_scale > 1.0
@@ -313,7 +329,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             return outputs
 
         latents = denoise(self.unet, self.scheduler, latents, prompt_embeds, negative_embeds, guidance_scale, generator,
-                          on_step if callback_on_step_end is not None else None, self.progress_bar, eta, guidance_rescale)
+                          on_step if callback_on_step_end is not None else None, self.progress_bar, eta, guidance_rescale,
+                          guidance_interval)
         if output_type == "latent":
             images = latents
         else:

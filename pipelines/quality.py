@@ -21,7 +21,7 @@ CLASSIFIER_FILE = "classifier.safetensors"
 class DigitClassifier(nn.Module):
     """A small CNN; its 128-d penultimate layer is the feature space of the Frechet distance."""
 
-    VERSION = 2  # part of the cache key: a changed architecture retrains
+    VERSION = 3  # part of the cache key: a changed architecture or training retrains (3: seeded before its init)
 
     def __init__(self, channels: int, num_classes: int, width: int = 32):
         super().__init__()
@@ -51,6 +51,7 @@ def train_classifier(config: Config, train_set: ImageDataset, holdout_set: Image
     cfg: EvalConfig = config.evaluate
     learn, other = (holdout_set, train_set) if cfg.classifier_trained_on == "holdout" else (train_set, holdout_set)
     folder = RunFolder(config.run_dir).root / "evaluator"
+    torch.manual_seed(config.seed)  # before the model, so its initial weights do not depend on what ran before in this process
     model = DigitClassifier(config.data.channels, len(train_set.classes)).to(device)
     key = {"dataset": train_set.fingerprint(), "steps": cfg.classifier_steps, "batch": cfg.classifier_batch_size,
            "seed": config.seed, "classes": len(train_set.classes), "version": DigitClassifier.VERSION}
@@ -61,7 +62,6 @@ def train_classifier(config: Config, train_set: ImageDataset, holdout_set: Image
         if meta and meta.get("key") == key:
             model.load_state_dict(tensors)
             return model.eval(), meta["heldout_accuracy"]
-    torch.manual_seed(config.seed)
     images, labels = real_images(learn).to(device), torch.tensor(learn.labels, device=device)
     shifts = AugmentConfig(rotate_degrees=10, translate=0.1, scale=0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -115,6 +115,16 @@ def mean_pairwise_distance(features: torch.Tensor) -> float:
     return float(torch.cdist(features, features).sum() / (n * (n - 1)))
 
 
+def relative_diversity(features: torch.Tensor, labels: torch.Tensor, real_features: torch.Tensor,
+                       real_labels: torch.Tensor, num_classes: int) -> dict:
+    """Mean pairwise feature distance within each class, summed over classes, relative to real images':
+    {"relative", "generated", "heldout"} (the latter two per class on average)."""
+    generated = [mean_pairwise_distance(features[labels == k]) for k in range(num_classes)]
+    real = [mean_pairwise_distance(real_features[real_labels == k]) for k in range(num_classes)]
+    return {"relative": sum(generated) / sum(real), "generated": sum(generated) / num_classes,
+            "heldout": sum(real) / num_classes}
+
+
 def near_copy_rate(images: torch.Tensor, train_images: torch.Tensor, ratio: float = 1 / 3, neighbours: int = 50) -> float:
     """Share of `images` whose nearest training image is much closer than the next `neighbours` ones.
 
@@ -135,16 +145,18 @@ def near_copy_rate(images: torch.Tensor, train_images: torch.Tensor, ratio: floa
 
 @torch.no_grad()
 def generate_for(pipe, prompts: list[str], per_prompt: int, seed: int, steps: int | None = None,
-                 guidance: float | None = None, desc: str = "generate") -> torch.Tensor:
+                 guidance: float | None = None, desc: str = "generate",
+                 guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
     """`per_prompt` images for each prompt, in prompt order: (len(prompts) * per_prompt, C, H, W) in [-1, 1].
-    `steps`/`guidance`: None samples with the run's own defaults. A progress bar (with ETA) named `desc`."""
+    `steps`/`guidance`/`guidance_interval`: None samples with the run's own defaults. A progress bar
+    (with ETA) named `desc`."""
     images = []
     generator = torch.Generator(pipe.device).manual_seed(seed)
     with tqdm(total=len(prompts) * per_prompt, desc=desc, unit="img", dynamic_ncols=True, leave=False) as progress:
         for start in range(0, len(prompts), 4):  # a few prompts per batch bounds memory
             chunk = prompts[start:start + 4]
             out = pipe(chunk, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                       generator=generator, output_type="pt").images
+                       generator=generator, output_type="pt", guidance_interval=guidance_interval).images
             images.append(out.cpu() * 2 - 1)
             progress.update(len(out))
     return torch.cat(images)
@@ -160,10 +172,11 @@ def shape_groups(classes: list) -> torch.Tensor:
 
 def class_recognition(pipe, classifier: DigitClassifier, prompts: list[str], per_class: int, seed: int,
                       device: torch.device, steps: int | None = None, guidance: float | None = None,
-                      desc: str = "recognition", groups: torch.Tensor | None = None) -> dict:
+                      desc: str = "recognition", groups: torch.Tensor | None = None,
+                      guidance_interval: tuple[float, float] | None = None) -> dict:
     """Generate `per_class` images for each class prompt (prompt k draws class k) and classify them;
     a prediction is right when it is in the class's shape group (`shape_groups`; default: the class)."""
-    generated = generate_for(pipe, prompts, per_class, seed, steps, guidance, desc)
+    generated = generate_for(pipe, prompts, per_class, seed, steps, guidance, desc, guidance_interval)
     labels = torch.arange(len(prompts)).repeat_interleave(per_class)
     predicted, features = classify(classifier, generated, device)
     groups = torch.arange(len(prompts)) if groups is None else groups

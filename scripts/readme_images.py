@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from common.config_yaml import load_config
 from common.images import make_grid, prompt_grid, save_image
 from pipelines.generate import denoising_frames, load_pipeline, save_gif, steps_grid
 
@@ -35,25 +34,25 @@ def main() -> None:
     pipe = load_pipeline(args.mnist)
     pipe.set_progress_bar_config(disable=True)
     seed = lambda s=0: torch.Generator(pipe.device).manual_seed(s)  # noqa: E731
-    guidance = 1.75
+    # every picture is the default call: the run's own tuned steps, guidance and guided interval
+    steps, guidance = pipe.sampling_defaults()
     if (Path(args.mnist) / "samples" / "quickstart" / "grid.png").is_file():  # a quickstart run, not the shipped copy
         shutil.copy(Path(args.mnist) / "samples" / "quickstart" / "grid.png", OUT / "mnist-grid.png")
     for name, prompt in [("mnist-unconditional", ""), ("mnist-seven", "Draw a seven")]:
-        images = pipe(prompt, num_images_per_prompt=8, guidance_scale=guidance, generator=seed()).images
+        images = pipe(prompt, num_images_per_prompt=8, generator=seed()).images
         save_image(make_grid(images, 4, scale=2), OUT / f"{name}.png")
-    save_image(upscaled(pipe.write("2026", guidance_scale=guidance, generator=seed(), gap=2)), OUT / "write-2026.png")
+    save_image(upscaled(pipe.write("2026", generator=seed(), gap=2)), OUT / "write-2026.png")
     save_image(steps_grid(pipe, "Draw a six", 0, guidance), OUT / "steps-grid.png")
-    save_gif(denoising_frames(pipe, "Draw a six", 20, 0, guidance), OUT / "denoising.gif", scale=4)
+    save_gif(denoising_frames(pipe, "Draw a six", steps, 0, guidance), OUT / "denoising.gif", scale=4)
     if (Path(args.devanagari) / "model_index.json").is_file():
         pipe = load_pipeline(args.devanagari)
         pipe.set_progress_bar_config(disable=True)
-        guidance = load_config(Path(args.devanagari) / "config.yaml").sample.guidance_scale
         prompts = [c["prompt"] for c in pipe.classes]
-        images = pipe(prompts, num_images_per_prompt=4, guidance_scale=guidance, generator=seed()).images
+        images = pipe(prompts, num_images_per_prompt=4, generator=seed()).images
         labels = [f"{c['fields']['symbol']}  {c['fields']['name']}" for c in pipe.classes]
         half = (len(prompts) + 1) // 2  # two panels side by side: 23 classes each, 4 samples per class
         save_image(upscaled(class_panels(images, labels, half), 2), OUT / "devanagari-grid.png")
-        save_image(upscaled(pipe.write("क्ष त्र ज्ञ", guidance_scale=guidance, generator=seed(), gap=2)),
+        save_image(upscaled(pipe.write("क्ष त्र ज्ञ", generator=seed(), gap=2)),
                    OUT / "write-devanagari.png")
     if (Path(args.letters) / "model_index.json").is_file():
         letters(args.letters, seed)
@@ -91,7 +90,7 @@ def letters(run: str, seed) -> None:
 
 def finetuning(base: str, full: str, lora: str, seed) -> None:
     """One row per model: the base, the base with the LoRA loaded, the fully fine-tuned run; digits 0-9."""
-    prompts = [f"Draw a {name}" for name in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
+    prompts = [c["prompt"] for c in load_pipeline(base).classes]  # "Draw a zero" ... "Draw a nine"
     rows, labels = [], []
     for label, run, adapters in [("base", base, None), ("base + LoRA", base, lora), ("full fine-tune", full, None)]:
         pipe = load_pipeline(run)

@@ -57,3 +57,16 @@ def test_a_class_no_template_fits_is_a_clear_error():
 def test_unknown_built_in_dataset_names_the_known_ones():
     with pytest.raises(DatasetError, match="unknown built-in dataset data.name='emnist'; use one of 'mnist', 'devanagari'"):
         list_dataset(DataConfig(name="emnist"))
+
+
+def test_the_article_before_a_field_agrees_with_its_value():
+    from common.data.captions import format_caption
+    from common.data.mnist import CAPTIONS as MNIST_CAPTIONS, DIGIT_NAMES
+
+    prompts = [class_prompt({"name": name, "symbol": str(d)}, MNIST_CAPTIONS) for d, name in enumerate(DIGIT_NAMES)]
+    assert prompts[8] == "Draw an eight" and prompts[6] == "Draw a six" and prompts[1] == "Draw a one"
+    assert [format_caption("A {name}, handwritten", {"name": n}) for n in ("8", "apple", "unicorn", "umbrella", "hour")] == \
+        ["An 8, handwritten", "An apple, handwritten", "A unicorn, handwritten", "An umbrella, handwritten", "An hour, handwritten"]
+    assert format_caption("Draw an {name}", {"name": "six"}) == "Draw a six"  # the template's own article is corrected too
+    assert format_caption("a {case} letter {letter}", {"case": "capital", "letter": "A"}) == "a capital letter A"
+    assert format_caption("data {name}", {"name": "eight"}) == "data eight"  # only a whole-word article

@@ -48,6 +48,10 @@ def test_bad_keys_and_types_name_the_key(tmp_path, override, key):
     ("data.image_size=17", "data.image_size"),  # not divisible by the VAE's factor 2
     ("data.channels=2", "data.channels"),
     ("ldm.cross_attention=[true]", "ldm.cross_attention"),
+    ("sample.guidance_interval=[0.5, 0.5]", r"sample.guidance_interval' must be \[start, stop\] with 0 <= start < stop <= 1 "
+                                             r"\(fractions of the sampling steps\), got \[0.5, 0.5\]"),
+    ("evaluate.tune_guidance_intervals=[[0.0, 1.0], [0.2]]", r"evaluate.tune_guidance_intervals\[1\]' must be \[start"),
+    ("evaluate.tune_min_class=1.5", r"evaluate.tune_min_class' must be in \[0, 1\], got 1.5"),
 ])
 def test_out_of_range_values_are_refused(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key):

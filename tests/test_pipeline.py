@@ -127,7 +127,8 @@ def test_evaluate_writes_every_measure_consistently(tiny_run, tmp_path):
     recognition = results["recognition"]
     names = "zero one two three four five six seven eight nine".split()
     assert list(recognition["per_class"]) == names
-    assert recognition["prompts"] == [f"Draw a {n}" for n in names]  # the source's prompt for each class
+    # the source's prompt for each class, its article agreeing with the name
+    assert recognition["prompts"] == [f"Draw {'an' if n == 'eight' else 'a'} {n}" for n in names]
     assert recognition["images_per_class"] == 2
     per_class = list(recognition["per_class"].values())
     assert all(v in (0.0, 0.5, 1.0) for v in per_class)  # 2 images per class
@@ -156,7 +157,7 @@ def test_model_index_written_by_train_ldm_is_what_save_pretrained_writes(tiny_ru
     assert saved.pop("built_from") == {name: folder_fingerprint(tmp_path / "copy" / name) for name in ("vae", "text_encoder")}
     assert written.pop("built_from") == {name: folder_fingerprint(tiny_run / name) for name in ("vae", "text_encoder")}
     assert written == saved
-    assert [c["prompt"] for c in written["classes"]] == [f"Draw a {n}" for n in
+    assert [c["prompt"] for c in written["classes"]] == [f"Draw {'an' if n == 'eight' else 'a'} {n}" for n in
                                                          "zero one two three four five six seven eight nine".split()]
 
 
@@ -186,7 +187,8 @@ def test_training_previews_and_the_pipeline_sample_the_same_way(tiny_run, pipe):
 def test_the_run_samples_with_its_own_defaults_unless_told(tiny_run, pipe, tmp_path):
     """train-ldm saves the config's sampling settings in model_index.json; pipe(prompt) and write() use
     them, an explicit argument wins, and a run saved before them falls back to 20 steps, guidance 4."""
-    assert pipe.config.sampling == {"num_inference_steps": 2, "guidance_scale": 2.0}  # configs/tiny.yaml's sample
+    assert pipe.config.sampling == {"num_inference_steps": 2, "guidance_scale": 2.0,  # configs/tiny.yaml's sample
+                                    "guidance_interval": [0.0, 1.0]}
     default = run_pipe(pipe, output_type="np", num_inference_steps=None, guidance_scale=None)
     assert np.array_equal(default, run_pipe(pipe, output_type="np", num_inference_steps=2, guidance_scale=2.0))
     assert not np.array_equal(default, run_pipe(pipe, output_type="np", num_inference_steps=2, guidance_scale=5.0))
@@ -212,11 +214,13 @@ def test_evaluate_tunes_the_runs_sampling_defaults_by_its_rule(tiny_run, tmp_pat
     tuning = json.loads((run / "sampling_tuning.json").read_text())
     assert [(r["num_inference_steps"], r["guidance_scale"]) for r in tuning["table"]] == \
         [(1, 1.0), (1, 2.0), (1, 3.0), (2, 1.0), (2, 2.0), (2, 3.0)]
-    best = min(tuning["table"], key=lambda r: (r["fd_ratio"], r["num_inference_steps"]))  # all reach 0% recognition
-    assert tuning["chosen"] == {"num_inference_steps": best["num_inference_steps"], "guidance_scale": best["guidance_scale"]}
+    best = max(tuning["table"], key=lambda r: (r["diversity"], -r["num_inference_steps"]))  # every row reaches 0%
+    assert tuning["chosen"] == {"num_inference_steps": best["num_inference_steps"], "guidance_scale": best["guidance_scale"],
+                                "guidance_interval": [0.0, 1.0]}
     assert json.loads((run / "model_index.json").read_text())["sampling"] == tuning["chosen"]
     assert LatentPipeline.from_pretrained(run).config.sampling == tuning["chosen"]
-    assert (results["num_inference_steps"], results["guidance_scale"]) == tuple(tuning["chosen"].values())
+    assert [results[key] for key in ("num_inference_steps", "guidance_scale", "guidance_interval")] == \
+        list(tuning["chosen"].values())
 
 
 def test_prompt_embeds_are_the_prompt_encode_prompt_as_stable_diffusion(pipe):
@@ -263,6 +267,37 @@ def test_eta_guidance_rescale_custom_timesteps_and_latent_output(pipe):
     assert latents.shape == (1, 4, 8, 8)
 
 
+def test_guidance_interval_guides_only_its_steps_and_defaults_to_the_runs_own(pipe):
+    from ldm.sampling import guided_steps
+
+    assert guided_steps(20, (0.2, 1.0)) == range(4, 20) and guided_steps(3, (0.0, 1.0)) == range(0, 3)
+    batches = []  # the UNet's batch at each step: 2 (uncond + cond) where guided, 1 where conditional only
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: batches.append(len(args[0])))
+    saved = dict(pipe.config.sampling)
+    try:
+        every_step = run_pipe(pipe, output_type="np", num_inference_steps=4)
+        assert batches == [2, 2, 2, 2]
+        batches.clear()
+        assert np.array_equal(every_step, run_pipe(pipe, output_type="np", num_inference_steps=4,
+                                                   guidance_interval=(0.0, 1.0)))
+        batches.clear()
+        late = run_pipe(pipe, output_type="np", num_inference_steps=4, guidance_interval=(0.5, 1.0))
+        assert batches == [1, 1, 2, 2] and not np.array_equal(late, every_step)
+        batches.clear()
+        pipe.register_to_config(sampling={**saved, "guidance_interval": [0.5, 1.0]})  # the run's own default
+        assert np.array_equal(late, run_pipe(pipe, output_type="np", num_inference_steps=4))
+        assert batches == [1, 1, 2, 2]
+        batches.clear()
+        assert np.array_equal(every_step, run_pipe(pipe, output_type="np", num_inference_steps=4,
+                                                   guidance_interval=(0.0, 1.0)))  # the caller's wins
+    finally:
+        hook.remove()
+        pipe.register_to_config(sampling=saved)
+    with pytest.raises(ValueError, match=r"guidance_interval must be \(start, stop\) with 0 <= start < stop <= 1, the "
+                                         r"fraction of the steps that are guided \(e.g. \(0.2, 1.0\)\), got \(0.6, 0.2\)"):
+        run_pipe(pipe, guidance_interval=(0.6, 0.2))
+
+
 def test_diffusion_pipeline_from_pretrained_with_the_custom_pipeline_keeps_the_class_table(tiny_run):
     from diffusers import DiffusionPipeline
 
@@ -272,22 +307,37 @@ def test_diffusion_pipeline_from_pretrained_with_the_custom_pipeline_keeps_the_c
                                                trust_remote_code=True)
     assert type(loaded).__name__ == "LatentPipeline"
     assert [c["prompt"] for c in loaded.classes][:2] == ["Draw a zero", "Draw a one"]
-    assert loaded.config.sampling == {"num_inference_steps": 2, "guidance_scale": 2.0}
+    assert loaded.config.sampling == {"num_inference_steps": 2, "guidance_scale": 2.0, "guidance_interval": [0.0, 1.0]}
 
 
-def test_tuning_rule_prefers_settings_without_a_weak_class_then_falls_back_as_it_says():
+def test_tuning_rule_takes_the_most_diverse_legible_setting_then_falls_back_as_it_says():
     from pipelines.tuning import choose_setting
 
-    def row(guidance, recognition, min_class, fd):
-        return {"num_inference_steps": 20, "guidance_scale": guidance, "recognition": recognition,
-                "min_class": min_class, "fd_ratio": fd}
-    table = [row(1.25, 0.94, 0.8, 1.9), row(1.5, 0.98, 0.85, 1.58), row(1.75, 1.0, 1.0, 1.6), row(2.0, 1.0, 1.0, 1.8)]
-    assert choose_setting(table, 0.97) == (table[1], "lowest FD ratio among settings with recognition >= 97%")
-    assert choose_setting(table, 0.97, 0.9) == (
-        table[2], "lowest FD ratio among settings with recognition >= 97% and every class >= 90%")
-    weak = [row(1.5, 0.98, 0.85, 1.58), row(2.0, 0.99, 0.8, 1.7)]
+    def row(guidance, recognition, min_class, diversity, steps=20):
+        return {"num_inference_steps": steps, "guidance_scale": guidance, "recognition": recognition,
+                "min_class": min_class, "diversity": diversity, "fd_ratio": 1.5}
+    table = [row(1.25, 0.94, 0.8, 0.95), row(1.5, 0.98, 0.85, 0.9), row(1.75, 1.0, 1.0, 0.85), row(2.0, 1.0, 1.0, 0.8),
+             row(1.75, 1.0, 1.0, 0.85, steps=10)]
+    assert choose_setting(table, 0.97) == (table[1], "most diverse among settings with recognition >= 97%")
+    assert choose_setting(table, 0.97, 0.9) == (  # a tie in diversity: the fewer steps
+        table[4], "most diverse among settings with recognition >= 97% and every class >= 90%")
+    weak = [row(1.5, 0.98, 0.85, 0.9), row(2.0, 0.99, 0.8, 0.8)]
     assert choose_setting(weak, 0.97, 0.9) == (
-        weak[0], "lowest FD ratio among settings with recognition >= 97% (none had every class >= 90%)")
+        weak[0], "most diverse among settings with recognition >= 97% (none had every class >= 90%)")
     assert choose_setting(weak, 0.995, 0.9) == (
-        weak[1], "lowest FD ratio among settings with recognition >= 99.5% and every class >= 90% "
+        weak[1], "most diverse among settings with recognition >= 99.5% and every class >= 90% "
                  "(none reached it: the highest recognition instead)")
+
+
+def test_the_evaluator_classifier_does_not_depend_on_what_ran_before_in_the_process(tmp_path):
+    """One process may run every stage (scripts/quickstart.py): evaluate's classifier is seeded before its init."""
+    from common.data import load_train_and_holdout
+    from pipelines.quality import train_classifier
+
+    weights = []
+    for i, draws in enumerate((0, 1000)):
+        config = tiny_config(tmp_path / f"run{i}", "evaluate.classifier_steps=2")
+        train_set, holdout_set = load_train_and_holdout(config.data)
+        torch.rand(draws)  # another stage's use of the global generator
+        weights.append(train_classifier(config, train_set, holdout_set, torch.device("cpu"))[0].state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

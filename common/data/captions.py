@@ -8,6 +8,8 @@ is called.
 
 from __future__ import annotations
 
+import re
+
 from common.data.listing import Listing
 from common.errors import DatasetError
 
@@ -17,10 +19,37 @@ def caption_templates(listing: Listing, configured: list[str]) -> list[str]:
     return list(configured) or listing.templates
 
 
+# "a {field}" in a template: the article is chosen by the value ("Draw a six", "Draw an eight")
+ARTICLE_BEFORE_FIELD = re.compile(r"\b([Aa])n? (\{(\w+)\})")
+
+
+def indefinite_article(word: str) -> str:
+    """'an' before a vowel sound as English spells it for class names and numerals, else 'a'.
+
+    Covers the usual cases (an apple, an umbrella, an eight, an 8, an 11; a one, a unicorn, a 1); names
+    outside them can be written with their article in a template of their own."""
+    word = word.strip().lower()
+    if re.match(r"(8|11|18)(\D|$)|8\d", word) and not re.match(r"\d{4}", word):
+        return "an"  # eight, eleven, eighteen, eighty-...; a year like 1800 is read "eighteen hundred" too, rarely a class
+    if word.startswith(("one", "once", "uni", "use", "usu", "ura", "ure", "uri", "uro", "ut", "eu", "ewe")):
+        return "a"
+    return "an" if word[:1] in ("a", "e", "i", "o", "u") or word.startswith(("hour", "honest", "heir")) else "a"
+
+
 def format_caption(template: str, fields: dict) -> str | None:
-    """`template` with the class's fields, or None when it names a field the class lacks."""
+    """`template` with the class's fields, or None when it names a field the class lacks.
+
+    An "a" (or "an") right before a field agrees with the field's value: "Draw a {name}" gives
+    "Draw a six" and "Draw an eight"."""
+    def agree(match: re.Match) -> str:
+        value = fields.get(match.group(3))
+        if value is None:
+            return match.group(0)
+        article = indefinite_article(str(value))
+        return (article.capitalize() if match.group(1) == "A" else article) + " " + match.group(2)
+
     try:
-        return template.format_map(fields)
+        return ARTICLE_BEFORE_FIELD.sub(agree, template).format_map(fields)
     except (KeyError, IndexError):
         return None
 
