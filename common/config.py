@@ -177,6 +177,8 @@ class EvalConfig:
     images_per_class: int = 100
     classifier_steps: int = 600
     classifier_batch_size: int = 128
+    # the evaluator's own seed, not the run's: runs of different seeds are measured with the same classifier
+    classifier_seed: int = 0
     # the split the evaluator classifier learns from; its accuracy on the other split is the ceiling.
     # holdout: a rendered dataset's held-out font (data.holdout_font), so recognition asks whether the
     # generated glyphs read as the characters to a reader of a hand the model never saw

@@ -51,10 +51,10 @@ def train_classifier(config: Config, train_set: ImageDataset, holdout_set: Image
     cfg: EvalConfig = config.evaluate
     learn, other = (holdout_set, train_set) if cfg.classifier_trained_on == "holdout" else (train_set, holdout_set)
     folder = RunFolder(config.run_dir).root / "evaluator"
-    torch.manual_seed(config.seed)  # before the model, so its initial weights do not depend on what ran before in this process
+    torch.manual_seed(cfg.classifier_seed)  # before the model: its initial weights must not depend on what ran before
     model = DigitClassifier(config.data.channels, len(train_set.classes)).to(device)
     key = {"dataset": train_set.fingerprint(), "steps": cfg.classifier_steps, "batch": cfg.classifier_batch_size,
-           "seed": config.seed, "classes": len(train_set.classes), "version": DigitClassifier.VERSION}
+           "seed": cfg.classifier_seed, "classes": len(train_set.classes), "version": DigitClassifier.VERSION}
     if cfg.classifier_trained_on != "train":  # keys of classifiers cached before the choice existed stay valid
         key["trained_on"] = cfg.classifier_trained_on
     if (folder / CLASSIFIER_FILE).is_file():

@@ -335,8 +335,8 @@ def test_the_evaluator_classifier_does_not_depend_on_what_ran_before_in_the_proc
     from pipelines.quality import train_classifier
 
     weights = []
-    for i, draws in enumerate((0, 1000)):
-        config = tiny_config(tmp_path / f"run{i}", "evaluate.classifier_steps=2")
+    for i, draws in enumerate((0, 1000)):  # and not on the run's seed: one yardstick for runs of every seed
+        config = tiny_config(tmp_path / f"run{i}", "evaluate.classifier_steps=2", f"seed={i}")
         train_set, holdout_set = load_train_and_holdout(config.data)
         torch.rand(draws)  # another stage's use of the global generator
         weights.append(train_classifier(config, train_set, holdout_set, torch.device("cpu"))[0].state_dict())
