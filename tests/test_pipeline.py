@@ -321,6 +321,8 @@ def test_tuning_rule_takes_the_most_diverse_legible_setting_then_falls_back_as_i
     assert choose_setting(table, 0.97) == (table[1], "most diverse among settings with recognition >= 97%")
     assert choose_setting(table, 0.97, 0.9) == (  # a tie in diversity: the fewer steps
         table[4], "most diverse among settings with recognition >= 97% and every class >= 90%")
+    eighteen_of_twenty = torch.tensor([1.0] * 18 + [0.0] * 2).mean().item()  # 0.8999999761581421, as evaluate measures it
+    assert choose_setting([row(1.5, 0.97, eighteen_of_twenty, 0.9), row(2.0, 1.0, 1.0, 0.8)], 0.97, 0.9)[0]["guidance_scale"] == 1.5
     weak = [row(1.5, 0.98, 0.85, 0.9), row(2.0, 0.99, 0.8, 0.8)]
     assert choose_setting(weak, 0.97, 0.9) == (
         weak[0], "most diverse among settings with recognition >= 97% (none had every class >= 90%)")
