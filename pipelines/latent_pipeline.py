@@ -95,7 +95,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def default_guidance_interval(self, guidance_interval: tuple[float, float] | None = None) -> tuple[float, float]:
         """The caller's interval if given, else the run's own (runs made before it was recorded: every step)."""
         chosen = guidance_interval if guidance_interval is not None else self.config.sampling.get("guidance_interval", NO_INTERVAL)
-        return tuple(chosen)
+        return tuple(chosen) if isinstance(chosen, (list, tuple)) else chosen  # anything else: check_inputs says so
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "LatentPipeline":
@@ -212,7 +212,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             prompts = [""] * len(prompt_embeds)  # the batch size, for the checks below
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number (e.g. 1.75), got {guidance_scale!r}")
-        if not (len(guidance_interval) == 2 and all(isinstance(v, (int, float)) for v in guidance_interval)
+        if not (isinstance(guidance_interval, tuple) and len(guidance_interval) == 2
+                and all(isinstance(v, (int, float)) for v in guidance_interval)
                 and 0 <= guidance_interval[0] < guidance_interval[1] <= 1):
             raise ValueError(f"guidance_interval must be (start, stop) with 0 <= start < stop <= 1, the fraction of "
                              f"the steps that are guided (e.g. (0.2, 1.0)), got {guidance_interval!r}")

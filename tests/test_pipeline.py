@@ -296,6 +296,8 @@ def test_guidance_interval_guides_only_its_steps_and_defaults_to_the_runs_own(pi
     with pytest.raises(ValueError, match=r"guidance_interval must be \(start, stop\) with 0 <= start < stop <= 1, the "
                                          r"fraction of the steps that are guided \(e.g. \(0.2, 1.0\)\), got \(0.6, 0.2\)"):
         run_pipe(pipe, guidance_interval=(0.6, 0.2))
+    with pytest.raises(ValueError, match=r"guidance_interval must be \(start, stop\) .* got 0.5"):
+        run_pipe(pipe, guidance_interval=0.5)
 
 
 def test_diffusion_pipeline_from_pretrained_with_the_custom_pipeline_keeps_the_class_table(tiny_run):
