@@ -57,12 +57,13 @@ def choose_setting(table: list[dict], min_recognition: float, min_class: float =
     """The row of `table` the rule picks, and the rule as it applied (see the module docstring)."""
     # accuracies are float32 means (18/20 reads 0.8999999762): compare with a tolerance below one image in 10^5
     reaches = lambda value, bar: value >= bar - 1e-6  # noqa: E731
-    both = f"recognition >= {min_recognition * 100:g}%" + (f" and every class >= {min_class * 100:g}%" if min_class > 0 else "")
+    recognition_bar, class_bar = f"recognition >= {min_recognition * 100:g}%", f"every class >= {min_class * 100:g}%"
+    both = recognition_bar + (f" and {class_bar}" if min_class > 0 else "")
     eligible = [r for r in table if reaches(r["recognition"], min_recognition) and reaches(r["min_class"], min_class)]
     rule = f"most diverse among settings with {both}"
     if not eligible and min_class > 0:
         eligible = [r for r in table if reaches(r["recognition"], min_recognition)]
-        rule = f"most diverse among settings with recognition >= {min_recognition * 100:g}% (none had every class >= {min_class * 100:g}%)"
+        rule = f"most diverse among settings with {recognition_bar} (none had {class_bar})"
     if eligible:
         return max(eligible, key=lambda r: (r["diversity"], -r["num_inference_steps"])), rule
     return (max(table, key=lambda r: (r["recognition"], r["diversity"])),
