@@ -183,6 +183,8 @@ class EvalConfig:
     # holdout: a rendered dataset's held-out font (data.holdout_font), so recognition asks whether the
     # generated glyphs read as the characters to a reader of a hand the model never saw
     classifier_trained_on: Literal["train", "holdout"] = "train"
+    # letters: it also learns print fonts the model never sees (DejaVu, STIX, Hind, Mukta), a reader of more than one hand
+    classifier_print_fonts: bool = False
     # prompts never used in training, for the paraphrase accuracy; {name}/{symbol} as in captions
     paraphrases: list[str] = field(default_factory=list)
     # tune the run's sampling defaults first (pipelines/tuning.py): every steps x guidance of the grid is
@@ -369,6 +371,8 @@ def validate(config: Config) -> None:
         require(0 <= getattr(evaluation, key) <= 1, f"evaluate.{key}", f"must be in [0, 1], got {getattr(evaluation, key)}")
     for key in ("images_per_class", "tune_images_per_class", "classifier_steps", "classifier_batch_size", "caption_images"):
         require(getattr(evaluation, key) >= 1, f"evaluate.{key}", f"must be >= 1, got {getattr(evaluation, key)}")
+    require(not evaluation.classifier_print_fonts or data.name == "letters", "evaluate.classifier_print_fonts",
+            f"only the letters dataset has print fonts to learn from, not {data.name or data.path!r}; set it to false")
     for i, template in enumerate(evaluation.paraphrases):
         problem = template_problem(template)
         require(problem is None, f"evaluate.paraphrases[{i}]", f"{template!r} is not a caption template ({problem})")

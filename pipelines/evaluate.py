@@ -6,8 +6,9 @@
 - Recognition accuracy: a small CNN, trained here on the training split (cached in `run/evaluator/`),
   classifies images generated for each class prompt; per class and overall, with the classifier's own
   held-out accuracy as the ceiling. With `evaluate.classifier_trained_on: holdout` it learns from the
-  held-out split instead (for `letters`: the renders of the held-out font, a hand the model never saw)
-  and its ceiling is its accuracy on the training split.
+  held-out split instead (for `letters`: the renders of the held-out font, a hand the model never saw,
+  with `evaluate.classifier_print_fonts` also print fonts) and its ceiling is its accuracy on the
+  training split.
 - Frechet distance in that classifier's feature space between generated and held-out images, beside
   the same distance between real training and held-out images (the floor).
 - Paraphrase accuracy: the same on prompts that are not training templates ("Sketch the number 4").

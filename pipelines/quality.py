@@ -8,14 +8,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm, trange
 
 from common.checkpoint import load_tensors, save_tensors
 from common.config import AugmentConfig, Config, EvalConfig
 from common.data import ImageDataset, augment_batch, image_batches
+from common.data.pixels import fitted_array, to_tensor
 from common.run import RunFolder
 
 CLASSIFIER_FILE = "classifier.safetensors"
+PRINT_FONTS_VERSION = 1  # in the cache key of a classifier that learned print fonts: bump when they change
 
 
 class DigitClassifier(nn.Module):
@@ -57,12 +60,18 @@ def train_classifier(config: Config, train_set: ImageDataset, holdout_set: Image
            "seed": cfg.classifier_seed, "classes": len(train_set.classes), "version": DigitClassifier.VERSION}
     if cfg.classifier_trained_on != "train":  # keys of classifiers cached before the choice existed stay valid
         key["trained_on"] = cfg.classifier_trained_on
+    if cfg.classifier_print_fonts:
+        key["print_fonts"] = PRINT_FONTS_VERSION
     if (folder / CLASSIFIER_FILE).is_file():
         tensors, meta = load_tensors(folder / CLASSIFIER_FILE)
         if meta and meta.get("key") == key:
             model.load_state_dict(tensors)
             return model.eval(), meta["heldout_accuracy"]
-    images, labels = real_images(learn).to(device), torch.tensor(learn.labels, device=device)
+    images, labels = real_images(learn), torch.tensor(learn.labels)
+    if cfg.classifier_print_fonts:  # renders of print fonts beside the split: a reader of more than one hand
+        printed, printed_labels = print_font_images(learn)
+        images, labels = torch.cat([images, printed]), torch.cat([labels, printed_labels])
+    images, labels = images.to(device), labels.to(device)
     shifts = AugmentConfig(rotate_degrees=10, translate=0.1, scale=0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=cfg.classifier_steps)
@@ -80,6 +89,14 @@ def train_classifier(config: Config, train_set: ImageDataset, holdout_set: Image
     accuracy = groups[classify(model, real_images(other), device)[0]].eq(groups[other.labels]).float().mean().item()
     save_tensors(folder / CLASSIFIER_FILE, model.state_dict(), {"key": key, "heldout_accuracy": accuracy})
     return model, accuracy
+
+
+def print_font_images(dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source's print-font renders (`Listing.print_fonts`), fitted like its images: (N, C, H, W) in [-1, 1], (N,)."""
+    pixels, labels = dataset.listing.print_fonts()
+    c = dataset.config
+    fitted = [to_tensor(fitted_array(Image.fromarray(a), c.image_size, c.channels, c.fit)) for a in pixels]
+    return torch.stack(fitted), torch.as_tensor(labels, dtype=torch.long)
 
 
 def real_images(dataset: ImageDataset) -> torch.Tensor:

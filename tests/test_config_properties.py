@@ -34,7 +34,7 @@ ALL_KEYS = ["seed", "data.image_size", "data.channels", "data.holdout_fraction",
             "encode.batch_size", "ldm.block_out_channels", "ldm.cross_attention", "ldm.attention_heads",
             "ldm.norm_num_groups", "ldm.cond_dropout", "ldm.num_train_timesteps", "ldm.snr_gamma",
             "sample.num_inference_steps", "sample.guidance_scale", "sample.guidance_interval", "evaluate.images_per_class", "evaluate.paraphrases",
-            "evaluate.tune_guidance_intervals", "evaluate.tune_min_class"]
+            "evaluate.tune_guidance_intervals", "evaluate.tune_min_class", "evaluate.classifier_print_fonts"]
 
 
 @settings(max_examples=300, deadline=None)

@@ -2,6 +2,7 @@
 line, and a letters run through the whole chain."""
 
 import dataclasses
+import re
 import string
 
 import numpy as np
@@ -251,6 +252,42 @@ def test_evaluate_can_train_its_classifier_on_the_held_out_font(tmp_path, monkey
     config.evaluate.classifier_trained_on = "train"
     quality.train_classifier(config, train_set, holdout_set, torch.device("cpu"))
     assert seen == [train_set, holdout_set]  # another choice, another classifier
+
+
+def test_the_classifier_can_also_learn_print_fonts_the_model_never_sees(tmp_path, monkeypatch):
+    """evaluate.classifier_print_fonts: the held-out hand's renders plus every class in the print fonts
+    (a classifier of its own in the cache); for another dataset the key is refused."""
+    import pipelines.quality as quality
+    from common.data import load_train_and_holdout
+
+    monkeypatch.setattr(letters, "PRINT_PER_CLASS", 2)
+    config = tiny_config(tmp_path / "run", "data.name=letters", "data.per_class=6", "evaluate.classifier_trained_on=holdout",
+                         "evaluate.classifier_print_fonts=true")
+    train_set, holdout_set = load_train_and_holdout(config.data)
+    printed, printed_labels = quality.print_font_images(holdout_set)
+    assert printed.shape == (124, 1, 16, 16) and printed.min() >= -1 and printed.max() <= 1  # fitted to data.image_size
+    assert printed_labels.tolist() == [k for k in range(62) for _ in range(2)]
+    seen = []
+    monkeypatch.setattr(quality, "print_font_images", lambda dataset: seen.append(dataset) or (printed, printed_labels))
+    quality.train_classifier(config, train_set, holdout_set, torch.device("cpu"))
+    assert seen == [holdout_set]
+    assert quality.train_classifier(config, train_set, holdout_set, torch.device("cpu")) and seen == [holdout_set]  # cached
+    config.evaluate.classifier_print_fonts = False  # the cached one learned print fonts: not reused without them
+    quality.train_classifier(config, train_set, holdout_set, torch.device("cpu"))
+    config.evaluate.classifier_print_fonts = True  # and the other way round
+    quality.train_classifier(config, train_set, holdout_set, torch.device("cpu"))
+    assert seen == [holdout_set, holdout_set]
+    with pytest.raises(ConfigError, match=re.escape("'evaluate.classifier_print_fonts' only the letters dataset has "
+                                                    "print fonts to learn from, not 'mnist'; set it to false")):
+        tiny_config(tmp_path / "mnist", "evaluate.classifier_print_fonts=true")
+
+
+def test_every_print_font_draws_every_class_and_a_missing_file_is_named(monkeypatch):
+    assert hands_per_class(letters.PRINTED) == tuple(tuple(range(len(letters.PRINT_FONTS))) for _ in range(62))
+    broken = dataclasses.replace(letters.PRINT_FONTS[0], paths=("mpl-data/fonts/ttf/DejaVuSans.ttf", "mpl-data/nothere.ttf"))
+    with pytest.raises(DatasetError, match=re.escape("the font 'dejavu-sans' is missing from ") + ".*"
+                       + re.escape(": mpl-data/nothere.ttf; reinstall the package (pip install --force-reinstall matplotlib)")):
+        broken.files()
 
 
 def listing_font(dataset: ImageDataset, i: int) -> str:

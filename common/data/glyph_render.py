@@ -37,13 +37,23 @@ class Hand:
     name: str  # what the config and the listing call it, e.g. "kalam"
     package: str  # e.g. "fontpkg_kalam"
     axes: tuple[tuple[float, ...], ...] = ()  # variable fonts: one setting per style, in the font's axis order
+    # files inside a package that is not a fontpkg (relative to its folder), e.g. matplotlib's DejaVu fonts
+    paths: tuple[str, ...] = ()
 
     def files(self) -> list[Path]:
         """The family's .ttf files (a static family ships one per weight)."""
         try:
-            root = importlib.import_module(self.package).ROOT
+            module = importlib.import_module(self.package)
         except ImportError:
             raise DatasetError(f"the font '{self.name}' is not installed: pip install {self.package.replace('_', '-')}") from None
+        if self.paths:
+            folder = Path(module.__file__).parent
+            missing = [p for p in self.paths if not (folder / p).is_file()]
+            if missing:
+                raise DatasetError(f"the font '{self.name}' is missing from {folder}: {', '.join(missing)}; reinstall "
+                                   f"the package (pip install --force-reinstall {self.package})")
+            return [folder / p for p in self.paths]
+        root = module.ROOT
         files = sorted((root / "files").glob("*.ttf"))
         if not files:
             raise DatasetError(f"the package {self.package} has no .ttf file in {root / 'files'}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -29,6 +30,9 @@ class Listing:
     pixels: np.ndarray | None = None  # (N, H, W[, C]) uint8, for in-memory datasets
     identity: str = ""  # what the fingerprint hashes besides the config
     fonts: list[str] | None = None  # rendered sources: the font that drew each image
+    # letters: renders of print fonts the model never sees, (pixels (N, H, W) uint8, labels (N,)), made on
+    # demand: evaluate's classifier may learn them beside the held-out hand (evaluate.classifier_print_fonts)
+    print_fonts: Callable[[], tuple[np.ndarray, np.ndarray]] | None = field(default=None, repr=False)
     fitted: dict = field(default_factory=dict, repr=False)  # in-memory pixels resized to (size, channels, fit)
 
 
