@@ -5,6 +5,8 @@ built on it (recognition, Frechet distance in its features, diversity, near-copi
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,7 +20,6 @@ from common.data.pixels import fitted_array, to_tensor
 from common.run import RunFolder
 
 CLASSIFIER_FILE = "classifier.safetensors"
-PRINT_FONTS_VERSION = 1  # in the cache key of a classifier that learned print fonts: bump when they change
 
 
 class DigitClassifier(nn.Module):
@@ -60,8 +61,9 @@ def train_classifier(config: Config, train_set: ImageDataset, holdout_set: Image
            "seed": cfg.classifier_seed, "classes": len(train_set.classes), "version": DigitClassifier.VERSION}
     if cfg.classifier_trained_on != "train":  # keys of classifiers cached before the choice existed stay valid
         key["trained_on"] = cfg.classifier_trained_on
-    if cfg.classifier_print_fonts:
-        key["print_fonts"] = PRINT_FONTS_VERSION
+    if cfg.classifier_print_fonts:  # the renders themselves key it: other fonts, counts or jitter retrain
+        printed, printed_labels = print_font_images(learn)
+        key["print_fonts"] = hashlib.sha256(printed.numpy().tobytes() + printed_labels.numpy().tobytes()).hexdigest()[:16]
     if (folder / CLASSIFIER_FILE).is_file():
         tensors, meta = load_tensors(folder / CLASSIFIER_FILE)
         if meta and meta.get("key") == key:
@@ -69,7 +71,6 @@ def train_classifier(config: Config, train_set: ImageDataset, holdout_set: Image
             return model.eval(), meta["heldout_accuracy"]
     images, labels = real_images(learn), torch.tensor(learn.labels)
     if cfg.classifier_print_fonts:  # renders of print fonts beside the split: a reader of more than one hand
-        printed, printed_labels = print_font_images(learn)
         images, labels = torch.cat([images, printed]), torch.cat([labels, printed_labels])
     images, labels = images.to(device), labels.to(device)
     shifts = AugmentConfig(rotate_degrees=10, translate=0.1, scale=0.1)

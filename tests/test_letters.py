@@ -267,16 +267,23 @@ def test_the_classifier_can_also_learn_print_fonts_the_model_never_sees(tmp_path
     printed, printed_labels = quality.print_font_images(holdout_set)
     assert printed.shape == (124, 1, 16, 16) and printed.min() >= -1 and printed.max() <= 1  # fitted to data.image_size
     assert printed_labels.tolist() == [k for k in range(62) for _ in range(2)]
-    seen = []
-    monkeypatch.setattr(quality, "print_font_images", lambda dataset: seen.append(dataset) or (printed, printed_labels))
+    printed_for, learned_from = [], []
+    monkeypatch.setattr(quality, "print_font_images", lambda dataset: printed_for.append(dataset) or (printed, printed_labels))
+    real_images = quality.real_images
+    monkeypatch.setattr(quality, "real_images", lambda dataset: learned_from.append(dataset) or real_images(dataset))
     quality.train_classifier(config, train_set, holdout_set, torch.device("cpu"))
-    assert seen == [holdout_set]
-    assert quality.train_classifier(config, train_set, holdout_set, torch.device("cpu")) and seen == [holdout_set]  # cached
+    assert printed_for == [holdout_set] and learned_from == [holdout_set, train_set]  # + the ceiling on the five hands
+    quality.train_classifier(config, train_set, holdout_set, torch.device("cpu"))
+    assert learned_from == [holdout_set, train_set]  # cached: the same renders key the same classifier
     config.evaluate.classifier_print_fonts = False  # the cached one learned print fonts: not reused without them
     quality.train_classifier(config, train_set, holdout_set, torch.device("cpu"))
+    assert len(learned_from) == 4 and len(printed_for) == 2
     config.evaluate.classifier_print_fonts = True  # and the other way round
     quality.train_classifier(config, train_set, holdout_set, torch.device("cpu"))
-    assert seen == [holdout_set, holdout_set]
+    assert len(learned_from) == 6
+    printed = printed.flip(-1)  # other renders (another font, count or jitter): another classifier
+    quality.train_classifier(config, train_set, holdout_set, torch.device("cpu"))
+    assert len(learned_from) == 8
     with pytest.raises(ConfigError, match=re.escape("'evaluate.classifier_print_fonts' only the letters dataset has "
                                                     "print fonts to learn from, not 'mnist'; set it to false")):
         tiny_config(tmp_path / "mnist", "evaluate.classifier_print_fonts=true")
