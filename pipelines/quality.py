@@ -10,13 +10,12 @@ import hashlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm, trange
 
 from common.checkpoint import load_tensors, save_tensors
 from common.config import AugmentConfig, Config, EvalConfig
 from common.data import ImageDataset, augment_batch, image_batches
-from common.data.pixels import fitted_array, to_tensor
+from common.data.pixels import fitted_arrays, to_tensor
 from common.run import RunFolder
 
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -96,8 +95,8 @@ def print_font_images(dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor
     """The source's print-font renders (`Listing.print_fonts`), fitted like its images: (N, C, H, W) in [-1, 1], (N,)."""
     pixels, labels = dataset.listing.print_fonts()
     c = dataset.config
-    fitted = [to_tensor(fitted_array(Image.fromarray(a), c.image_size, c.channels, c.fit)) for a in pixels]
-    return torch.stack(fitted), torch.as_tensor(labels, dtype=torch.long)
+    fitted = fitted_arrays(pixels, c.image_size, c.channels, c.fit)  # (N, H, W, C) uint8
+    return torch.stack([to_tensor(a) for a in fitted]), torch.as_tensor(labels, dtype=torch.long)
 
 
 def real_images(dataset: ImageDataset) -> torch.Tensor:

@@ -20,7 +20,7 @@ from PIL import Image, ImageFile
 from common.config import DataConfig
 from common.data.captions import build_captions, caption_templates, class_prompt
 from common.data.listing import Listing
-from common.data.pixels import fitted_array, load_image, to_tensor
+from common.data.pixels import fitted_arrays, load_image, to_tensor
 from common.data.sources import list_dataset
 from common.errors import DatasetError
 
@@ -65,8 +65,7 @@ class ImageDataset(torch.utils.data.Dataset):
         c = self.config
         key = (c.image_size, c.channels, c.fit)
         if key not in self.listing.fitted:  # shared by the splits made from one listing
-            self.listing.fitted[key] = np.stack([fitted_array(Image.fromarray(a), c.image_size, c.channels, c.fit)
-                                                 for a in self.listing.pixels])
+            self.listing.fitted[key] = fitted_arrays(self.listing.pixels, c.image_size, c.channels, c.fit)
         return self.listing.fitted[key]
 
     def __getitem__(self, i: int) -> dict:

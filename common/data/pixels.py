@@ -53,6 +53,11 @@ def fitted_array(image: Image.Image, size: int, channels: int, fit: str) -> np.n
     return array[..., None] if array.ndim == 2 else array
 
 
+def fitted_arrays(pixels: np.ndarray, size: int, channels: int, fit: str) -> np.ndarray:
+    """In-memory images (N, H, W[, C]) uint8, each converted and fitted: (N, size, size, channels) uint8."""
+    return np.stack([fitted_array(Image.fromarray(a), size, channels, fit) for a in pixels])
+
+
 def load_image(path: str, size: int, channels: int, fit: str) -> np.ndarray:
     """Read one file as a (H, W, C) uint8 array. Raises OSError/ValueError on a corrupt file."""
     with Image.open(path) as image:
