@@ -60,7 +60,8 @@ HANDS = (
 # a letter is beyond one hand's way of writing it. DejaVu, STIX and Computer Modern ship inside
 # matplotlib; Hind and Mukta (Latin besides Devanagari) are fontpkgs. Measured (a classifier tested on
 # the five training hands' renders): the held-out hand alone reads 39% of them; with the first five of
-# these fonts, 60 renders per class and 300 steps, 64%; with all eight, 120 per class and 1,200 steps, 72%.
+# these fonts, 60 renders per class and 300 steps, 64%; with all eight, 120 per class and 1,200 steps,
+# 72% (70.9% in evaluate, whose renders are seeded differently).
 _MPL = "mpl-data/fonts/ttf/"
 
 
