@@ -123,6 +123,8 @@ class ClipConfig(TrainConfig):
     patch_size: int = 4
     projection_dim: int = 128
     caption_variants: int = 0  # perturbed copies of each caption (made-up words inserted) to train on too
+    # the empty prompt as a negative text in every batch (see ldm/train_clip.py); letters train better without
+    empty_prompt_negative: bool = True
 
 
 @dataclass

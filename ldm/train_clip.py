@@ -8,7 +8,8 @@ Captions of the same class are all positives of each other, so a batch with seve
 images does not push identical texts apart. The empty prompt joins every batch as a text that matches
 no image: it is the unconditional prompt of classifier-free guidance, and without it nothing stops
 the contrastive loss from parking one class at the empty prompt's features (seen: "Draw a eight"
-read like "" to the UNet, so guidance could not draw eights). Writes `run/text_encoder/` (CLIPTextModel) and
+read like "" to the UNet, so guidance could not draw eights); `clip.empty_prompt_negative: false`
+leaves it out (letters: zero-shot 9.5% with it, 19.9% without, and a UNet that follows its prompts). Writes `run/text_encoder/` (CLIPTextModel) and
 `run/tokenizer/` in the format of a pretrained CLIP, the whole model (both towers, which `evaluate`
 scores captioned datasets with) in `run/clip/`, and reports zero-shot accuracy on the held-out
 split (each image against every class's prompts).
@@ -156,8 +157,10 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                     if cfg.augment:
                         images = augment_batch(images, config.data.augment)
                     variant = torch.randint(cfg.caption_variants + 1, (len(chosen),))
-                    texts = torch.cat([caption_ids[chosen.to(device), variant.to(device)], empty_prompt])  # (B + 1, L)
-                    positives = torch.cat([positives, positives.new_zeros(len(positives), 1)], 1)  # (B, B + 1)
+                    texts = caption_ids[chosen.to(device), variant.to(device)]  # (B, L)
+                    if cfg.empty_prompt_negative:  # (B + 1, L): one more text, matching no image
+                        texts = torch.cat([texts, empty_prompt])
+                        positives = torch.cat([positives, positives.new_zeros(len(positives), 1)], 1)  # (B, B + 1)
                     with trainer.no_sync("clip", micro):
                         out = model(input_ids=texts, pixel_values=images)
                         loss = contrastive_loss(out.logits_per_image, positives.to(device))

@@ -70,6 +70,24 @@ def test_contrastive_loss_takes_extra_texts_as_negatives_only():
     assert contrastive_loss(logits, positives) > contrastive_loss(logits[:, :2], positives[:, :2])
 
 
+@pytest.mark.parametrize("negative", [True, False])
+def test_the_empty_prompt_joins_every_clip_batch_unless_turned_off(tmp_path, monkeypatch, negative):
+    from transformers import CLIPModel
+
+    from ldm.train_clip import main as clip_main
+
+    batches, forward = [], CLIPModel.forward
+    monkeypatch.setattr(CLIPModel, "forward", lambda self, input_ids=None, pixel_values=None, **kw: batches.append(
+        (input_ids.clone(), len(pixel_values))) or forward(self, input_ids=input_ids, pixel_values=pixel_values, **kw))
+    clip_main(tiny_config(tmp_path / "run", "clip.max_steps=2", f"clip.empty_prompt_negative={str(negative).lower()}"))
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "run" / "tokenizer")
+    empty = tokenizer([""], padding="max_length", max_length=16, return_tensors="pt").input_ids[0]
+    training = [(ids, images) for ids, images in batches if images == 16]  # clip.batch_size; zero-shot batches differ
+    assert len(training) == 2
+    for ids, images in training:
+        assert len(ids) == images + negative and torch.equal(ids[-1].cpu(), empty) == negative
+
+
 def test_a_class_prompt_read_like_the_empty_prompt_is_refused(tiny_run):
     tokenizer = CLIPTokenizer.from_pretrained(tiny_run / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(tiny_run / "text_encoder")
