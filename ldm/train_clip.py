@@ -10,9 +10,9 @@ no image: it is the unconditional prompt of classifier-free guidance, and withou
 the contrastive loss from parking one class at the empty prompt's features (seen: "Draw a eight"
 read like "" to the UNet, so guidance could not draw eights); `clip.empty_prompt_negative: false`
 leaves it out (letters: zero-shot 9.5% with it, 19.9% without, and a UNet that follows its prompts).
-Writes `run/text_encoder/` (CLIPTextModel) and `run/tokenizer/` in the format of a pretrained CLIP, the whole model (both towers, which `evaluate`
-scores captioned datasets with) in `run/clip/`, and reports zero-shot accuracy on the held-out
-split (each image against every class's prompts).
+Writes `run/text_encoder/` (CLIPTextModel) and `run/tokenizer/` in the format of a pretrained CLIP,
+the whole model (both towers, which `evaluate` scores captioned datasets with) in `run/clip/`, and
+reports zero-shot accuracy on the held-out split (each image against every class's prompts).
 """
 
 from __future__ import annotations
