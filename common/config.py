@@ -185,7 +185,7 @@ class EvalConfig:
     # holdout: a rendered dataset's held-out font (data.holdout_font), so recognition asks whether the
     # generated glyphs read as the characters to a reader of a hand the model never saw
     classifier_trained_on: Literal["train", "holdout"] = "train"
-    # letters: it also learns print fonts the model never sees (DejaVu, STIX, Hind, Mukta), a reader of more than one hand
+    # letters: it also learns print fonts the model never sees (letters.PRINT_FONTS), a reader of more than one hand
     classifier_print_fonts: bool = False
     # prompts never used in training, for the paraphrase accuracy; {name}/{symbol} as in captions
     paraphrases: list[str] = field(default_factory=list)

@@ -15,7 +15,7 @@ from common.errors import UserError
 from conftest import ROOT, tiny_config
 from ldm.encode import main as encode_main
 from ldm.latents import StaleCacheError, load_cache, vae_fingerprint
-from ldm.text import check_prompts_apart, encode_text, prompt_separation, train_tokenizer
+from ldm.text import check_prompts_apart, encode_text, prompt_separation, tokenize, train_tokenizer
 from ldm.train import main as ldm_main
 from ldm.train_clip import contrastive_loss
 
@@ -81,7 +81,7 @@ def test_the_empty_prompt_joins_every_clip_batch_unless_turned_off(tmp_path, mon
         (input_ids.clone(), len(pixel_values))) or forward(self, input_ids=input_ids, pixel_values=pixel_values, **kw))
     clip_main(tiny_config(tmp_path / "run", "clip.max_steps=2", f"clip.empty_prompt_negative={str(negative).lower()}"))
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "run" / "tokenizer")
-    empty = tokenizer([""], padding="max_length", max_length=16, return_tensors="pt").input_ids[0]
+    empty = tokenize(tokenizer, [""]).input_ids[0]  # as train-clip tokenizes it
     training = [(ids, images) for ids, images in batches if images == 16]  # clip.batch_size; zero-shot batches differ
     assert len(training) == 2
     for ids, images in training:
