@@ -64,6 +64,11 @@ class Hand:
         return f"{self.name}{[(p.name, p.stat().st_size) for p in self.files()]}{self.axes}"
 
 
+def fontpkg_hands(names: str) -> tuple[Hand, ...]:
+    """Static families named as their fontpkg is ("hind mukta" -> fontpkg_hind, fontpkg_mukta)."""
+    return tuple(Hand(name, "fontpkg_" + name.replace("-", "_")) for name in names.split())
+
+
 @functools.lru_cache(maxsize=64)
 def styles(hand: Hand, size: int, shaping: bool) -> tuple[ImageFont.FreeTypeFont, ...]:
     """One font object per file and axis setting: setting a variable font's axes costs ~15 ms, drawing ~1 ms.

@@ -19,7 +19,7 @@ import string
 import numpy as np
 
 from common.config import DataConfig
-from common.data.glyph_render import GlyphSet, Hand, Jitter, cache_path, held_out_hand, render_classes
+from common.data.glyph_render import GlyphSet, Hand, Jitter, cache_path, fontpkg_hands, held_out_hand, render_classes
 from common.data.listing import ImageClass, Listing
 
 RENDER_VERSION = 1  # bump when the renderer changes, so cached renders are not reused
@@ -70,27 +70,22 @@ def _matplotlib_fonts(name: str, *files: str) -> Hand:
     return Hand(name, "matplotlib", paths=tuple(_MPL + f for f in files))
 
 
-def _fontpkgs(names: str) -> tuple[Hand, ...]:
-    return tuple(Hand(name, "fontpkg_" + name.replace("-", "_")) for name in names.split())
-
-
 PRINT_FONTS = (
     _matplotlib_fonts("dejavu-sans", "DejaVuSans.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-Bold.ttf", "DejaVuSansMono.ttf"),
     _matplotlib_fonts("dejavu-serif", "DejaVuSerif.ttf", "DejaVuSerif-Italic.ttf"),
     _matplotlib_fonts("stix", "STIXGeneral.ttf", "STIXGeneralItalic.ttf"),
-    Hand("hind", "fontpkg_hind"),
-    Hand("mukta", "fontpkg_mukta"),
+    *fontpkg_hands("hind mukta"),
     _matplotlib_fonts("dejavu-bold-and-oblique", "DejaVuSans-BoldOblique.ttf", "DejaVuSansMono-Oblique.ttf",
                       "DejaVuSerif-Bold.ttf", "DejaVuSerif-BoldItalic.ttf"),
     _matplotlib_fonts("stix-bold", "STIXGeneralBol.ttf", "STIXGeneralBolIta.ttf"),
     _matplotlib_fonts("computer-modern", "cmr10.ttf", "cmss10.ttf", "cmti10.ttf", "cmb10.ttf", "cmtt10.ttf"),
-    *_fontpkgs("delius great-vibes lobster lobster-two oleo-script pacifico satisfy yellowtail zeyada"),  # casual, script
-    *_fontpkgs("atkinson-hyperlegible comfortaa fredoka quicksand varela-round nunito baloo-2 rowdies righteous acme"),
-    *_fontpkgs("poppins roboto open-sans lato montserrat raleway josefin-sans lexend fira-sans source-sans-3 work-sans "
+    *fontpkg_hands("delius great-vibes lobster lobster-two oleo-script pacifico satisfy yellowtail zeyada"),  # casual, script
+    *fontpkg_hands("atkinson-hyperlegible comfortaa fredoka quicksand varela-round nunito baloo-2 rowdies righteous acme"),
+    *fontpkg_hands("poppins roboto open-sans lato montserrat raleway josefin-sans lexend fira-sans source-sans-3 work-sans "
                "karla ibm-plex-sans noto-sans pt-sans exo-2 titillium-web oswald dosis cabin rubik kanit"),
-    *_fontpkgs("merriweather lora eb-garamond playfair-display crimson-text libre-baskerville bitter arvo zilla-slab "
+    *fontpkg_hands("merriweather lora eb-garamond playfair-display crimson-text libre-baskerville bitter arvo zilla-slab "
                "roboto-slab ibm-plex-serif noto-serif pt-serif"),
-    *_fontpkgs("fira-code jetbrains-mono space-mono ibm-plex-mono source-code-pro inconsolata"),
+    *fontpkg_hands("fira-code jetbrains-mono space-mono ibm-plex-mono source-code-pro inconsolata"),
 )
 PRINT_PER_CLASS = 360
 JITTER = Jitter(fill=(0.70, 0.86), stretch=0.1, rotate=8.0, shear=0.15, shift=0.04, strokes=(-1, 0, 0, 1, 2))
