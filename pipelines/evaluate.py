@@ -8,7 +8,8 @@
   held-out accuracy as the ceiling. With `evaluate.classifier_trained_on: holdout` it learns from the
   held-out split instead (for `letters`: the renders of the held-out font, a hand the model never saw,
   with `evaluate.classifier_print_fonts` also print fonts) and its ceiling is its accuracy on the
-  training split.
+  training split. Beside the ceiling, its accuracy on the same images after a VAE round trip: the
+  VAE decodes every generated image, so what it blurs away no sampler can draw.
 - Frechet distance in that classifier's feature space between generated and held-out images, beside
   the same distance between real training and held-out images (the floor).
 - Paraphrase accuracy: the same on prompts that are not training templates ("Sketch the number 4").
@@ -38,10 +39,10 @@ from common.data import class_prompt, load_train_and_holdout
 from common.run import RunFolder
 from pipelines.caption_quality import caption_quality
 from pipelines.generate import load_pipeline
-from pipelines.quality import (class_recognition, classify, frechet_distance, generate_for, near_copy_rate, real_images,
-                               relative_diversity, shape_groups, train_classifier)
+from pipelines.quality import (class_recognition, classify, frechet_distance, generate_for, near_copy_rate, reader_splits,
+                               real_images, recognition_rate, relative_diversity, shape_groups, train_classifier)
 from pipelines.tuning import tune_sampling
-from vae.reconstruct import reconstruction_metrics
+from vae.reconstruct import reconstruct, reconstruction_metrics
 
 
 def main(config: Config, args: argparse.Namespace | None = None) -> dict:
@@ -65,11 +66,16 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     per_class = cfg.images_per_class
     reference = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))[:len(prompts) * per_class]]
     floor = frechet_distance(classify(classifier, reference, device)[1], holdout_features)
+    groups = shape_groups(train_set.classes)  # case pairs of one shape (C/c ...) count as one
+    # the ceiling's images through the VAE, which decodes every generated image: how much legibility the latents keep
+    ceiling_set = reader_splits(cfg, train_set, holdout_set)[1]
+    ceiling_images = train_images if ceiling_set is train_set else holdout
+    decoded = torch.cat([reconstruct(pipe.vae, chunk.to(device)).cpu() for chunk in ceiling_images.split(256)])
+    vae_ceiling = recognition_rate(classifier, decoded, torch.tensor(ceiling_set.labels), groups, device)
 
     results: dict = {"run": str(run.root)}
     if cfg.tune:  # the run's own sampling defaults, chosen by a stated rule and saved with the run
-        tuning = tune_sampling(pipe, classifier, prompts, holdout_features, holdout_labels, floor, config, device,
-                               shape_groups(train_set.classes))
+        tuning = tune_sampling(pipe, classifier, prompts, holdout_features, holdout_labels, floor, config, device, groups)
         write_json(run.root / "sampling_tuning.json", tuning)
         run.update_model_index(sampling=tuning["chosen"])
         pipe.register_to_config(sampling=tuning["chosen"])
@@ -80,12 +86,11 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                     "guidance_interval": list(interval),
                     "vae": {"heldout_psnr": vae_metrics["psnr"], "heldout_ssim": vae_metrics["ssim"]}})
 
-    groups = shape_groups(train_set.classes)  # case pairs of one shape (C/c ...) count as one
     measured = class_recognition(pipe, classifier, prompts, per_class, config.seed, device, steps, guidance, groups=groups,
                                  guidance_interval=interval)
     by_name = dict(zip(names, measured["per_class"]))
     results["recognition"] = {"accuracy": measured["accuracy"], "per_class": by_name, "min_class": min(by_name.values()),
-                              "classifier_heldout_accuracy": ceiling,
+                              "classifier_heldout_accuracy": ceiling, "vae_reconstruction_accuracy": vae_ceiling,
                               "classifier_trained_on": cfg.classifier_trained_on, "prompts": prompts, "images_per_class": per_class}
     fd = frechet_distance(measured["features"], holdout_features)
     results["frechet"] = {"generated_vs_heldout": fd, "train_vs_heldout_floor": floor, "ratio": fd / max(floor, 1e-12)}
@@ -110,7 +115,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     results["evaluation_seconds"] = time.time() - started
     print(write_json(run.root / "eval.json", results))
     weakest = min(by_name, key=by_name.get)
-    print(f"[evaluate] recognition {measured['accuracy']:.1%} (weakest: {weakest} {by_name[weakest]:.0%}), "
+    print(f"[evaluate] recognition {measured['accuracy']:.1%} (weakest: {weakest} {by_name[weakest]:.0%}; the classifier's "
+          f"ceiling {ceiling:.1%} on real images, {vae_ceiling:.1%} on their VAE reconstructions), "
           f"FD ratio {results['frechet']['ratio']:.2f}, diversity {results['diversity']['relative']:.2f}, "
           f"at {steps} steps, guidance {guidance} (guided steps {list(interval)}); written to {run.root / 'eval.json'}")
     return results

@@ -52,7 +52,7 @@ def train_classifier(config: Config, train_set: ImageDataset, holdout_set: Image
     It always trains with small random shifts, rotations and zooms, whatever the dataset's own augmentation.
     """
     cfg: EvalConfig = config.evaluate
-    learn, other = (holdout_set, train_set) if cfg.classifier_trained_on == "holdout" else (train_set, holdout_set)
+    learn, other = reader_splits(cfg, train_set, holdout_set)
     folder = RunFolder(config.run_dir).root / "evaluator"
     torch.manual_seed(cfg.classifier_seed)  # before the model: its initial weights must not depend on what ran before
     model = DigitClassifier(config.data.channels, len(train_set.classes)).to(device)
@@ -85,10 +85,20 @@ def train_classifier(config: Config, train_set: ImageDataset, holdout_set: Image
         optimizer.step()
         schedule.step()
     model.eval()
-    groups = shape_groups(train_set.classes)
-    accuracy = groups[classify(model, real_images(other), device)[0]].eq(groups[other.labels]).float().mean().item()
+    accuracy = recognition_rate(model, real_images(other), torch.tensor(other.labels), shape_groups(train_set.classes), device)
     save_tensors(folder / CLASSIFIER_FILE, model.state_dict(), {"key": key, "heldout_accuracy": accuracy})
     return model, accuracy
+
+
+def reader_splits(cfg: EvalConfig, train_set: ImageDataset, holdout_set: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
+    """(the split the evaluator learns from, the split its ceiling is measured on), by `classifier_trained_on`."""
+    return (holdout_set, train_set) if cfg.classifier_trained_on == "holdout" else (train_set, holdout_set)
+
+
+def recognition_rate(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor,
+                     device: torch.device) -> float:
+    """The share of `images` (N, C, H, W) the classifier reads as their label's shape group (`shape_groups`)."""
+    return groups[classify(model, images, device)[0]].eq(groups[labels]).float().mean().item()
 
 
 def print_font_images(dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:

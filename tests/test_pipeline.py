@@ -134,6 +134,18 @@ def test_evaluate_writes_every_measure_consistently(tiny_run, tmp_path):
     assert all(v in (0.0, 0.5, 1.0) for v in per_class)  # 2 images per class
     assert recognition["accuracy"] == pytest.approx(sum(per_class) / 10)
     assert recognition["min_class"] == min(per_class)
+    # the ceiling's split (held-out digits: the classifier learns the training split) through the VAE
+    from common.data import load_train_and_holdout
+    from pipelines.generate import load_pipeline
+    from pipelines.quality import real_images, recognition_rate, shape_groups, train_classifier
+    from vae.reconstruct import reconstruct
+    train_set, holdout_set = load_train_and_holdout(config.data)
+    classifier, ceiling = train_classifier(config, train_set, holdout_set, torch.device("cpu"))
+    vae = load_pipeline(run, "cpu").vae
+    decoded = torch.cat([reconstruct(vae, chunk) for chunk in real_images(holdout_set).split(256)])
+    assert recognition["classifier_heldout_accuracy"] == ceiling
+    assert recognition["vae_reconstruction_accuracy"] == recognition_rate(
+        classifier, decoded, torch.tensor(holdout_set.labels), shape_groups(train_set.classes), torch.device("cpu"))
     frechet = results["frechet"]
     assert frechet["ratio"] == pytest.approx(frechet["generated_vs_heldout"] / frechet["train_vs_heldout_floor"])
     diversity = results["diversity"]
