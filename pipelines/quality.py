@@ -71,23 +71,29 @@ def train_classifier(config: Config, train_set: ImageDataset, holdout_set: Image
     images, labels = real_images(learn), torch.tensor(learn.labels)
     if cfg.classifier_print_fonts:  # renders of print fonts beside the split: a reader of more than one hand
         images, labels = torch.cat([images, printed]), torch.cat([labels, printed_labels])
-    images, labels = images.to(device), labels.to(device)
+    fit_classifier(model, images.to(device), labels.to(device), cfg.classifier_steps, cfg.classifier_batch_size)
+    accuracy = recognition_rate(model, real_images(other), torch.tensor(other.labels), shape_groups(train_set.classes), device)
+    save_tensors(folder / CLASSIFIER_FILE, model.state_dict(), {"key": key, "heldout_accuracy": accuracy})
+    return model, accuracy
+
+
+def fit_classifier(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, steps: int, batch_size: int,
+                   desc: str = "evaluator classifier") -> DigitClassifier:
+    """Train `model` on `images` (N, C, H, W) in [-1, 1] and `labels` (N,), on their device, with small random
+    shifts, rotations and zooms (batches drawn from torch's global generator); returns it in eval mode."""
     shifts = AugmentConfig(rotate_degrees=10, translate=0.1, scale=0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=cfg.classifier_steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
     model.train()
-    for _ in trange(cfg.classifier_steps, desc="evaluator classifier", dynamic_ncols=True, leave=False):
-        batch = torch.randint(len(images), (cfg.classifier_batch_size,), device=device)
+    for _ in trange(steps, desc=desc, dynamic_ncols=True, leave=False):
+        batch = torch.randint(len(images), (batch_size,), device=images.device)
         logits, _ = model(augment_batch(images[batch], shifts))
         loss = F.cross_entropy(logits, labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-    model.eval()
-    accuracy = recognition_rate(model, real_images(other), torch.tensor(other.labels), shape_groups(train_set.classes), device)
-    save_tensors(folder / CLASSIFIER_FILE, model.state_dict(), {"key": key, "heldout_accuracy": accuracy})
-    return model, accuracy
+    return model.eval()
 
 
 def reader_splits(cfg: EvalConfig, train_set: ImageDataset, holdout_set: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
