@@ -36,11 +36,14 @@ from pipelines.quality import (DigitClassifier, classify, fit_classifier, genera
 from vae.reconstruct import reconstruct  # noqa: E402
 
 
-def commonest_mistakes(predicted: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, keys: list[str],
-                       n: int = 8) -> list[str]:
+def reading(reader: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor,
+            keys: list[str], device: torch.device, n: int = 8) -> dict:
+    """How `reader` reads `images`: its accuracy by shape group (as `evaluate`) and its `n` commonest mistakes."""
+    predicted = classify(reader, images, device)[0]
     wrong = groups[predicted].ne(groups[labels])
     pairs = Counter(f"{keys[t]} as {keys[p]}" for t, p in zip(labels[wrong].tolist(), predicted[wrong].tolist()))
-    return [f"{pair} ({count})" for pair, count in pairs.most_common(n)]
+    return {"accuracy": (~wrong).float().mean().item(),
+            "mistakes": [f"{pair} ({count})" for pair, count in pairs.most_common(n)]}
 
 
 def main() -> None:
@@ -66,9 +69,7 @@ def main() -> None:
     torch.manual_seed(0)
     within = fit_classifier(DigitClassifier(channels, classes).to(device), hands_x[half].to(device),
                             hands_y[half].to(device), 2000, 128, desc="reader of half the hands")
-    predicted = classify(within, hands_x[rest], device)[0]
-    results["within_hands"] = {"accuracy": groups[predicted].eq(groups[hands_y[rest]]).float().mean().item(),
-                               "mistakes": commonest_mistakes(predicted, hands_y[rest], groups, keys)}
+    results["within_hands"] = reading(within, hands_x[rest], hands_y[rest], groups, keys, device)
     print("within the hands:", results["within_hands"], flush=True)
 
     # 2. the VAE round trip, read by evaluate's reader
@@ -89,11 +90,8 @@ def main() -> None:
     results["samples"] = {}
     for guidance in args.guidance:
         images = generate_for(pipe, prompts, args.per_class, config.seed, None, guidance)
-        row = {}
-        for name, reader in (("heldout_reader", heldout_reader), ("reader_of_the_hands", knows_hands)):
-            predicted = classify(reader, images, device)[0]
-            row[name] = {"accuracy": groups[predicted].eq(groups[labels]).float().mean().item(),
-                         "mistakes": commonest_mistakes(predicted, labels, groups, keys)}
+        row = {name: reading(reader, images, labels, groups, keys, device)
+               for name, reader in (("heldout_reader", heldout_reader), ("reader_of_the_hands", knows_hands))}
         results["samples"][str(guidance)] = row
         print(f"samples at guidance {guidance}:", row, flush=True)
 
