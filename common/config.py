@@ -237,12 +237,18 @@ def _floats(node: Any, prefix: str = "") -> list[tuple[str, float]]:
 
 def template_problem(template: str) -> str | None:
     """Why a caption template cannot be formatted with a class's fields, or None if it can."""
+    if not template.strip():  # the empty prompt is classifier-free guidance's unconditional one
+        return "it is empty, which is the unconditional prompt; write a caption such as 'Draw a {name}'"
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        fields = [parsed[1:] for parsed in string.Formatter().parse(template) if parsed[1] is not None]
     except ValueError as error:
         return str(error)
-    if any(not name.isidentifier() for name in fields):
+    if any(not name.isidentifier() for name, _, _ in fields):
         return "every {} must name a field, e.g. {name} or {symbol}"
+    for name, spec, conversion in fields:  # values are plain text: !r or :>10 fails on them or garbles the caption
+        if spec or conversion:
+            written = "{" + name + ("!" + conversion if conversion else "") + (":" + spec if spec else "") + "}"
+            return f"{written} has a conversion or format spec; write the field as {{{name}}}"
     return None
 
 

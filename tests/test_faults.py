@@ -42,6 +42,14 @@ from vae.train import main as train_vae
     ("evaluate.classifier_steps=0", "config key 'evaluate.classifier_steps' must be >= 1, got 0"),
     ("data.captions=['Draw a {name']", "config key 'data.captions[0]' 'Draw a {name' is not a caption template"),
     ("data.captions=['{0}']", "config key 'data.captions[0]' '{0}' is not a caption template (every {} must name a field"),
+    ("data.captions=['Draw {name!x}']", "config key 'data.captions[0]' 'Draw {name!x}' is not a caption template "
+                                        "({name!x} has a conversion or format spec; write the field as {name})"),
+    ("data.captions=['{name}', '{name:>>>}']", "config key 'data.captions[1]' '{name:>>>}' is not a caption template "
+                                               "({name:>>>} has a conversion or format spec; write the field as {name})"),
+    ("data.captions=[' ']", "config key 'data.captions[0]' ' ' is not a caption template (it is empty, which is the "
+                            "unconditional prompt"),
+    ("evaluate.paraphrases=['{symbol!r} please']", "config key 'evaluate.paraphrases[0]' '{symbol!r} please' is not a "
+                                                   "caption template ({symbol!r} has a conversion or format spec"),
     ("vae.kl_weight=.nan", "config key 'vae.kl_weight' must be a finite number, got nan"),
     ("sample.guidance_scale=.inf", "config key 'sample.guidance_scale' must be a finite number, got inf"),
     ("seed=-1", "config key 'seed' must be in [0, 2**63), got -1"),
