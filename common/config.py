@@ -370,6 +370,9 @@ def validate(config: Config) -> None:
         require(len(interval) == 2 and 0 <= interval[0] < interval[1] <= 1, key,
                 f"must be [start, stop] with 0 <= start < stop <= 1 (fractions of the sampling steps), got {interval}")
     evaluation = config.evaluate
+    require(bool(evaluation.tune_guidance_intervals), "evaluate.tune_guidance_intervals",
+            f"must be a non-empty list of [start, stop] intervals, e.g. [[0.0, 1.0]] (every step guided), "
+            f"got {evaluation.tune_guidance_intervals}")
     require(bool(evaluation.tune_guidance) and all(g >= 0 for g in evaluation.tune_guidance), "evaluate.tune_guidance",
             f"must be a non-empty list of numbers >= 0, got {evaluation.tune_guidance}")
     require(bool(evaluation.tune_steps) and all(1 <= n <= ldm.num_train_timesteps for n in evaluation.tune_steps),

@@ -51,6 +51,10 @@ def test_bad_keys_and_types_name_the_key(tmp_path, override, key):
     ("sample.guidance_interval=[0.5, 0.5]", r"sample.guidance_interval' must be \[start, stop\] with 0 <= start < stop <= 1 "
                                              r"\(fractions of the sampling steps\), got \[0.5, 0.5\]"),
     ("evaluate.tune_guidance_intervals=[[0.0, 1.0], [0.2]]", r"evaluate.tune_guidance_intervals\[1\]' must be \[start"),
+    ("evaluate.tune_guidance_intervals=[]", r"evaluate.tune_guidance_intervals' must be a non-empty list of \[start, "
+                                            r"stop\] intervals, e.g. \[\[0.0, 1.0\]\] \(every step guided\), got \[\]"),
+    ("evaluate.tune_guidance=[]", r"evaluate.tune_guidance' must be a non-empty list of numbers >= 0, got \[\]"),
+    ("evaluate.tune_steps=[]", r"evaluate.tune_steps' must be a non-empty list of steps"),
     ("evaluate.tune_min_class=1.5", r"evaluate.tune_min_class' must be in \[0, 1\], got 1.5"),
 ])
 def test_out_of_range_values_are_refused(tmp_path, override, key):
