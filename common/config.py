@@ -110,9 +110,12 @@ class VAEConfig(TrainConfig):
     eval_images: int = 500  # held-out images for PSNR/SSIM
 
 
+MIN_VOCAB_SIZE = 2 * 256 + 2  # train-clip's tokenizer: every byte alone and word-final, start, end (ldm/text.py)
+
+
 @dataclass
 class ClipConfig(TrainConfig):
-    vocab_size: int = 1000
+    vocab_size: int = 1000  # at least MIN_VOCAB_SIZE; the tokens beyond it are merges learned from the captions
     max_length: int = 16  # tokens per prompt, start and end included
     text_hidden: int = 128
     text_layers: int = 3
@@ -328,7 +331,10 @@ def validate(config: Config) -> None:
             f"(2 ** (len(vae.block_out_channels) - 1)); change one of them")
     clip = config.clip
     require(clip.max_length >= 3, "clip.max_length", f"must be >= 3 (start, one token, end), got {clip.max_length}")
-    for key in ("vocab_size", "text_hidden", "text_layers", "text_heads", "vision_hidden", "vision_layers",
+    require(clip.vocab_size >= MIN_VOCAB_SIZE, "clip.vocab_size",
+            f"must be >= {MIN_VOCAB_SIZE} (every byte, alone and word-final, and the start and end tokens, so that any "
+            f"prompt tokenizes; tokens beyond those are merges learned from the captions), got {clip.vocab_size}")
+    for key in ("text_hidden", "text_layers", "text_heads", "vision_hidden", "vision_layers",
                 "vision_heads", "patch_size", "projection_dim"):
         require(getattr(clip, key) >= 1, f"clip.{key}", f"must be >= 1, got {getattr(clip, key)}")
     require(clip.caption_variants >= 0, "clip.caption_variants", f"must be >= 0, got {clip.caption_variants}")

@@ -56,6 +56,9 @@ from vae.train import main as train_vae
     ("seed=9223372036854775808", "config key 'seed' must be in [0, 2**63), got 9223372036854775808"),
     ("ldm.attention_heads=3", "config key 'ldm.attention_heads' (3) must divide every ldm.block_out_channels [32, 32]"),
     ("clip.text_heads=3", "config key 'clip.text_heads' (3) must divide clip.text_hidden (32)"),
+    ("clip.vocab_size=300", "config key 'clip.vocab_size' must be >= 514 (every byte, alone and word-final, and the "
+                            "start and end tokens, so that any prompt tokenizes; tokens beyond those are merges learned "
+                            "from the captions), got 300"),
 ])
 def test_bad_values_are_refused_naming_key_and_value(tmp_path, override, message):
     with pytest.raises(ConfigError) as error:
