@@ -91,12 +91,23 @@ def contrastive_loss(logits_per_image: torch.Tensor, positives: torch.Tensor) ->
     return 0.5 * (image_loss + text_loss)
 
 
+def zero_shot_unmeasurable(dataset: ImageDataset) -> str | None:
+    """Why zero-shot accuracy cannot be measured on `dataset` (no classes, or one), or None if it can."""
+    if not dataset.classes:
+        return "a caption dataset has no classes to choose between"
+    if len(set(dataset.labels)) < 2:
+        return (f"its {len(dataset)} image(s) are all of one class ('{dataset.classes[dataset.labels[0]].key}'), so there "
+                f"is nothing to choose between")
+    return None
+
+
 @torch.no_grad()
 def zero_shot_accuracy(model: CLIPModel, tokenizer, dataset: ImageDataset, batch_size: int = 256) -> float:
-    """Held-out images classified by their nearest class text (mean embedding over the class's captions)."""
-    classes = sorted(set(dataset.labels))
-    if not dataset.classes or len(classes) < 2:
+    """Held-out images classified by their nearest class text (mean embedding over the class's captions);
+    NaN (null in JSON) when `zero_shot_unmeasurable` says why not."""
+    if zero_shot_unmeasurable(dataset):
         return float("nan")
+    classes = sorted(set(dataset.labels))
     device = model.device
     class_embeddings = []
     for label in classes:
@@ -192,7 +203,9 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                 results["closest_to_empty_prompt"] = {"prompt": closest, "separation": separation[closest]}
             trainer.write_log({"event": "final", **results})
             write_json(run.root / "clip_metrics.json", results)
-            trainer.print(f"[clip] zero-shot accuracy on {len(holdout_set)} held-out images: {accuracy:.2%}")
+            unmeasurable = zero_shot_unmeasurable(holdout_set)
+            trainer.print(f"[clip] zero-shot accuracy on {len(holdout_set)} held-out images: "
+                          + (f"not measured ({unmeasurable})" if unmeasurable else f"{accuracy:.2%}"))
             if "closest_to_empty_prompt" in results:
                 closest = results["closest_to_empty_prompt"]
                 trainer.print(f"[clip] class prompt closest to the empty prompt: '{closest['prompt']}' at "

@@ -12,7 +12,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from common.data import ImageDataset
 from common.errors import UserError
-from conftest import ROOT, tiny_config
+from conftest import ROOT, shape_image, tiny_config
 from ldm.encode import main as encode_main
 from ldm.latents import StaleCacheError, load_cache, vae_fingerprint
 from ldm.text import check_prompts_apart, encode_text, prompt_separation, tokenize, train_tokenizer
@@ -58,6 +58,20 @@ def test_train_clip_writes_a_pretrained_style_text_encoder(tiny_run):
     prompts = ImageDataset(tiny_config(tiny_run).data, "all").class_prompts()
     separation = prompt_separation(tokenizer, encoder, prompts)
     assert closest == {"prompt": min(separation, key=separation.get), "separation": pytest.approx(min(separation.values()))}
+
+
+def test_train_clip_on_one_class_says_why_zero_shot_accuracy_is_not_measured(tmp_path, capsys):
+    from ldm.train_clip import main as clip_main
+
+    root = tmp_path / "one"
+    (root / "circle").mkdir(parents=True)
+    for i in range(5):
+        shape_image("circle", (16, 16), seed=i).save(root / "circle" / f"{i}.png")
+    run = tmp_path / "run"
+    clip_main(tiny_config(run, "data.name=", f"data.path={root}", "clip.max_steps=1"))
+    assert ("[clip] zero-shot accuracy on 1 held-out images: not measured (its 1 image(s) are all of one class "
+            "('circle'), so there is nothing to choose between)") in capsys.readouterr().out
+    assert json.loads((run / "clip_metrics.json").read_text())["zero_shot_accuracy"] is None
 
 
 def test_contrastive_loss_takes_extra_texts_as_negatives_only():
