@@ -207,6 +207,21 @@ def test_metadata_jsonl_duplicates_limits_and_encoding(jsonl_folder):
         list_dataset(config)
 
 
+@pytest.mark.parametrize("text", [[], "", "  ", ["a red circle", " "]])
+def test_metadata_jsonl_lines_without_a_caption_are_refused(jsonl_folder, text):
+    """An empty caption is the unconditional prompt: train-ldm would train the image with no caption, and an
+    empty list crashed train-clip."""
+    lines = (jsonl_folder / "metadata.jsonl").read_text().splitlines()
+    lines[2] = json.dumps({"file_name": "images/2.png", "text": text})
+    (jsonl_folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(DataConfig(name="", path=str(jsonl_folder)))
+    assert str(error.value) == (
+        f"{jsonl_folder / 'metadata.jsonl'}: line 3: 'text' of 'images/2.png' is empty or holds an empty caption (got "
+        f"{text!r}); an empty caption is the unconditional prompt, so the image would be trained with no caption at "
+        f"all. Write its caption, or delete the line")
+
+
 def test_a_class_name_with_a_newline_is_refused(tmp_path):
     root = tmp_path / "classes"
     for name in ("ok", "two\nlines"):

@@ -36,6 +36,10 @@ def list_metadata_jsonl(root: Path, config: DataConfig) -> Listing:
         text = [text] if isinstance(text, str) else text
         if not isinstance(name, str) or not isinstance(text, list) or not all(isinstance(t, str) for t in text):
             raise DatasetError(f"{path}: line {number}: 'file_name' must be a string and 'text' a string or list of strings")
+        if not text or not all(t.strip() for t in text):  # "" is the unconditional prompt; [] crashes train-clip
+            raise DatasetError(f"{path}: line {number}: 'text' of '{name}' is empty or holds an empty caption (got "
+                               f"{row['text']!r}); an empty caption is the unconditional prompt, so the image would be "
+                               f"trained with no caption at all. Write its caption, or delete the line")
         file = root / name
         if Path(name).is_absolute() or not file.resolve().is_relative_to(root_resolved):
             raise DatasetError(f"{path}: line {number}: file_name '{name}' points outside the dataset folder; "
