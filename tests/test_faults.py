@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import common.checkpoint
 from common.checkpoint import CheckpointWriteError, save_tensors, write_json
 from common.config import ConfigError, DataConfig
 from common.config_yaml import load_config, parse_override
-from common.data import ImageDataset, list_dataset
+from common.data import ImageDataset, list_dataset, load_split
 from common.errors import DatasetError, RunFolderError, UserError
 from common.run import RunLock
 from conftest import ROOT, TINY, shape_image, tiny_config
@@ -229,6 +230,22 @@ def test_a_class_name_with_a_newline_is_refused(tmp_path):
         shape_image("square", (16, 16)).save(root / name / "0.png")
     with pytest.raises(DatasetError, match=r"class name 'two\\nlines' .* contains a control character"):
         list_dataset(DataConfig(name="", path=str(root)))
+
+
+def test_float_images_with_nan_or_infinite_pixels_are_bad_images(class_folder):
+    """np.uint8 of NaN is 0: a float TIFF of NaNs became an all-black training image, with only numpy's warning."""
+    Image.fromarray(np.full((20, 20), np.nan, np.float32), "F").save(class_folder / "circle" / "nan.tif")
+    one_inf = np.full((20, 20), 128.0, np.float32)
+    one_inf[3, 4] = np.inf
+    Image.fromarray(one_inf, "F").save(class_folder / "square" / "inf.tif")
+    config = DataConfig(name="", path=str(class_folder), image_size=16, holdout_fraction=0.0)
+    with pytest.warns(UserWarning, match=r"skipping 2 unreadable image\(s\): nan.tif, inf.tif"):
+        dataset = load_split(config, "train")
+    assert len(dataset) == 18 and sorted(Path(s).name for s in dataset.bad_images) == ["inf.tif", "nan.tif"]
+    config.on_bad_image = "error"
+    with pytest.raises(DatasetError, match=r"2 image\(s\) cannot be read: nan.tif \(400 of its 400 pixels are NaN or "
+                                           r"infinite\); inf.tif \(1 of its 400 pixels are NaN or infinite\)"):
+        load_split(config, "train")
 
 
 def test_the_fingerprint_sees_a_swapped_image_of_the_same_size_and_mtime(class_folder):

@@ -12,10 +12,15 @@ Image.MAX_IMAGE_PIXELS = 256_000_000  # huge scans are fine; decompression bombs
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
     """Convert any PIL mode (16-bit, palette, alpha, CMYK, float) to "L" or "RGB".
 
-    Transparent pixels become black, the background of the glyph datasets.
+    Transparent pixels become black, the background of the glyph datasets. A float image with NaN or
+    infinite pixels raises ValueError, so the data scan counts it as unreadable instead of training on
+    whatever the cast to uint8 makes of them (black).
     """
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(array).all():
+            raise ValueError(f"{np.size(array) - np.isfinite(array).sum()} of its {np.size(array)} pixels are NaN or "
+                             f"infinite")
         peak = 65535.0 if array.max() > 255 else 255.0
         image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), "L")
     if image.mode == "1":
