@@ -232,6 +232,32 @@ def test_a_class_name_with_a_newline_is_refused(tmp_path):
         list_dataset(DataConfig(name="", path=str(root)))
 
 
+@pytest.mark.parametrize("split", ["train", "all"])
+def test_a_class_left_with_no_readable_training_image_is_refused(class_folder, split):
+    """It would stay in the class table, drawn and evaluated, with the model never having seen it."""
+    for file in (class_folder / "square").iterdir():
+        file.write_bytes(b"not an image")
+    config = DataConfig(name="", path=str(class_folder), image_size=16, holdout_fraction=0.2)
+    with pytest.warns(UserWarning, match="skipping"), pytest.raises(DatasetError) as error:
+        load_split(config, split)
+    assert str(error.value) == (
+        f"class 'square' has no readable training image: all 5 of its training files in '{class_folder / 'square'}' "
+        f"are unreadable (square/000.png, square/001.png, square/002.png, square/003.png, square/004.png); fix or "
+        f"replace them, or remove the class folder")
+
+
+def test_an_unreadable_held_out_split_is_named(class_folder):
+    for kind in ("circle", "square", "triangle"):  # the last file of each class is the held-out one
+        (class_folder / kind / "005.png").write_bytes(b"not an image")
+    config = DataConfig(name="", path=str(class_folder), image_size=16, holdout_fraction=0.2)
+    assert len(load_split(config, "train")) == 15
+    with pytest.warns(UserWarning, match="skipping 3"), pytest.raises(DatasetError) as error:
+        load_split(config, "holdout")
+    assert str(error.value) == (
+        "no readable images are left in the 'holdout' split: all 3 of its files are unreadable (circle/005.png, "
+        "square/005.png, triangle/005.png) (which files are held out is decided before any is read); fix or replace them")
+
+
 def test_float_images_with_nan_or_infinite_pixels_are_bad_images(class_folder):
     """np.uint8 of NaN is 0: a float TIFF of NaNs became an all-black training image, with only numpy's warning."""
     Image.fromarray(np.full((20, 20), np.nan, np.float32), "F").save(class_folder / "circle" / "nan.tif")

@@ -34,6 +34,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if split not in SPLITS:
             raise ValueError(f"split must be train, holdout or all, got {split!r}")
         self.config = config
+        self.split = split
         self.listing = listing if listing is not None else list_dataset(config)
         self.classes = self.listing.classes
         self.templates = caption_templates(self.listing, config.captions)
@@ -89,7 +90,7 @@ def scan_images(dataset: ImageDataset, on_bad_image: str) -> ImageDataset:
     if dataset.listing.pixels is not None:
         return dataset
     ImageFile.LOAD_TRUNCATED_IMAGES = False
-    bad = []
+    bad, untrained = [], []  # untrained: (label, file) of the dropped files that were to be trained on
     for i in range(len(dataset)):
         try:
             dataset.pixels(i)
@@ -102,6 +103,7 @@ def scan_images(dataset: ImageDataset, on_bad_image: str) -> ImageDataset:
     if bad:
         names = ", ".join(Path(s).name for _, s, _ in bad[:5])
         warnings.warn(f"skipping {len(bad)} unreadable image(s): {names}{' ...' if len(bad) > 5 else ''}")
+        untrained = [(dataset.labels[i], s) for i, s, _ in bad if not dataset.holdout[i]]
         dropped = {i for i, _, _ in bad}
         keep = [i for i in range(len(dataset)) if i not in dropped]
         dataset.rows = [dataset.rows[i] for i in keep]
@@ -110,8 +112,31 @@ def scan_images(dataset: ImageDataset, on_bad_image: str) -> ImageDataset:
         dataset.holdout = [dataset.holdout[i] for i in keep]
         dataset.bad_images = [s for _, s, _ in bad]
     if len(dataset) == 0:
-        raise DatasetError("no readable images are left in this split; check data.path")
+        chosen = " (which files are held out is decided before any is read)" if dataset.split == "holdout" else ""
+        raise DatasetError(f"no readable images are left in the '{dataset.split}' split: all {len(bad)} of its files "
+                           f"are unreadable ({in_class_folders([s for _, s, _ in bad])}){chosen}; fix or replace them")
+    if dataset.split != "holdout":
+        check_every_class_trains(dataset, untrained)
     return dataset
+
+
+def in_class_folders(paths: list[str], limit: int = 5) -> str:
+    """'dog/0.png, dog/1.png ...': file names with their folder, which is their class in a folder dataset."""
+    return ", ".join(f"{Path(s).parent.name}/{Path(s).name}" for s in paths[:limit]) + (" ..." if len(paths) > limit else "")
+
+
+def check_every_class_trains(dataset: ImageDataset, untrained: list[tuple[int, str]]) -> None:
+    """Refuse a class left with no readable training image: it would stay in the class table, be drawn and
+    evaluated, while the model never saw it. `untrained`: (label, file) of the training files dropped."""
+    trained = {label for label, held_out in zip(dataset.labels, dataset.holdout) if not held_out}
+    for label, image_class in enumerate(dataset.classes):
+        if label in trained:
+            continue
+        lost = [s for lost_label, s in untrained if lost_label == label]
+        why = (f"all {len(lost)} of its training files in '{Path(lost[0]).parent}' are unreadable "
+               f"({in_class_folders(lost)}); fix or replace them, or remove the class folder" if lost else
+               "add training images for it, or remove it")
+        raise DatasetError(f"class '{image_class.key}' has no readable training image: {why}")
 
 
 def load_split(config: DataConfig, split: str, listing: Listing | None = None) -> ImageDataset:
