@@ -258,6 +258,30 @@ def test_an_unreadable_held_out_split_is_named(class_folder):
         "square/005.png, triangle/005.png) (which files are held out is decided before any is read); fix or replace them")
 
 
+def test_held_out_folders_without_training_folders_are_refused(tmp_path):
+    root = tmp_path / "split"
+    for split, classes in [("Train", ["cat", "dog"]), ("Test", ["bird", "cat", "dog"])]:
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            shape_image("circle", (16, 16)).save(root / split / name / "0.png")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(DataConfig(name="", path=str(root)))
+    assert str(error.value) == (
+        f"held-out class folder '{root / 'Test' / 'bird'}' has no training folder (no 'bird' in '{root / 'Train'}'), "
+        f"so the model would never learn class 'bird'; add its training images there, or remove the held-out folder")
+    # a test/ folder beside class folders, with no train/ folder: not a class called 'test'
+    root = tmp_path / "flat"
+    for name in ["cat", "dog", "test"]:
+        (root / name).mkdir(parents=True)
+        shape_image("circle", (16, 16)).save(root / name / "0.png")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(DataConfig(name="", path=str(root)))
+    assert str(error.value) == (
+        f"'{root / 'test'}' is named like a held-out split, but '{root}' has no train/ folder beside it, so it would be "
+        f"read as a class called 'test'. Put the training class folders in '{root / 'train'}' (with the held-out ones "
+        f"in '{root / 'test'}'), or rename the folder if 'test' really is a class")
+
+
 def test_float_images_with_nan_or_infinite_pixels_are_bad_images(class_folder):
     """np.uint8 of NaN is 0: a float TIFF of NaNs became an all-black training image, with only numpy's warning."""
     Image.fromarray(np.full((20, 20), np.nan, np.float32), "F").save(class_folder / "circle" / "nan.tif")

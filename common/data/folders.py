@@ -43,6 +43,19 @@ def list_class_folders(root: Path, config: DataConfig) -> Listing:
     split_dirs = {p.name.lower(): p for p in _subfolders(root)}
     train_dirs = [p for name, p in split_dirs.items() if name in TRAIN_FOLDERS]
     test_dirs = [p for name, p in split_dirs.items() if name in HOLDOUT_FOLDERS]
+    if test_dirs and not train_dirs:  # ImageFolder would make 'test' a class of held-out images: surely not meant
+        raise DatasetError(f"'{test_dirs[0]}' is named like a held-out split, but '{root}' has no train/ folder beside "
+                           f"it, so it would be read as a class called '{test_dirs[0].name}'. Put the training class "
+                           f"folders in '{root / 'train'}' (with the held-out ones in '{test_dirs[0]}'), or rename "
+                           f"the folder if '{test_dirs[0].name}' really is a class")
+    trained = {c.name for d in train_dirs for c in _subfolders(d)}
+    for test_dir in test_dirs:
+        for class_dir in _subfolders(test_dir):
+            if class_dir.name not in trained:  # in the class table and evaluated, but never trained on
+                raise DatasetError(f"held-out class folder '{class_dir}' has no training folder (no '{class_dir.name}' "
+                                   f"in {' or '.join(repr(str(d)) for d in train_dirs)}), so the model would never "
+                                   f"learn class '{class_dir.name}'; add its training images there, or remove the "
+                                   f"held-out folder")
     groups = [(d, False) for d in train_dirs] + [(d, True) for d in test_dirs] if train_dirs else [(root, None)]
     keys = sorted({c.name for group, _ in groups for c in _subfolders(group)})
     classes = [ImageClass(check_class_name(key, root), class_fields(key)) for key in keys]
