@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,17 @@ def test_classes_a_prompt_cannot_tell_apart_are_refused(tmp_path, names):
     first, second = sorted(names)
     with pytest.raises(DatasetError, match=f"classes '{first}' and '{second}' get the same caption"):
         ImageDataset(DataConfig(name="", path=str(root)), "all")
+
+
+def test_class_names_that_differ_only_in_unicode_normalisation_are_refused(tmp_path):
+    root = tmp_path / "classes"
+    for name in (unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")):
+        (root / name).mkdir(parents=True)
+        shape_image("circle", (16, 16)).save(root / name / "0.png")
+    with pytest.raises(DatasetError) as error:
+        ImageDataset(DataConfig(name="", path=str(root)), "all")
+    assert str(error.value) == ("classes 'cafe\\u0301' and 'caf\\xe9' get the same caption ('café', case, separators and "
+                                "Unicode normalisation aside); rename one of the folders, or merge them")
 
 
 def test_metadata_jsonl_duplicates_limits_and_encoding(jsonl_folder):

@@ -9,6 +9,7 @@ is called.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from common.data.listing import Listing
 from common.errors import DatasetError
@@ -73,16 +74,21 @@ def build_captions(listing: Listing, templates: list[str]) -> tuple[list[str], l
     if listing.texts is not None:
         return captions, [[add(t) for t in texts] for texts in listing.texts]
     per_class = []
-    seen: dict[str, str] = {}  # a class's first caption, as the tokenizer reads it (lowercase) -> its key
+    # a class's first caption as a CLIP tokenizer reads it (Unicode NFC, lowercase) -> its key; the tokenizer's own
+    # reading, truncation included, is checked once it exists (ldm/text.py check_classes_read_apart)
+    seen: dict[str, str] = {}
     for image_class in listing.classes:
         ids = [add(text) for template in templates if (text := format_caption(template, image_class.fields)) is not None]
         if not ids:
             raise DatasetError(f"no caption template fits class '{image_class.key}' (fields: "
                                f"{sorted(image_class.fields)}); add a template such as '{{name}}' to data.captions")
-        said = " ".join(captions[ids[0]].lower().split())
+        said = " ".join(unicodedata.normalize("NFC", captions[ids[0]]).lower().split())
         if said in seen:  # two classes a prompt cannot tell apart would be merged silently
-            raise DatasetError(f"classes '{seen[said]}' and '{image_class.key}' get the same caption ({captions[ids[0]]!r}, "
-                               f"case and separators aside); rename one of the folders, or merge them")
+            first, key = seen[said], image_class.key
+            shown = ascii if unicodedata.normalize("NFC", first) == unicodedata.normalize("NFC", key) else repr  # café, café
+            raise DatasetError(f"classes {shown(first)} and {shown(key)} get the same caption "
+                               f"({captions[ids[0]]!r}, case, separators and Unicode normalisation aside); rename one "
+                               f"of the folders, or merge them")
         seen[said] = image_class.key
         per_class.append(ids)
     return captions, [per_class[label] for label in listing.labels]
