@@ -18,7 +18,7 @@ from transformers import BatchEncoding, CLIPTextModel, CLIPTokenizer
 
 from common.checkpoint import folder_fingerprint
 from common.config import Config
-from common.errors import UserError
+from common.errors import DatasetError, UserError
 from common.run import RunFolder
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -148,6 +148,29 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> BatchEncoding:
             kept = tokenizer.decode(ids[1:limit - 1])
             warnings.warn(f"prompt truncated to the text encoder's {limit} tokens: {prompt!r} is read as {kept!r}")
     return tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
+
+
+def check_classes_read_apart(tokenizer: CLIPTokenizer, keys: list[str], prompts: list[str], longer: str = "") -> None:
+    """Refuse two classes whose prompts the tokenizer reads as the same ids: after its normalisation (Unicode
+    NFC, lowercase) and truncation to its max length, the text encoder could not tell them apart, and the
+    classes would merge silently. `longer`: the key that lengthens the tokenizer, if this run can."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # truncation is what is checked here, and named below
+        readings = tokenize(tokenizer, prompts).input_ids.tolist()
+    first: dict[tuple[int, ...], int] = {}
+    for k, reading in enumerate(map(tuple, readings)):
+        if reading not in first:
+            first[reading] = k
+            continue
+        j, limit = first[reading], tokenizer.model_max_length
+        cut = len(tokenizer(prompts[k], verbose=False).input_ids) > limit
+        how = f"cut to its {limit} tokens" if cut else "normalised (Unicode NFC, lowercase)"
+        fix = (f"{f'Raise {longer}, or s' if longer else 'S'}horten the class names or the templates (data.captions) so "
+               f"that they differ within the first {limit} tokens" if cut else "Rename one of the class folders, or merge them")
+        shown = repr if cut else ascii  # prompts that differ only in Unicode normalisation print alike
+        raise DatasetError(f"classes '{keys[j]}' and '{keys[k]}' would be merged: the tokenizer reads their prompts "
+                           f"{shown(prompts[j])} and {shown(prompts[k])}, {how}, as the same text "
+                           f"{tokenizer.decode(reading, skip_special_tokens=True)!r}. {fix}")
 
 
 @torch.no_grad()

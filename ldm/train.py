@@ -30,8 +30,8 @@ from ldm.latents import LatentCache, fits_on, load_cache, vae_fingerprint
 from ldm.lora import add_lora, merged, save_lora
 from ldm.model import build_noise_scheduler, diffusion_loss, inference_scheduler, initial_unet
 from ldm.sampling import sample_images
-from ldm.text import (caption_variants, check_prompts_apart, encode_text, load_text_encoder, text_encoder_fingerprint,
-                      text_encoder_source)
+from ldm.text import (caption_variants, check_classes_read_apart, check_prompts_apart, encode_text, load_text_encoder,
+                      text_encoder_fingerprint, text_encoder_source)
 from vae.model import load_vae
 
 
@@ -49,6 +49,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
             train_latents = train_latents.to_device(device)
         tokenizer, text_encoder = load_text_encoder(config)
         text_encoder.to(device)
+        check_classes_read_apart(tokenizer, [c.key for c in listing_only.classes], listing_only.class_prompts(),
+                                 "" if config.text_encoder.pretrained else "clip.max_length and re-run train-clip")
         check_prompts_apart(tokenizer, text_encoder, listing_only.class_prompts(), f"({text_encoder_source(config)[0]})")
         trainer.record_inputs(latent_cache=cache.manifest["key"], text_encoder=text_encoder_fingerprint(config))
         # text states of every caption and its perturbed variants, computed once: (K + 1, V + 1, L, D)

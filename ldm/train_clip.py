@@ -31,7 +31,7 @@ from common.errors import UserError
 from common.pretrained import adopt_architecture, init_source
 from common.data import ImageDataset, StepBatches, augment_batch, image_batches, load_train_and_holdout, steps_for
 from common.training import Trainer
-from ldm.text import caption_variants, prompt_separation, tokenize, train_tokenizer
+from ldm.text import caption_variants, check_classes_read_apart, prompt_separation, tokenize, train_tokenizer
 
 
 def build_clip(cfg: ClipConfig, vocab_size: int, channels: int, image_size: int) -> CLIPModel:
@@ -132,6 +132,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         train_set, holdout_set = load_train_and_holdout(config.data)
         trainer.record_inputs(dataset=train_set.fingerprint())
         clip_model, tokenizer, origin = initial_clip(config, train_set.captions)  # clip.init_from: fine-tune
+        check_classes_read_apart(tokenizer, [c.key for c in train_set.classes], train_set.class_prompts(),
+                                 "" if cfg.init_from else "clip.max_length")  # init_from's tokenizer has its own
         trainer.print(f"[clip] {len(train_set)} images, {len(train_set.captions)} distinct captions, "
                       f"vocabulary {len(tokenizer)} tokens; {origin}")
         # every caption and its perturbed variants, tokenized once: (K, V + 1, L)

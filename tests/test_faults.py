@@ -23,7 +23,9 @@ from common.errors import DatasetError, RunFolderError, UserError
 from common.run import RunLock
 from conftest import ROOT, TINY, shape_image, tiny_config
 from ldm.encode import main as encode_main
+from ldm.text import check_classes_read_apart, train_tokenizer
 from ldm.train import main as ldm_main
+from ldm.train_clip import main as clip_main
 from pipelines import LatentPipeline
 from vae.train import main as train_vae
 
@@ -204,6 +206,40 @@ def test_class_names_that_differ_only_in_unicode_normalisation_are_refused(tmp_p
         ImageDataset(DataConfig(name="", path=str(root)), "all")
     assert str(error.value) == ("classes 'cafe\\u0301' and 'caf\\xe9' get the same caption ('café', case, separators and "
                                 "Unicode normalisation aside); rename one of the folders, or merge them")
+
+
+def test_class_prompts_the_tokenizer_reads_alike_are_refused():
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    tokenizer = train_tokenizer([nfc, "Draw a six"], 514, 16)
+    check_classes_read_apart(tokenizer, ["6", "7"], ["Draw a six", "Draw a seven"], "clip.max_length")  # apart
+    with pytest.raises(DatasetError) as error:
+        check_classes_read_apart(tokenizer, ["a", "b"], [nfc, nfd], "clip.max_length")
+    assert str(error.value) == ("classes 'a' and 'b' would be merged: the tokenizer reads their prompts 'caf\\xe9' and "
+                                "'cafe\\u0301', normalised (Unicode NFC, lowercase), as the same text 'café'. Rename one "
+                                "of the class folders, or merge them")
+    long = ["pineapple red large round one", "pineapple red large round two"]  # alike in their first 16 tokens
+    with pytest.raises(DatasetError) as error:
+        check_classes_read_apart(tokenizer, ["one", "two"], long, "")  # a pretrained tokenizer: no longer one to ask for
+    assert str(error.value) == (
+        "classes 'one' and 'two' would be merged: the tokenizer reads their prompts 'pineapple red large round one' and "
+        "'pineapple red large round two', cut to its 16 tokens, as the same text 'pineapple red la'. Shorten the class "
+        "names or the templates (data.captions) so that they differ within the first 16 tokens")
+
+
+def test_train_clip_refuses_classes_its_tokenizer_truncates_alike_before_writing(tmp_path):
+    root = tmp_path / "classes"
+    for name in ("pineapple_red_large_round_one", "pineapple_red_large_round_two"):
+        (root / name).mkdir(parents=True)
+        for i in range(5):  # one held out
+            shape_image("circle", (16, 16), seed=i).save(root / name / f"{i}.png")
+    run = tmp_path / "run"
+    with pytest.raises(DatasetError, match=r"classes 'pineapple_red_large_round_one' and 'pineapple_red_large_round_two' "
+                                           r"would be merged: .* cut to its 16 tokens, as the same text 'pineapple red "
+                                           r"la'. Raise clip.max_length, or shorten the class names"):
+        clip_main(tiny_config(run, "data.name=", f"data.path={root}", "data.captions=['{name}']"))
+    assert not (run / "config.yaml").exists() and not (run / "tokenizer").exists()
+    clip_main(tiny_config(run, "data.name=", f"data.path={root}", "data.captions=['{name}']", "clip.max_length=32",
+                          "clip.max_steps=1"))  # the fix the message names
 
 
 def test_metadata_jsonl_duplicates_limits_and_encoding(jsonl_folder):
