@@ -237,6 +237,8 @@ def writable_folder(path: str | Path, what: str) -> Path:
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} '{path}' is a file, not a folder; choose another path")
     existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():  # a file part-way down the path: no permission would make it a folder
+        raise UserError(f"{what} '{path}' cannot be created: '{existing}' is a file, not a folder; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{what} '{path}' cannot be written ('{existing}' is read-only for this user); "
                         f"choose a folder you can write to")

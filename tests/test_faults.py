@@ -101,12 +101,16 @@ def test_two_commands_on_one_stage_of_a_run_folder_are_refused_naming_the_holder
         pass
 
 
-@pytest.mark.parametrize("kind", ["file", "read-only"])
+@pytest.mark.parametrize("kind", ["file", "under-a-file", "read-only"])
 def test_a_run_dir_or_out_folder_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch, capsys, kind):
     target = tmp_path / "target"
     if kind == "file":
         target.write_text("not a folder")
         problem = f"'{target}' is a file, not a folder; choose another path"
+    elif kind == "under-a-file":  # not "read-only": the fix is another path, not permissions
+        (tmp_path / "file").write_text("not a folder")
+        target = tmp_path / "file" / "sub"
+        problem = f"'{target}' cannot be created: '{tmp_path / 'file'}' is a file, not a folder; choose another path"
     else:
         monkeypatch.setattr(common.checkpoint.os, "access", lambda path, mode: False)
         problem = f"'{target}' cannot be written"
