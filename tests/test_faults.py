@@ -46,6 +46,8 @@ from vae.train import main as train_vae
     ("sample.guidance_scale=.inf", "config key 'sample.guidance_scale' must be a finite number, got inf"),
     ("seed=-1", "config key 'seed' must be in [0, 2**63), got -1"),
     ("seed=9223372036854775808", "config key 'seed' must be in [0, 2**63), got 9223372036854775808"),
+    ("evaluate.classifier_seed=18446744073709551616",
+     "config key 'evaluate.classifier_seed' must be in [0, 2**63), got 18446744073709551616"),
     ("ldm.attention_heads=3", "config key 'ldm.attention_heads' (3) must divide every ldm.block_out_channels [32, 32]"),
     ("clip.text_heads=3", "config key 'clip.text_heads' (3) must divide clip.text_hidden (32)"),
 ])
@@ -123,6 +125,20 @@ def test_a_run_dir_or_out_folder_that_cannot_be_written_is_refused_first(tmp_pat
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"error: --out {problem}" in err
     assert "Loading pipeline" not in err  # refused before any work
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--seed", "18446744073709551616"], "--seed must be in [0, 2**63), got 18446744073709551616"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
+])
+def test_generate_options_that_cannot_work_are_refused_before_loading(tmp_path, capsys, option, message):
+    from pipelines.generate import cli as generate_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli(["--run", str(ROOT / "checkpoints" / "mnist"), "--out", str(tmp_path / "out"), *option])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"error: {message}" in err
+    assert "Loading pipeline" not in err and not (tmp_path / "out").exists()
 
 
 def test_a_stage_built_on_changed_inputs_is_refused_not_resumed(tiny_run, tmp_path):
