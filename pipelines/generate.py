@@ -93,6 +93,8 @@ def main(config: Config, args: argparse.Namespace) -> list[Path]:
         raise UserError(f"--num and --steps must be at least 1 (got --num {args.num}, --steps {args.steps})")
     if args.seed is not None and seed_problem(args.seed):  # else the pipeline loads first, then torch refuses it
         raise UserError(f"--seed {seed_problem(args.seed)}")
+    if args.write is not None and not args.write.strip():  # else a blank line, or a grid nobody asked for
+        raise UserError(f"--write has nothing to write ({args.write!r}): give it text, e.g. --write \"2026\", or leave it out")
     out = writable_folder(args.out or Path(args.run or config.run_dir) / "samples" / "generate", "--out")
     pipe = load_pipeline(args.run or config.run_dir, scheduler=args.scheduler)
     try:

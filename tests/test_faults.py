@@ -130,6 +130,8 @@ def test_a_run_dir_or_out_folder_that_cannot_be_written_is_refused_first(tmp_pat
 @pytest.mark.parametrize("option, message", [
     (["--seed", "18446744073709551616"], "--seed must be in [0, 2**63), got 18446744073709551616"),
     (["--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
+    (["--write", ""], "--write has nothing to write (''): give it text"),
+    (["--write", "  "], "--write has nothing to write ('  '): give it text"),
 ])
 def test_generate_options_that_cannot_work_are_refused_before_loading(tmp_path, capsys, option, message):
     from pipelines.generate import cli as generate_cli
