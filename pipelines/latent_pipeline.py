@@ -31,6 +31,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from common.checkpoint import folder_fingerprint
 from common.errors import RunFolderError
+from common.run import RunFolder
 from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
                           initial_latents, predicted_clean_latents)
 from pipelines.glyphs import LineLayout, lay_out_line, segment
@@ -102,6 +103,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """Load a run folder. Weights are read from safetensors only: a pickle planted beside them is never
         unpickled (pass use_safetensors=False explicitly to allow .bin files you trust)."""
         kwargs.setdefault("use_safetensors", True)
+        if (Path(pretrained_model_name_or_path) / "model_index.json").is_file():
+            RunFolder(pretrained_model_name_or_path).model_index(components=tuple(cls._get_signature_keys(cls)[0]))
         try:
             pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except (OSError, ValueError) as error:  # a mistyped run folder would read as a failed Hub lookup

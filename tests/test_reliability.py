@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -329,6 +330,23 @@ def test_run_folder_missing_or_mixed_components(tiny_run, tmp_path):
         assert str(caught.value) == (
             f"no run folder '{missing}' (and no model of that name in the Hugging Face cache): pass the folder "
             f"train-ldm wrote (it holds model_index.json), e.g. LatentPipeline.from_pretrained('checkpoints/mnist')")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("{}", 'is not a pipeline index (it has no "_class_name")'),
+    ("[]", 'is not a pipeline index (it has no "_class_name")'),
+    ("not json", "is not valid JSON (Expecting value: line 1 column 1 (char 0))"),
+    ('{"_class_name": "LatentPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}',
+     "names no scheduler, text_encoder, tokenizer, vae components"),
+])
+def test_a_damaged_model_index_is_a_clear_error(tmp_path, text, problem):
+    (tmp_path / "model_index.json").write_text(text)  # refused before any component is read
+    message = re.escape(f"{tmp_path / 'model_index.json'} {problem}; re-run `train-ldm --config ...` (it writes this "
+                        f"file), or restore it from a copy of the run")
+    with pytest.raises(RunFolderError, match=f"^{message}$"):
+        LatentPipeline.from_pretrained(tmp_path)
+    with pytest.raises(RunFolderError, match=message):
+        load_pipeline(tmp_path)
 
 
 def test_a_stale_latent_cache_is_refused_at_train_ldm(tiny_run, tmp_path):
