@@ -32,6 +32,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from common.checkpoint import folder_fingerprint
 from common.errors import RunFolderError
 from common.run import RunFolder
+from ldm.lora import safetensors_only
 from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
                           initial_latents, predicted_clean_latents)
 from pipelines.glyphs import LineLayout, lay_out_line, segment
@@ -50,7 +51,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Text-to-image latent diffusion with a VAE, a CLIP text encoder, a UNet and a scheduler.
 
     LoRA adapters in diffusers' format (what `train-ldm` with `ldm.lora_rank` writes) load with
-    `load_lora_weights(folder)`, and `unload_lora_weights()` / `fuse_lora()` work as in Stable Diffusion.
+    `load_lora_weights(folder)` (from safetensors only: a pickled `.bin` is refused), and
+    `unload_lora_weights()` / `fuse_lora()` work as in Stable Diffusion.
 
     Args:
         vae: decodes latents to images (`scaling_factor` in its config).
@@ -119,6 +121,12 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not pipe.classes and legacy.is_file():
             pipe.classes = json.loads(legacy.read_text(encoding="utf-8"))
         return pipe
+
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
+        """diffusers' lora_state_dict (what `load_lora_weights` reads through), from safetensors files only."""
+        return super().lora_state_dict(pretrained_model_name_or_path_or_dict,
+                                       **safetensors_only(pretrained_model_name_or_path_or_dict, kwargs))
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
         """diffusers' save_pretrained; `built_from` is then re-measured on the files just written."""

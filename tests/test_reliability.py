@@ -254,6 +254,20 @@ def test_planted_pickles_are_never_unpickled(tiny_run, tmp_path):
     assert not marker.exists()
 
 
+def test_a_pickled_lora_is_refused_not_unpickled(pipe, tmp_path):
+    marker = tmp_path / "executed"
+    plant_pickle(tmp_path / "pytorch_lora_weights.bin", marker)
+    with pytest.raises(RunFolderError, match=re.escape(
+            f"no LoRA weights in safetensors in {tmp_path} (it holds pytorch_lora_weights.bin; pickled weights are "
+            f"never unpickled): pass the folder that train-ldm with ldm.lora_rank wrote")):
+        pipe.load_lora_weights(tmp_path)
+    shutil.copy(ROOT / "checkpoints" / "mnist-lora" / "pytorch_lora_weights.safetensors", tmp_path)
+    for kwargs in ({"weight_name": "pytorch_lora_weights.bin"}, {"use_safetensors": False}):  # asked for by name
+        with pytest.raises(ValueError, match=r"LoRA weights are read from safetensors files only, never unpickled"):
+            pipe.load_lora_weights(tmp_path, **kwargs)
+    assert not marker.exists()
+
+
 # ---- bad input -------------------------------------------------------------------------------------
 
 
