@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -23,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from common.errors import UserError
+from common.errors import RunFolderError, UserError
 
 
 class CheckpointWriteError(UserError):
@@ -127,9 +128,42 @@ def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch
     return tensors, decode_metadata(header)
 
 
-def read_metadata(path: str | Path) -> dict | None:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return decode_metadata(f.metadata())
+class DamagedFileError(RunFolderError):
+    """A safetensors file that is cut short or is not safetensors (a killed copy, a full disk, a stray file)."""
+
+
+def check_safetensors(path: str | Path, command: str) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file found whole from its header alone: the header parses and
+    the file is exactly as long as the tensors it lists. Else DamagedFileError naming the file, what is wrong
+    and `command`, the stage that writes it again (loaders would fail on it later with a bare mmap,
+    overflow or decoding error, or not at all)."""
+    path = Path(path)
+
+    def damaged(reason: str) -> DamagedFileError:
+        return DamagedFileError(f"{path} is damaged ({reason}); re-run `{command} --config ...` to write it again")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            header_size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+            if len(prefix) < 8:
+                raise damaged(f"{size} bytes, too short for a header")
+            if 8 + header_size > size:
+                raise damaged(f"its first bytes announce a {header_size}-byte header, longer than the file's {size} bytes")
+            header = json.loads(f.read(header_size))
+    except (ValueError, RecursionError):  # JSON or UTF-8 that does not decode
+        raise damaged("its header is not valid JSON") from None
+    except OSError as error:
+        raise damaged(f"it cannot be read: {error.strerror}") from None
+    try:
+        expected = 8 + header_size + max([info["data_offsets"][1] for name, info in header.items()
+                                          if name != "__metadata__"], default=0)
+    except (AttributeError, KeyError, IndexError, TypeError):
+        raise damaged("its header does not list tensors") from None
+    if expected != size:
+        raise damaged(f"{size} bytes where its header describes {expected}: cut short, or not one whole file")
+    return header_size, header
 
 
 def finite_or_none(value):

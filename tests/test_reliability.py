@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import common.checkpoint
-from common.checkpoint import CheckpointWriteError, load_tensors, save_tensors
+from common.checkpoint import CheckpointWriteError, DamagedFileError, load_tensors, save_tensors
 from common.config import TrainConfig
 from common.data import load_split
 from common.errors import DatasetError, RunFolderError
@@ -117,6 +117,23 @@ def test_encode_interrupted_keeps_finished_shards_and_resumes_to_the_same_cache(
         a, _ = load_tensors(shard)
         b, _ = load_tensors(run / "latents" / shard.name)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("cut short", "3000 bytes where its header describes "),
+    ("garbage header", "its first bytes announce a 18446744073709551615-byte header, longer than the file's "),
+])
+def test_a_damaged_latent_shard_is_named_at_train_ldm_and_encoded_again(tiny_run, tmp_path, damage, problem):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shard = run / "latents" / "shard-00001.safetensors"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:3000] if damage == "cut short" else b"\xff" * 8 + whole[8:])
+    with pytest.raises(DamagedFileError, match=re.escape(f"{shard} is damaged ({problem}") + r".*" + re.escape(
+            "; re-run `encode-dataset --config ...` to write it again")):
+        ldm_main(tiny_config(run))
+    encode_main(tiny_config(run))  # not "current, nothing to do": that one shard is encoded again
+    assert shard.read_bytes() == whole
 
 
 def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_path):
