@@ -113,6 +113,13 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict, meta
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def check_weights(folder: str | Path, command: str) -> None:
+    """Refuse a model folder (`save_pretrained` output) whose safetensors are damaged, naming the file and
+    `command`, before diffusers or transformers fail on it with a bare decoding or OSError."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        check_safetensors(path, command)
+
+
 def decode_metadata(header: dict | None) -> dict | None:
     """The JSON value `save_tensors` put in a safetensors header's metadata, or None."""
     return json.loads(header["json"]) if header and "json" in header else None

@@ -17,6 +17,8 @@ from common.config import Config, dump_config
 from common.errors import RunFolderError
 
 PIPELINE_CLASS = "LatentPipeline"  # what `model_index.json` names; pipelines/ defines it
+# the command that writes each model folder of a run (train-ldm also copies a text_encoder.pretrained CLIP in)
+WRITTEN_BY = {"vae": "train-vae", "text_encoder": "train-clip", "unet": "train-ldm"}
 
 
 class RunFolder:

@@ -16,10 +16,10 @@ import torch
 from tokenizers import pre_tokenizers
 from transformers import BatchEncoding, CLIPTextModel, CLIPTokenizer
 
-from common.checkpoint import folder_fingerprint
+from common.checkpoint import check_weights, folder_fingerprint
 from common.config import Config
 from common.errors import UserError
-from common.run import RunFolder
+from common.run import WRITTEN_BY, RunFolder
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -121,6 +121,8 @@ def text_encoder_fingerprint(config: Config) -> str:
 def load_text_encoder(config: Config) -> tuple[CLIPTokenizer, CLIPTextModel]:
     """The frozen CLIP tokenizer and text encoder this run is conditioned on, read offline."""
     encoder_source, tokenizer_source = text_encoder_source(config)
+    if not config.text_encoder.pretrained:
+        check_weights(encoder_source, WRITTEN_BY["text_encoder"])
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_source), local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(str(encoder_source), local_files_only=True,

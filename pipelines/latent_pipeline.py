@@ -29,9 +29,9 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from common.checkpoint import folder_fingerprint
+from common.checkpoint import check_weights, folder_fingerprint
 from common.errors import RunFolderError
-from common.run import RunFolder
+from common.run import WRITTEN_BY, RunFolder
 from ldm.lora import safetensors_only
 from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
                           initial_latents, predicted_clean_latents)
@@ -107,6 +107,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         kwargs.setdefault("use_safetensors", True)
         if (Path(pretrained_model_name_or_path) / "model_index.json").is_file():
             RunFolder(pretrained_model_name_or_path).model_index(components=tuple(cls._get_signature_keys(cls)[0]))
+            for name, command in WRITTEN_BY.items():
+                check_weights(Path(pretrained_model_name_or_path) / name, command)
         try:
             pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except (OSError, ValueError) as error:  # a mistyped run folder would read as a failed Hub lookup

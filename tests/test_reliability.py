@@ -285,6 +285,28 @@ def test_a_pickled_lora_is_refused_not_unpickled(pipe, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("component, weights, command", [
+    ("vae", "diffusion_pytorch_model.safetensors", "train-vae"),
+    ("text_encoder", "model.safetensors", "train-clip"),
+    ("unet", "diffusion_pytorch_model.safetensors", "train-ldm"),
+])
+def test_damaged_weights_are_named_with_the_command_that_writes_them(tiny_run, tmp_path, component, weights, command):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    path = run / component / weights
+    os.truncate(path, 500)
+    message = (rf"^{re.escape(str(path))} is damaged \(its first bytes announce a \d+-byte header, longer than the "
+               rf"file's 500 bytes\); re-run `{command} --config \.\.\.` to write it again$")
+    with pytest.raises(DamagedFileError, match=message):
+        LatentPipeline.from_pretrained(run)
+    with pytest.raises(DamagedFileError, match=message):
+        load_pipeline(run)
+    stage = {"vae": encode_main, "text_encoder": ldm_main}.get(component)  # the stages that read it
+    if stage is not None:
+        with pytest.raises(DamagedFileError, match=message):
+            stage(tiny_config(run))
+
+
 # ---- bad input -------------------------------------------------------------------------------------
 
 
