@@ -33,6 +33,7 @@ from common.checkpoint import check_weights, folder_fingerprint
 from common.errors import RunFolderError
 from common.run import WRITTEN_BY, RunFolder
 from ldm.lora import safetensors_only
+from ldm.text import check_tokenizer
 from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
                           initial_latents, predicted_clean_latents)
 from pipelines.glyphs import LineLayout, lay_out_line, segment
@@ -79,6 +80,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                 sampling={**FALLBACK_SAMPLING, **(sampling or {})})
         if vae is not None and text_encoder is not None and unet is not None:
             check_components(vae, text_encoder, unet)
+        if tokenizer is not None and text_encoder is not None:
+            check_tokenizer(tokenizer, text_encoder)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=True)
 

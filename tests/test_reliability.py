@@ -385,6 +385,21 @@ def test_run_folder_missing_or_mixed_components(tiny_run, tmp_path):
             f"train-ldm wrote (it holds model_index.json), e.g. LatentPipeline.from_pretrained('checkpoints/mnist')")
 
 
+def test_a_tokenizer_without_its_vocabulary_is_refused(tiny_run, tmp_path):
+    """Without tokenizer.json the tokenizer loads as its two special tokens, and every prompt reads the same."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "tokenizer" / "tokenizer.json").unlink()
+    vocab_size = json.loads((run / "text_encoder" / "config.json").read_text())["vocab_size"]
+    message = re.escape(f"{run / 'tokenizer' / 'tokenizer.json'} is missing, so the tokenizer knows 2 tokens, not the "
+                        f"text encoder's {vocab_size}, and would read every prompt alike. Restore tokenizer/ from the "
+                        f"run that trained the text encoder, or re-run `train-clip --config ...`")
+    with pytest.raises(RunFolderError, match=f"^{message}$"):
+        LatentPipeline.from_pretrained(run)
+    with pytest.raises(RunFolderError, match=f"^{message}$"):
+        ldm_main(tiny_config(run))
+
+
 @pytest.mark.parametrize("text, problem", [
     ("{}", 'is not a pipeline index (it has no "_class_name")'),
     ("[]", 'is not a pipeline index (it has no "_class_name")'),
