@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -23,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from common.errors import UserError
+from common.errors import RunFolderError, UserError
 
 
 class CheckpointWriteError(UserError):
@@ -112,6 +113,13 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict, meta
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def check_weights(folder: str | Path, command: str) -> None:
+    """Refuse a model folder (`save_pretrained` output) whose safetensors are damaged, naming the file and
+    `command`, before diffusers or transformers fail on it with a bare decoding or OSError."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        check_safetensors(path, command)
+
+
 def decode_metadata(header: dict | None) -> dict | None:
     """The JSON value `save_tensors` put in a safetensors header's metadata, or None."""
     return json.loads(header["json"]) if header and "json" in header else None
@@ -127,9 +135,42 @@ def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch
     return tensors, decode_metadata(header)
 
 
-def read_metadata(path: str | Path) -> dict | None:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return decode_metadata(f.metadata())
+class DamagedFileError(RunFolderError):
+    """A safetensors file that is cut short or is not safetensors (a killed copy, a full disk, a stray file)."""
+
+
+def check_safetensors(path: str | Path, command: str) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file found whole from its header alone: the header parses and
+    the file is exactly as long as the tensors it lists. Else DamagedFileError naming the file, what is wrong
+    and `command`, the stage that writes it again (loaders would fail on it later with a bare mmap,
+    overflow or decoding error, or not at all)."""
+    path = Path(path)
+
+    def damaged(reason: str) -> DamagedFileError:
+        return DamagedFileError(f"{path} is damaged ({reason}); re-run `{command} --config ...` to write it again")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            header_size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+            if len(prefix) < 8:
+                raise damaged(f"{size} bytes, too short for a header")
+            if 8 + header_size > size:
+                raise damaged(f"its first bytes announce a {header_size}-byte header, longer than the file's {size} bytes")
+            header = json.loads(f.read(header_size))
+    except (ValueError, RecursionError):  # JSON or UTF-8 that does not decode
+        raise damaged("its header is not valid JSON") from None
+    except OSError as error:
+        raise damaged(f"it cannot be read: {error.strerror}") from None
+    try:
+        expected = 8 + header_size + max([info["data_offsets"][1] for name, info in header.items()
+                                          if name != "__metadata__"], default=0)
+    except (AttributeError, KeyError, IndexError, TypeError):
+        raise damaged("its header does not list tensors") from None
+    if expected != size:
+        raise damaged(f"{size} bytes where its header describes {expected}: cut short, or not one whole file")
+    return header_size, header
 
 
 def finite_or_none(value):
@@ -237,6 +278,8 @@ def writable_folder(path: str | Path, what: str) -> Path:
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} '{path}' is a file, not a folder; choose another path")
     existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():  # a file part-way down the path: no permission would make it a folder
+        raise UserError(f"{what} '{path}' cannot be created: '{existing}' is a file, not a folder; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{what} '{path}' cannot be written ('{existing}' is read-only for this user); "
                         f"choose a folder you can write to")

@@ -20,6 +20,14 @@ class ConfigError(ValueError):
     """A configuration problem a user can fix; the message names the key and the fix."""
 
 
+SEED_LIMIT = 2**63  # seeds go to torch.Generator.manual_seed and numpy as signed 64-bit integers
+
+
+def seed_problem(seed: int) -> str | None:
+    """What is wrong with `seed` as a seed (its range), or None; the caller names the key or option."""
+    return None if 0 <= seed < SEED_LIMIT else f"must be in [0, 2**63), got {seed}"
+
+
 # --------------------------------------------------------------------------------------------------
 # The stage configs
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +273,9 @@ def validate(config: Config) -> None:
 
     for key, value in _floats(config):
         require(math.isfinite(value), key, f"must be a finite number, got {value}")
-    require(0 <= config.seed < 2**63, "seed", f"must be in [0, 2**63), got {config.seed}")
+    for key, seed in (("seed", config.seed), ("data.seed", config.data.seed),
+                      ("evaluate.classifier_seed", config.evaluate.classifier_seed)):
+        require(seed_problem(seed) is None, key, seed_problem(seed) or "")
     data = config.data
     require(bool(data.name) != bool(data.path), "data.path" if data.path else "data.name",
             f"({data.path or data.name!r}): set exactly one of data.name (a built-in dataset) and data.path (a "
@@ -275,7 +285,6 @@ def validate(config: Config) -> None:
     require(0.0 <= data.holdout_fraction < 1.0, "data.holdout_fraction", f"must be in [0, 1), got {data.holdout_fraction}")
     require(data.max_per_class >= 0, "data.max_per_class", f"must be >= 0 (0: all images), got {data.max_per_class}")
     require(data.per_class >= 1, "data.per_class", f"must be at least 1, got {data.per_class}")
-    require(0 <= data.seed < 2**63, "data.seed", f"must be in [0, 2**63), got {data.seed}")
     require(not data.holdout_font or data.name in ("letters", "devanagari"), "data.holdout_font",
             f"({data.holdout_font!r}) holds out one font of a rendered dataset (data.name=letters or devanagari), "
             f"not of {data.name or data.path!r}; leave it empty and use data.holdout_fraction")

@@ -17,6 +17,8 @@ from common.config import Config, dump_config
 from common.errors import RunFolderError
 
 PIPELINE_CLASS = "LatentPipeline"  # what `model_index.json` names; pipelines/ defines it
+# the command that writes each model folder of a run (train-ldm also copies a text_encoder.pretrained CLIP in)
+WRITTEN_BY = {"vae": "train-vae", "text_encoder": "train-clip", "unet": "train-ldm"}
 
 
 class RunFolder:
@@ -56,9 +58,24 @@ class RunFolder:
 
     def update_model_index(self, **pipeline_config) -> None:
         """Change entries of the pipeline's config in `model_index.json` (e.g. tuned sampling defaults)."""
+        index = {**self.model_index(), **pipeline_config}
+        write_text(self.root / "model_index.json", json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+    def model_index(self, components: tuple[str, ...] = ()) -> dict:
+        """`model_index.json`, refused with the fix unless it is a pipeline index naming each of `components`
+        (diffusers would stop on a damaged one with a bare KeyError or TypeError)."""
         path = self.root / "model_index.json"
-        index = {**json.loads(path.read_text(encoding="utf-8")), **pipeline_config}
-        write_text(path, json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        fix = "re-run `train-ldm --config ...` (it writes this file), or restore it from a copy of the run"
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RunFolderError(f"{path} is not valid JSON ({error}); {fix}") from None
+        if not isinstance(index, dict) or "_class_name" not in index:
+            raise RunFolderError(f"{path} is not a pipeline index (it has no \"_class_name\"); {fix}")
+        missing = [name for name in components if name not in index]
+        if missing:
+            raise RunFolderError(f"{path} names no {', '.join(missing)} component{'s' * (len(missing) > 1)}; {fix}")
+        return index
 
 
 class RunLock:

@@ -21,14 +21,14 @@ from contextlib import nullcontext
 import torch
 from tqdm.auto import tqdm
 
-from common.checkpoint import read_metadata, save_tensors, writable_folder, write_text
+from common.checkpoint import save_tensors, writable_folder, write_text
 from common.cli import run_cli
 from common.config import Config, dump_config
 from common.data import image_batches, load_split
 from common.loop import StopSignals, TrainingInterrupted
 from common.run import RunFolder, RunLock
 from common.devices import process_state
-from ldm.latents import FORMAT_VERSION, MANIFEST, read_manifest, shard_name, vae_fingerprint
+from ldm.latents import FORMAT_VERSION, MANIFEST, read_manifest, shard_key, shard_name, vae_fingerprint
 from vae.model import load_vae
 
 
@@ -50,9 +50,13 @@ def encode(config: Config, state, run: RunFolder) -> dict:
     key = hashlib.sha256(f"{vae_hash}|{dataset_hash}|{config.encode.shard_size}|{FORMAT_VERSION}".encode()).hexdigest()
     manifest = read_manifest(run.latents)
     if manifest and manifest.get("complete") and manifest.get("key") == key:
-        state.print(f"[encode] the latent cache in {run.latents} is current ({manifest['num_images']} images); "
-                          f"nothing to do")
-        return manifest
+        damaged = [shard["file"] for shard in manifest["shards"] if shard_key(run.latents / shard["file"]) != key]
+        if not damaged:
+            state.print(f"[encode] the latent cache in {run.latents} is current ({manifest['num_images']} images); "
+                        f"nothing to do")
+            return manifest
+        state.print(f"[encode] {', '.join(damaged)} in {run.latents} {'is' if len(damaged) == 1 else 'are'} missing "
+                    f"or damaged; encoding {'it' if len(damaged) == 1 else 'them'} again")
 
     if state.is_main_process:  # the inputs are checked: now the run folder may change
         run.save_config(config)
@@ -102,11 +106,7 @@ def encode(config: Config, state, run: RunFolder) -> dict:
 
 
 def _shard_done(run: RunFolder, k: int, key: str) -> bool:
-    path = run.latents / shard_name(k)
-    try:
-        return path.is_file() and (read_metadata(path) or {}).get("key") == key
-    except Exception:  # an unreadable shard is simply encoded again
-        return False
+    return shard_key(run.latents / shard_name(k)) == key  # a missing or damaged shard is simply encoded again
 
 
 def _write_manifest(run: RunFolder, dataset, key: str, vae_hash: str, dataset_hash: str, num_shards: int) -> dict:

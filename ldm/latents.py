@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common.checkpoint import decode_metadata, folder_fingerprint
+from common.checkpoint import DamagedFileError, check_safetensors, decode_metadata, folder_fingerprint
 from common.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -51,9 +50,7 @@ def memory_map(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     The format is an 8-byte header length, a JSON header (dtype, shape, byte offsets per tensor), then
     the raw little-endian data; pages are read from disk (and the page cache) only when rows are used.
     """
-    with open(path, "rb") as f:
-        header_size = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(header_size))
+    header_size, header = check_safetensors(path, "encode-dataset")  # a cut-short shard would map past its end
     metadata = header.pop("__metadata__", None)
     arrays = {}
     for name, info in header.items():
@@ -63,6 +60,15 @@ def memory_map(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         arrays[name] = (np.memmap(path, dtype=dtype, mode="r", offset=8 + header_size + begin, shape=shape)
                         if math.prod(shape) else np.zeros(shape, dtype))
     return arrays, decode_metadata(metadata) or {}
+
+
+def shard_key(path: Path) -> str | None:
+    """The cache key a whole shard was written under; None when it is missing or damaged (to encode again)."""
+    try:
+        _, header = check_safetensors(path, "encode-dataset")
+        return (decode_metadata(header.get("__metadata__")) or {}).get("key")
+    except (DamagedFileError, ValueError, AttributeError):  # a damaged file, or metadata that is not ours
+        return None
 
 
 @dataclass

@@ -14,6 +14,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from common.checkpoint import default_file_mode
+from common.errors import RunFolderError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention, as diffusers' LoRA scripts do
@@ -47,3 +48,20 @@ def merged(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     plain.fuse_lora()
     plain.unload_lora()
     return plain
+
+
+def safetensors_only(source, kwargs: dict) -> dict:
+    """`kwargs` for diffusers' `lora_state_dict` that read `source` from safetensors only. LoRA files often come
+    from strangers, and diffusers would otherwise fall back to unpickling a `.bin` (torch.load) where no
+    safetensors file is, or where `weight_name` names one; such a source is refused, naming what it holds."""
+    weight_name = kwargs.get("weight_name")
+    if kwargs.get("use_safetensors") is False or (weight_name and not str(weight_name).endswith(".safetensors")):
+        raise ValueError(f"LoRA weights are read from safetensors files only, never unpickled (got use_safetensors="
+                         f"{kwargs.get('use_safetensors')}, weight_name={weight_name!r}); pass a folder holding "
+                         f"{LORA_FILE}, or a .safetensors weight_name")
+    folder = Path(str(source)) / (kwargs.get("subfolder") or "")
+    if not isinstance(source, dict) and folder.is_dir() and not any(folder.glob("*.safetensors")):
+        held = ", ".join(path.name for path in sorted(folder.glob("*.bin"))) or "no weights"
+        raise RunFolderError(f"no LoRA weights in safetensors in {folder} (it holds {held}; pickled weights are never "
+                             f"unpickled): pass the folder that train-ldm with ldm.lora_rank wrote, which holds {LORA_FILE}")
+    return {**kwargs, "use_safetensors": True}

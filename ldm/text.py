@@ -16,10 +16,10 @@ import torch
 from tokenizers import pre_tokenizers
 from transformers import BatchEncoding, CLIPTextModel, CLIPTokenizer
 
-from common.checkpoint import folder_fingerprint
+from common.checkpoint import check_weights, folder_fingerprint
 from common.config import Config
-from common.errors import DatasetError, UserError
-from common.run import RunFolder
+from common.errors import DatasetError, RunFolderError, UserError
+from common.run import WRITTEN_BY, RunFolder
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -121,6 +121,8 @@ def text_encoder_fingerprint(config: Config) -> str:
 def load_text_encoder(config: Config) -> tuple[CLIPTokenizer, CLIPTextModel]:
     """The frozen CLIP tokenizer and text encoder this run is conditioned on, read offline."""
     encoder_source, tokenizer_source = text_encoder_source(config)
+    if not config.text_encoder.pretrained:
+        check_weights(encoder_source, WRITTEN_BY["text_encoder"])
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_source), local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(str(encoder_source), local_files_only=True,
@@ -134,7 +136,24 @@ def load_text_encoder(config: Config) -> tuple[CLIPTokenizer, CLIPTextModel]:
                 f"CLIP on this dataset") from None
         raise UserError(f"this run has no text encoder yet ({encoder_source} is missing). Run "
                         f"`train-clip --config ...` first, or set text_encoder.pretrained to a local CLIP") from None
+    check_tokenizer(tokenizer, text_encoder)
     return tokenizer, text_encoder.eval().requires_grad_(False)
+
+
+def check_tokenizer(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel) -> None:
+    """Refuse a tokenizer whose vocabulary is not the text encoder's (train-clip sizes one by the other): a
+    tokenizer/ without its tokenizer.json loads without a word as the two special tokens alone, and every
+    prompt would then read the same (merged classes)."""
+    size, expected = len(tokenizer), text_encoder.config.vocab_size
+    if size == expected:
+        return
+    folder = Path(tokenizer.name_or_path)
+    problem = (f"{folder / 'tokenizer.json'} is missing, so the tokenizer knows {size} tokens, not the text encoder's "
+               f"{expected}, and would read every prompt alike" if not (folder / "tokenizer.json").is_file() else
+               f"the tokenizer in {folder} has {size} tokens but the text encoder reads {expected}: they come from "
+               f"different runs")
+    raise RunFolderError(f"{problem}. Restore {folder.name}/ from the run that trained the text encoder, or re-run "
+                         f"`train-clip --config ...`")
 
 
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> BatchEncoding:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from common.checkpoint import writable_folder, write_bytes
 from common.cli import run_cli
-from common.config import Config
+from common.config import Config, seed_problem
 from common.errors import RunFolderError, UserError
 from common.images import make_grid, prompt_grid, save_image
 from pipelines.latent_pipeline import LatentPipeline
@@ -91,6 +91,10 @@ def slug(text: str) -> str:
 def main(config: Config, args: argparse.Namespace) -> list[Path]:
     if args.num < 1 or (args.steps is not None and args.steps < 1):
         raise UserError(f"--num and --steps must be at least 1 (got --num {args.num}, --steps {args.steps})")
+    if args.seed is not None and seed_problem(args.seed):  # else the pipeline loads first, then torch refuses it
+        raise UserError(f"--seed {seed_problem(args.seed)}")
+    if args.write is not None and not args.write.strip():  # else a blank line, or a grid nobody asked for
+        raise UserError(f"--write has nothing to write ({args.write!r}): give it text, e.g. --write \"2026\", or leave it out")
     out = writable_folder(args.out or Path(args.run or config.run_dir) / "samples" / "generate", "--out")
     pipe = load_pipeline(args.run or config.run_dir, scheduler=args.scheduler)
     try:

@@ -29,8 +29,11 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from common.checkpoint import folder_fingerprint
+from common.checkpoint import check_weights, folder_fingerprint
 from common.errors import RunFolderError
+from common.run import WRITTEN_BY, RunFolder
+from ldm.lora import safetensors_only
+from ldm.text import check_tokenizer
 from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
                           initial_latents, predicted_clean_latents)
 from pipelines.glyphs import LineLayout, lay_out_line, segment
@@ -49,7 +52,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Text-to-image latent diffusion with a VAE, a CLIP text encoder, a UNet and a scheduler.
 
     LoRA adapters in diffusers' format (what `train-ldm` with `ldm.lora_rank` writes) load with
-    `load_lora_weights(folder)`, and `unload_lora_weights()` / `fuse_lora()` work as in Stable Diffusion.
+    `load_lora_weights(folder)` (from safetensors only: a pickled `.bin` is refused), and
+    `unload_lora_weights()` / `fuse_lora()` work as in Stable Diffusion.
 
     Args:
         vae: decodes latents to images (`scaling_factor` in its config).
@@ -76,6 +80,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                 sampling={**FALLBACK_SAMPLING, **(sampling or {})})
         if vae is not None and text_encoder is not None and unet is not None:
             check_components(vae, text_encoder, unet)
+        if tokenizer is not None and text_encoder is not None:
+            check_tokenizer(tokenizer, text_encoder)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=True)
 
@@ -102,6 +108,10 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """Load a run folder. Weights are read from safetensors only: a pickle planted beside them is never
         unpickled (pass use_safetensors=False explicitly to allow .bin files you trust)."""
         kwargs.setdefault("use_safetensors", True)
+        if (Path(pretrained_model_name_or_path) / "model_index.json").is_file():
+            RunFolder(pretrained_model_name_or_path).model_index(components=tuple(cls._get_signature_keys(cls)[0]))
+            for name, command in WRITTEN_BY.items():
+                check_weights(Path(pretrained_model_name_or_path) / name, command)
         try:
             pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except (OSError, ValueError) as error:  # a mistyped run folder would read as a failed Hub lookup
@@ -116,6 +126,12 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not pipe.classes and legacy.is_file():
             pipe.classes = json.loads(legacy.read_text(encoding="utf-8"))
         return pipe
+
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
+        """diffusers' lora_state_dict (what `load_lora_weights` reads through), from safetensors files only."""
+        return super().lora_state_dict(pretrained_model_name_or_path_or_dict,
+                                       **safetensors_only(pretrained_model_name_or_path_or_dict, kwargs))
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
         """diffusers' save_pretrained; `built_from` is then re-measured on the files just written."""

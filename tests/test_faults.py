@@ -58,6 +58,8 @@ from vae.train import main as train_vae
     ("sample.guidance_scale=.inf", "config key 'sample.guidance_scale' must be a finite number, got inf"),
     ("seed=-1", "config key 'seed' must be in [0, 2**63), got -1"),
     ("seed=9223372036854775808", "config key 'seed' must be in [0, 2**63), got 9223372036854775808"),
+    ("evaluate.classifier_seed=18446744073709551616",
+     "config key 'evaluate.classifier_seed' must be in [0, 2**63), got 18446744073709551616"),
     ("ldm.attention_heads=3", "config key 'ldm.attention_heads' (3) must divide every ldm.block_out_channels [32, 32]"),
     ("clip.text_heads=3", "config key 'clip.text_heads' (3) must divide clip.text_hidden (32)"),
     ("clip.vocab_size=300", "config key 'clip.vocab_size' must be >= 514 (every byte, alone and word-final, and the "
@@ -116,12 +118,16 @@ def test_two_commands_on_one_stage_of_a_run_folder_are_refused_naming_the_holder
         pass
 
 
-@pytest.mark.parametrize("kind", ["file", "read-only"])
+@pytest.mark.parametrize("kind", ["file", "under-a-file", "read-only"])
 def test_a_run_dir_or_out_folder_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch, capsys, kind):
     target = tmp_path / "target"
     if kind == "file":
         target.write_text("not a folder")
         problem = f"'{target}' is a file, not a folder; choose another path"
+    elif kind == "under-a-file":  # not "read-only": the fix is another path, not permissions
+        (tmp_path / "file").write_text("not a folder")
+        target = tmp_path / "file" / "sub"
+        problem = f"'{target}' cannot be created: '{tmp_path / 'file'}' is a file, not a folder; choose another path"
     else:
         monkeypatch.setattr(common.checkpoint.os, "access", lambda path, mode: False)
         problem = f"'{target}' cannot be written"
@@ -134,6 +140,22 @@ def test_a_run_dir_or_out_folder_that_cannot_be_written_is_refused_first(tmp_pat
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"error: --out {problem}" in err
     assert "Loading pipeline" not in err  # refused before any work
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--seed", "18446744073709551616"], "--seed must be in [0, 2**63), got 18446744073709551616"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
+    (["--write", ""], "--write has nothing to write (''): give it text"),
+    (["--write", "  "], "--write has nothing to write ('  '): give it text"),
+])
+def test_generate_options_that_cannot_work_are_refused_before_loading(tmp_path, capsys, option, message):
+    from pipelines.generate import cli as generate_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli(["--run", str(ROOT / "checkpoints" / "mnist"), "--out", str(tmp_path / "out"), *option])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"error: {message}" in err
+    assert "Loading pipeline" not in err and not (tmp_path / "out").exists()
 
 
 def test_a_stage_built_on_changed_inputs_is_refused_not_resumed(tiny_run, tmp_path):

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import common.checkpoint
-from common.checkpoint import CheckpointWriteError, load_tensors, save_tensors
+from common.checkpoint import CheckpointWriteError, DamagedFileError, load_tensors, save_tensors
 from common.config import TrainConfig
 from common.data import load_split
 from common.errors import DatasetError, RunFolderError
@@ -116,6 +117,23 @@ def test_encode_interrupted_keeps_finished_shards_and_resumes_to_the_same_cache(
         a, _ = load_tensors(shard)
         b, _ = load_tensors(run / "latents" / shard.name)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("cut short", "3000 bytes where its header describes "),
+    ("garbage header", "its first bytes announce a 18446744073709551615-byte header, longer than the file's "),
+])
+def test_a_damaged_latent_shard_is_named_at_train_ldm_and_encoded_again(tiny_run, tmp_path, damage, problem):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shard = run / "latents" / "shard-00001.safetensors"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:3000] if damage == "cut short" else b"\xff" * 8 + whole[8:])
+    with pytest.raises(DamagedFileError, match=re.escape(f"{shard} is damaged ({problem}") + r".*" + re.escape(
+            "; re-run `encode-dataset --config ...` to write it again")):
+        ldm_main(tiny_config(run))
+    encode_main(tiny_config(run))  # not "current, nothing to do": that one shard is encoded again
+    assert shard.read_bytes() == whole
 
 
 def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_path):
@@ -253,6 +271,42 @@ def test_planted_pickles_are_never_unpickled(tiny_run, tmp_path):
     assert not marker.exists()
 
 
+def test_a_pickled_lora_is_refused_not_unpickled(pipe, tmp_path):
+    marker = tmp_path / "executed"
+    plant_pickle(tmp_path / "pytorch_lora_weights.bin", marker)
+    with pytest.raises(RunFolderError, match=re.escape(
+            f"no LoRA weights in safetensors in {tmp_path} (it holds pytorch_lora_weights.bin; pickled weights are "
+            f"never unpickled): pass the folder that train-ldm with ldm.lora_rank wrote")):
+        pipe.load_lora_weights(tmp_path)
+    shutil.copy(ROOT / "checkpoints" / "mnist-lora" / "pytorch_lora_weights.safetensors", tmp_path)
+    for kwargs in ({"weight_name": "pytorch_lora_weights.bin"}, {"use_safetensors": False}):  # asked for by name
+        with pytest.raises(ValueError, match=r"LoRA weights are read from safetensors files only, never unpickled"):
+            pipe.load_lora_weights(tmp_path, **kwargs)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("component, weights, command", [
+    ("vae", "diffusion_pytorch_model.safetensors", "train-vae"),
+    ("text_encoder", "model.safetensors", "train-clip"),
+    ("unet", "diffusion_pytorch_model.safetensors", "train-ldm"),
+])
+def test_damaged_weights_are_named_with_the_command_that_writes_them(tiny_run, tmp_path, component, weights, command):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    path = run / component / weights
+    os.truncate(path, 500)
+    message = (rf"^{re.escape(str(path))} is damaged \(its first bytes announce a \d+-byte header, longer than the "
+               rf"file's 500 bytes\); re-run `{command} --config \.\.\.` to write it again$")
+    with pytest.raises(DamagedFileError, match=message):
+        LatentPipeline.from_pretrained(run)
+    with pytest.raises(DamagedFileError, match=message):
+        load_pipeline(run)
+    stage = {"vae": encode_main, "text_encoder": ldm_main}.get(component)  # the stages that read it
+    if stage is not None:
+        with pytest.raises(DamagedFileError, match=message):
+            stage(tiny_config(run))
+
+
 # ---- bad input -------------------------------------------------------------------------------------
 
 
@@ -329,6 +383,38 @@ def test_run_folder_missing_or_mixed_components(tiny_run, tmp_path):
         assert str(caught.value) == (
             f"no run folder '{missing}' (and no model of that name in the Hugging Face cache): pass the folder "
             f"train-ldm wrote (it holds model_index.json), e.g. LatentPipeline.from_pretrained('checkpoints/mnist')")
+
+
+def test_a_tokenizer_without_its_vocabulary_is_refused(tiny_run, tmp_path):
+    """Without tokenizer.json the tokenizer loads as its two special tokens, and every prompt reads the same."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "tokenizer" / "tokenizer.json").unlink()
+    vocab_size = json.loads((run / "text_encoder" / "config.json").read_text())["vocab_size"]
+    message = re.escape(f"{run / 'tokenizer' / 'tokenizer.json'} is missing, so the tokenizer knows 2 tokens, not the "
+                        f"text encoder's {vocab_size}, and would read every prompt alike. Restore tokenizer/ from the "
+                        f"run that trained the text encoder, or re-run `train-clip --config ...`")
+    with pytest.raises(RunFolderError, match=f"^{message}$"):
+        LatentPipeline.from_pretrained(run)
+    with pytest.raises(RunFolderError, match=f"^{message}$"):
+        ldm_main(tiny_config(run))
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("{}", 'is not a pipeline index (it has no "_class_name")'),
+    ("[]", 'is not a pipeline index (it has no "_class_name")'),
+    ("not json", "is not valid JSON (Expecting value: line 1 column 1 (char 0))"),
+    ('{"_class_name": "LatentPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}',
+     "names no scheduler, text_encoder, tokenizer, vae components"),
+])
+def test_a_damaged_model_index_is_a_clear_error(tmp_path, text, problem):
+    (tmp_path / "model_index.json").write_text(text)  # refused before any component is read
+    message = re.escape(f"{tmp_path / 'model_index.json'} {problem}; re-run `train-ldm --config ...` (it writes this "
+                        f"file), or restore it from a copy of the run")
+    with pytest.raises(RunFolderError, match=f"^{message}$"):
+        LatentPipeline.from_pretrained(tmp_path)
+    with pytest.raises(RunFolderError, match=message):
+        load_pipeline(tmp_path)
 
 
 def test_a_stale_latent_cache_is_refused_at_train_ldm(tiny_run, tmp_path):

@@ -15,9 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from common.checkpoint import check_weights
 from common.config import Config, VAEConfig
 from common.errors import RunFolderError, UserError
 from common.pretrained import adopt_architecture, load_diffusers_model
+from common.run import WRITTEN_BY
 
 
 def build_vae(config: VAEConfig, channels: int, image_size: int) -> AutoencoderKL:
@@ -67,6 +69,7 @@ def load_vae(folder: Path) -> AutoencoderKL:
     """A trained VAE (`run/vae/`), frozen, in eval mode; safetensors only."""
     if not (Path(folder) / "config.json").is_file():
         raise RunFolderError(f"no trained VAE in {folder}; run `train-vae --config ...` first")
+    check_weights(folder, WRITTEN_BY["vae"])
     return AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
 
 
