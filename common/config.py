@@ -404,5 +404,6 @@ def validate(config: Config) -> None:
         require(problem is None, f"evaluate.paraphrases[{i}]", f"{template!r} is not a caption template ({problem})")
 
 
-def dump_config(config: Config) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None, width=100)
+def dump_config(config: Config | dict) -> str:  # a Config, or one as a dict (`to_dict`)
+    return yaml.safe_dump(to_dict(config) if dataclasses.is_dataclass(config) else config, sort_keys=False,
+                          default_flow_style=None, width=100)

@@ -9,16 +9,52 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import diffusers
+import yaml
 
 from common.checkpoint import recover_directory, write_text
-from common.config import Config, dump_config
+from common.config import Config, dump_config, to_dict
 from common.errors import RunFolderError
 
 PIPELINE_CLASS = "LatentPipeline"  # what `model_index.json` names; pipelines/ defines it
 # the command that writes each model folder of a run (train-ldm also copies a text_encoder.pretrained CLIP in)
 WRITTEN_BY = {"vae": "train-vae", "text_encoder": "train-clip", "unet": "train-ldm"}
+STAGE_OUTPUTS = {"vae": "vae", "clip": "clip", "encode": "latents", "ldm": "unet"}  # what each stage writes
+
+# What each stage's command trains with; the rest of a run's config.yaml is what its other stages were
+# trained with. `seed` and `data` shape every stage, so one run folder has one of each.
+STAGE_SECTIONS = {"vae": ("vae",), "clip": ("clip",), "encode": ("encode",), "ldm": ("ldm", "text_encoder", "sample")}
+SHARED_KEYS = ("seed", "data")
+# Keys that decide what is logged, saved or previewed, or how fast: never the weights
+UNSHAPING_KEYS = frozenset({"save_every", "sample_every", "log_every", "keep_checkpoints", "max_bad_steps", "report_to",
+                            "compile", "validation_prompts", "num_workers"})
+
+
+def shaping_settings(tree: dict, sections: tuple[str, ...]) -> dict[str, Any]:
+    """The dotted keys and values of `sections` of a config dict (`to_dict`) that shape trained weights."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            for name, value in node.items():
+                if name not in UNSHAPING_KEYS:
+                    walk(value, f"{key}.{name}")
+        else:
+            flat[key] = node
+
+    for section in sections:
+        if section in tree:
+            walk(tree[section], section)
+    return flat
+
+
+def settings_changes(before: dict, after: dict, limit: int = 6) -> list[str]:
+    """'key: before -> after' for each key whose value differs between two `shaping_settings` (at most `limit`)."""
+    keys = [k for k in sorted(before.keys() | after.keys()) if before.get(k, "(unset)") != after.get(k, "(unset)")]
+    shown = [f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}" for k in keys[:limit]]
+    return shown + ([f"and {len(keys) - limit} more"] if len(keys) > limit else [])
 
 
 class RunFolder:
@@ -46,8 +82,72 @@ class RunFolder:
     def train_state(self, stage: str) -> Path:
         return self.root / "train_state" / stage
 
-    def save_config(self, config: Config) -> None:
-        write_text(self.root / "config.yaml", dump_config(config))
+    def stages_present(self) -> list[str]:
+        """The stages that have written something into this folder (their model, cache or resume state)."""
+        return [stage for stage, output in STAGE_OUTPUTS.items()
+                if (self.root / output).exists() or self.train_state(stage).is_dir()]
+
+    def saved_config(self) -> dict | None:
+        """`config.yaml` as a dict, or None where there is none (a new folder)."""
+        path = self.root / "config.yaml"
+        if not path.is_file():
+            return None
+        try:
+            saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise RunFolderError(f"{path} is not readable YAML ({str(error).splitlines()[0]}); it records what this run's "
+                                 f"stages were trained with. Restore it, or use a new run_dir") from None
+        return saved if isinstance(saved, dict) else None
+
+    def check_shared_settings(self, config: Config, stage: str) -> None:
+        """Refuse a command whose seed or data settings differ from those the folder's other stages were
+        trained with: config.yaml holds one of each, so it could no longer reproduce every stage."""
+        others = [s for s in self.stages_present() if s != stage]
+        saved = self.saved_config() if others else None
+        if not saved:
+            return
+        changes = settings_changes(shaping_settings(saved, SHARED_KEYS), shaping_settings(to_dict(config), SHARED_KEYS))
+        if changes:
+            raise RunFolderError(
+                f"{self.root} holds the {', '.join(others)} stage(s), trained with other settings than this {stage} "
+                f"command's ({'; '.join(changes)}; from {self.root / 'config.yaml'} to this command's). One run folder has one "
+                f"seed and one dataset, so that its config.yaml reproduces every stage: drop those overrides (or pass "
+                f"--config {self.root / 'config.yaml'}), or use a new run_dir")
+
+    def check_resumable(self, stage: str, saved: dict | None, config: Config, checkpoint: Path, step: int) -> None:
+        """Refuse to resume a checkpoint trained with other settings (`saved`, its config as a dict; None in
+        checkpoints older than that record): the finished model would match neither them nor config.yaml.
+        Logging and saving keys may change (UNSHAPING_KEYS)."""
+        if saved is None:
+            return
+        sections = SHARED_KEYS + (stage,)
+        changes = settings_changes(shaping_settings(saved, sections), shaping_settings(to_dict(config), sections))
+        if not changes:
+            return
+        steps = any(c.startswith((f"{stage}.max_steps:", f"{stage}.epochs:")) for c in changes)
+        raise RunFolderError(
+            f"the {stage} checkpoint {checkpoint.name} (step {step}) was trained with other settings than this command's "
+            f"({'; '.join(changes)}). Resuming would give a model that no config reproduces. Run the stage with the "
+            f"checkpoint's settings (they are in {self.root / 'config.yaml'}), delete {self.train_state(stage)} to train "
+            f"it again, or use a new run_dir"
+            + (f" (the learning rate's cosine follows {stage}.max_steps; to train these weights further, start a new run "
+               f"with {stage}.init_from={self.root})" if steps else ""))
+
+    def save_config(self, config: Config, stage: str) -> list[str]:
+        """Write `config.yaml`: `stage`'s own sections (STAGE_SECTIONS) and the shared keys from `config`; the
+        sections of the other stages already in the folder stay as those stages were trained. Returns the
+        settings of `config` that were not saved for that reason, as notes for the caller to print."""
+        tree, saved = to_dict(config), self.saved_config()
+        kept: list[str] = []
+        for other in self.stages_present() if saved else []:
+            for section in STAGE_SECTIONS[other] if other != stage else ():
+                if section in saved:
+                    kept += [f"not used by this stage, and not saved: {change} (config.yaml keeps the value the run's "
+                             f"own {other} stage was trained with)"
+                             for change in settings_changes(shaping_settings(saved, (section,)), shaping_settings(tree, (section,)))]
+                    tree[section] = saved[section]
+        write_text(self.root / "config.yaml", dump_config(tree))
+        return kept
 
     def write_model_index(self, components: dict[str, tuple[str, str]], pipeline_config: dict) -> None:
         """`model_index.json` as diffusers' `save_pretrained` writes it: the pipeline class, each

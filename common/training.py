@@ -60,6 +60,7 @@ class Trainer:
     def __init__(self, stage: str, config: Config, train: TrainConfig):
         self.stage, self.config, self.train = stage, config, train
         self.run = RunFolder(writable_folder(config.run_dir, "run_dir"))
+        self.run.check_shared_settings(config, stage)
         self.trackers = resolve_trackers(train.report_to, f"{stage}.report_to")
         self.accelerator = make_accelerator(resolve_mixed_precision(train.mixed_precision, f"{stage}.mixed_precision"),
                                             train.compile, self.trackers, self.run.logs)
@@ -166,7 +167,8 @@ class Trainer:
         """The progress bar, and Ctrl-C/SIGTERM turned into a flag that `save_if_due` acts on."""
         self.total_steps = total_steps
         if self.is_main:  # every input has been checked by now: a command that failed them wrote nothing
-            self.run.save_config(self.config)
+            for note in self.run.save_config(self.config, self.stage):
+                self.print(f"[{self.stage}] {note}")
         if self.trackers:  # TensorBoard & co: run/logs/<stage>/, with the config as hyperparameters
             self.accelerator.init_trackers(self.stage, config=hyperparameters(self.config, self.stage))
         self._first_step_started = time.time()
@@ -322,9 +324,7 @@ class Trainer:
 
     # ---- resume state ------------------------------------------------------------------------
 
-    def _state_files(self) -> list[Path]:
-        if not self.state_dir.is_dir():
-            return []
+    def _state_files(self) -> list[Path]:  # newest first; none where the folder does not exist yet
         return sorted(self.state_dir.glob("state-*.safetensors"), reverse=True)
 
     def save(self) -> None:
@@ -368,6 +368,7 @@ class Trainer:
         return 0
 
     def _load(self, path: Path, tensors: dict, meta: dict) -> None:
+        self.run.check_resumable(self.stage, meta.get("config"), self.config, path, meta["step"])
         saved = meta.get("inputs") or {}
         changed = sorted(k for k in self.inputs if k in saved and saved[k] != self.inputs[k])
         if changed:

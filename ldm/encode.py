@@ -36,6 +36,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     # inference only: no Accelerator, no mixed precision (the VAE encodes in fp32: fp16 VAEs overflow)
     state = process_state()
     run = RunFolder(writable_folder(config.run_dir, "run_dir"))
+    run.check_shared_settings(config, "encode")
     state.print(dump_config(config))
     with RunLock(run.root, "encode") if state.is_main_process else nullcontext():
         return encode(config, state, run)
@@ -59,7 +60,8 @@ def encode(config: Config, state, run: RunFolder) -> dict:
                     f"or damaged; encoding {'it' if len(damaged) == 1 else 'them'} again")
 
     if state.is_main_process:  # the inputs are checked: now the run folder may change
-        run.save_config(config)
+        for note in run.save_config(config, "encode"):
+            state.print(f"[encode] {note}")
     size = config.encode.shard_size
     num_shards = math.ceil(len(dataset) / size)
     mine = [k for k in range(num_shards) if k % world == rank]

@@ -54,17 +54,18 @@ def test_two_processes_encode_the_same_cache_train_and_resume_on_one(tiny_run, t
     assert len(list((run / "latents").glob("manifest*.json"))) == 1
 
     # train-ldm on 2 processes: rank 0 alone writes checkpoints, logs and samples
-    result = launch("ldm.train", run, "ldm.max_steps=4", "ldm.save_every=2", "ldm.sample_every=100")
+    result = launch("ldm.train", run, "ldm.max_steps=6", "ldm.save_every=2", "ldm.sample_every=100")
     assert "effective batch 8 per process x 2 processes x 1 accumulation = 16" in result.stdout
     log = [json.loads(line) for line in (run / "logs" / "ldm.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert [r["step"] for r in log] == [1, 2, 3, 4]  # one line per step, not one per process
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # one line per step, not one per process
     assert sorted(p.name for p in (run / "train_state" / "ldm").iterdir()) == \
-        ["state-00000002.safetensors", "state-00000004.safetensors"]
+        ["state-00000004.safetensors", "state-00000006.safetensors"]
     assert (run / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
-    # the 2-process checkpoint resumes in 1 process
+    # the 2-process checkpoint resumes in 1 process (as if the run had died after step 4's checkpoint)
+    (run / "train_state" / "ldm" / "state-00000006.safetensors").unlink()
     result = subprocess.run([sys.executable, "-m", "ldm.train", "--config", str(TINY), "--set", f"run_dir={run}",
-                             "--set", "ldm.max_steps=6", "--set", "ldm.sample_every=100"],
+                             "--set", "ldm.max_steps=6", "--set", "ldm.save_every=2", "--set", "ldm.sample_every=100"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=CPU_ONLY)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at step 4 (saved by 2 processes, resumed on 1)" in result.stdout

@@ -4,6 +4,7 @@ written, or a correct result. One table per class of fault."""
 import json
 import math
 import os
+import re
 import shutil
 import unicodedata
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors import SafetensorError
 
@@ -176,6 +178,48 @@ def test_a_stage_built_on_changed_inputs_is_refused_not_resumed(tiny_run, tmp_pa
     shutil.rmtree(run / "train_state" / "ldm")  # the fix the message gives
     ldm_main(tiny_config(run))
     assert LatentPipeline.from_pretrained(run).unet is not None
+
+
+def test_resuming_with_other_settings_is_refused_and_config_yaml_keeps_the_checkpoints(tmp_path):
+    """A checkpoint resumed under other settings would give weights its config.yaml cannot reproduce."""
+    run = tmp_path / "run"
+    train_vae(tiny_config(run, "vae.max_steps=2"))
+    saved, states = (run / "config.yaml").read_text(), sorted((run / "train_state" / "vae").iterdir())
+    with pytest.raises(RunFolderError, match=re.escape(
+            "the vae checkpoint state-00000002.safetensors (step 2) was trained with other settings than this command's "
+            "(seed: 0 -> 5; vae.lr: 0.001 -> 0.01). Resuming would give a model that no config reproduces. Run the stage "
+            f"with the checkpoint's settings (they are in {run / 'config.yaml'}), delete {run / 'train_state' / 'vae'} to "
+            "train it again, or use a new run_dir")):
+        train_vae(tiny_config(run, "vae.max_steps=2", "seed=5", "vae.lr=0.01"))
+    with pytest.raises(RunFolderError, match=re.escape(
+            "(vae.max_steps: 2 -> 3). Resuming would give a model that no config reproduces. ") + ".*" + re.escape(
+            f"(the learning rate's cosine follows vae.max_steps; to train these weights further, start a new run with "
+            f"vae.init_from={run})")):
+        train_vae(tiny_config(run, "vae.max_steps=3"))
+    assert (run / "config.yaml").read_text() == saved and sorted((run / "train_state" / "vae").iterdir()) == states
+    train_vae(tiny_config(run, "vae.max_steps=2", "vae.log_every=2", "vae.save_every=1"))  # logging and saving may change
+
+
+def test_a_stage_saves_only_its_own_sections_and_refuses_another_seed_or_dataset(tiny_run, tmp_path, capsys):
+    """config.yaml keeps what each stage of the run was trained with: train-ldm given VAE settings does not
+    rewrite the VAE's, and a second seed or dataset in one run folder is refused before anything is written."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ldm_main(tiny_config(run, "vae.latent_channels=8", "clip.text_layers=4", "ldm.log_every=2"))  # resumes, re-exports
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["vae"]["latent_channels"], saved["clip"]["text_layers"], saved["ldm"]["log_every"]) == (4, 1, 2)
+    out = capsys.readouterr().out
+    assert "[ldm] not used by this stage, and not saved: vae.latent_channels: 4 -> 8 (config.yaml keeps the value" in out
+    assert "[ldm] not used by this stage, and not saved: clip.text_layers: 1 -> 4" in out
+    before = (run / "config.yaml").read_text()
+    for stage, name, override, change in ((ldm_main, "ldm", "seed=7", "seed: 0 -> 7"),
+                                          (encode_main, "encode", "data.max_per_class=10", "data.max_per_class: 20 -> 10")):
+        others = ", ".join(s for s in ("vae", "clip", "encode", "ldm") if s != name)
+        with pytest.raises(RunFolderError, match=re.escape(
+                f"{run} holds the {others} stage(s), trained with other settings than this {name} command's ({change}; "
+                f"from {run / 'config.yaml'} to this command's). One run folder has one seed and one dataset")):
+            stage(tiny_config(run, override))
+    assert (run / "config.yaml").read_text() == before
 
 
 # ---- sampling: never NaN images without a word -------------------------------------------------------

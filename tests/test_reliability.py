@@ -172,8 +172,9 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp
 
 
 def test_a_full_disk_is_an_error_and_the_previous_checkpoint_survives(tmp_path, monkeypatch):
-    config = tiny_config(tmp_path / "run", "vae.max_steps=2", "vae.save_every=100")
+    config = tiny_config(tmp_path / "run", "vae.max_steps=4", "vae.save_every=2")
     train_vae(config)
+    latest_state(tmp_path / "run", "vae").unlink()  # as if it had died after step 2's checkpoint
     previous = latest_state(tmp_path / "run", "vae")
     before = previous.read_bytes()
 
@@ -184,7 +185,7 @@ def test_a_full_disk_is_an_error_and_the_previous_checkpoint_survives(tmp_path, 
 
     monkeypatch.setattr(common.checkpoint, "save_file", disk_full)
     with pytest.raises(CheckpointWriteError, match="disk is full.*previous checkpoint is intact"):
-        train_vae(tiny_config(tmp_path / "run", "vae.max_steps=4", "vae.save_every=100"))
+        train_vae(config)
     assert previous.read_bytes() == before
     assert [p.name for p in (tmp_path / "run" / STATE / "vae").iterdir()] == [previous.name]  # no partial file
 
@@ -427,8 +428,14 @@ def test_a_stale_latent_cache_is_refused_at_train_ldm(tiny_run, tmp_path):
 
 def test_a_checkpoint_from_another_model_config_is_a_clear_error(tmp_path):
     train_vae(tiny_config(tmp_path / "run", "vae.max_steps=2"))
+    with pytest.raises(RunFolderError, match=re.escape("was trained with other settings than this command's "
+                                                       "(vae.block_out_channels: [8, 16] -> [16, 16])")):
+        train_vae(tiny_config(tmp_path / "run", "vae.max_steps=2", "vae.block_out_channels=[16, 16]"))
+    state = latest_state(tmp_path / "run", "vae")  # a checkpoint whose settings say nothing (older runs): its tensors
+    tensors, meta = load_tensors(state)
+    save_tensors(state, tensors, {k: v for k, v in meta.items() if k != "config"})
     with pytest.raises(RunFolderError, match="different vae model"):
-        train_vae(tiny_config(tmp_path / "run", "vae.max_steps=4", "vae.block_out_channels=[16, 16]"))
+        train_vae(tiny_config(tmp_path / "run", "vae.max_steps=2", "vae.block_out_channels=[16, 16]"))
 
 
 def test_atomic_save_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
