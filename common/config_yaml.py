@@ -16,7 +16,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from common.config import Config, ConfigError, validate
+from common.config import Config, ConfigError
+from common.config_checks import validate
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

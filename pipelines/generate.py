@@ -17,7 +17,8 @@ from PIL import Image
 
 from common.checkpoint import writable_folder, write_bytes
 from common.cli import run_cli
-from common.config import Config, seed_problem
+from common.config import Config
+from common.config_checks import seed_problem
 from common.errors import RunFolderError, UserError
 from common.images import make_grid, prompt_grid, save_image
 from pipelines.latent_pipeline import LatentPipeline
