@@ -173,6 +173,8 @@ def check_classes_read_apart(tokenizer: CLIPTokenizer, keys: list[str], prompts:
     """Refuse two classes whose prompts the tokenizer reads as the same ids: after its normalisation (Unicode
     NFC, lowercase) and truncation to its max length, the text encoder could not tell them apart, and the
     classes would merge silently. `longer`: the key that lengthens the tokenizer, if this run can."""
+    if len(prompts) < 2:  # a caption dataset has no class prompts; one class has nothing to merge with
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # truncation is what is checked here, and named below
         readings = tokenize(tokenizer, prompts).input_ids.tolist()

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from common.data import ImageDataset
-from common.errors import UserError
+from common.errors import RunFolderError, UserError
 from conftest import ROOT, shape_image, tiny_config
 from ldm.encode import main as encode_main
 from ldm.latents import StaleCacheError, load_cache, vae_fingerprint
@@ -160,7 +160,11 @@ def test_encode_again_does_nothing_and_stale_caches_are_refused(tiny_run, tmp_pa
     assert "nothing to do" in capsys.readouterr().out
     assert (run / "latents" / "manifest.json").stat().st_mtime_ns == manifest
 
-    # a dataset change (fewer images per class) makes the cache stale for train-ldm
+    # a dataset change (fewer images per class) makes the cache stale for train-ldm; asked for with --set, it is
+    # refused first (one dataset per run folder); in a folder without config.yaml, by the cache's fingerprint
+    with pytest.raises(RunFolderError, match=r"\(data.max_per_class: 20 -> 10; from "):
+        ldm_main(tiny_config(run, "data.max_per_class=10"))
+    (run / "config.yaml").unlink()
     with pytest.raises(StaleCacheError, match="re-run `encode-dataset"):
         ldm_main(tiny_config(run, "data.max_per_class=10"))
 
