@@ -21,6 +21,7 @@ from common.checkpoint import CheckpointWriteError, save_tensors, write_json
 from common.config import ConfigError, DataConfig
 from common.config_yaml import load_config, parse_override
 from common.data import ImageDataset, list_dataset, load_split
+from common.data.pixels import to_mode
 from common.errors import DatasetError, RunFolderError, UserError
 from common.run import RunLock
 from conftest import ROOT, TINY, shape_image, tiny_config
@@ -410,6 +411,13 @@ def test_float_images_with_nan_or_infinite_pixels_are_bad_images(class_folder):
     with pytest.raises(DatasetError, match=r"2 image\(s\) cannot be read: nan.tif \(400 of its 400 pixels are NaN or "
                                            r"infinite\); inf.tif \(1 of its 400 pixels are NaN or infinite\)"):
         load_split(config, "train")
+
+
+def test_float_images_scaled_to_one_are_read_as_such():
+    """A float image in [0, 1] (numpy, scikit-image) was read as if 1.0 were 1/255: near-black pixels."""
+    unit = np.array([[0.0, 0.5, 1.0, 0.25]], np.float32)
+    assert np.asarray(to_mode(Image.fromarray(unit, "F"), 1)).tolist() == [[0, 127, 255, 63]]
+    assert np.asarray(to_mode(Image.fromarray(unit * 255, "F"), 1)).tolist() == [[0, 127, 255, 63]]  # 0-255 floats too
 
 
 def test_the_fingerprint_sees_a_swapped_image_of_the_same_size_and_mtime(class_folder):

@@ -21,7 +21,9 @@ def to_mode(image: Image.Image, channels: int) -> Image.Image:
         if not np.isfinite(array).all():
             raise ValueError(f"{np.size(array) - np.isfinite(array).sum()} of its {np.size(array)} pixels are NaN or "
                              f"infinite")
-        peak = 65535.0 if array.max() > 255 else 255.0
+        # the white a float image means: 1.0 for images scaled to [0, 1] (as numpy/scikit-image write them),
+        # else 255 or 65535 as its integer range; [0, 1] read as 0-255 would train on near-black images
+        peak = 1.0 if image.mode == "F" and array.max() <= 1.0 else 65535.0 if array.max() > 255 else 255.0
         image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), "L")
     if image.mode == "1":
         image = image.convert("L")
