@@ -51,9 +51,10 @@ def shaping_settings(tree: dict, sections: tuple[str, ...]) -> dict[str, Any]:
 
 
 def settings_changes(before: dict, after: dict, limit: int = 6) -> list[str]:
-    """'key: before -> after' for each key whose value differs between two `shaping_settings` (at most `limit`)."""
-    keys = [k for k in sorted(before.keys() | after.keys()) if before.get(k, "(unset)") != after.get(k, "(unset)")]
-    shown = [f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}" for k in keys[:limit]]
+    """'key: before -> after' for each key whose value differs between two `shaping_settings` (at most `limit`).
+    A key only one side has is not compared: a config saved by an older version lacks the keys added since."""
+    keys = [k for k in sorted(before.keys() & after.keys()) if before[k] != after[k]]
+    shown = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in keys[:limit]]
     return shown + ([f"and {len(keys) - limit} more"] if len(keys) > limit else [])
 
 

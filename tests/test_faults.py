@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 import common.checkpoint
-from common.checkpoint import CheckpointWriteError, save_tensors, write_json
+from common.checkpoint import CheckpointWriteError, load_tensors, save_tensors, write_json
 from common.config import ConfigError, DataConfig
 from common.config_yaml import load_config, parse_override
 from common.data import ImageDataset, list_dataset, load_split
@@ -199,6 +199,11 @@ def test_resuming_with_other_settings_is_refused_and_config_yaml_keeps_the_check
         train_vae(tiny_config(run, "vae.max_steps=3"))
     assert (run / "config.yaml").read_text() == saved and sorted((run / "train_state" / "vae").iterdir()) == states
     train_vae(tiny_config(run, "vae.max_steps=2", "vae.log_every=2", "vae.save_every=1"))  # logging and saving may change
+    state = run / "train_state" / "vae" / "state-00000002.safetensors"  # saved by a version without vae.kl_weight:
+    tensors, meta = load_tensors(state)                                   # a key it lacks is not a change
+    del meta["config"]["vae"]["kl_weight"]
+    save_tensors(state, tensors, meta)
+    train_vae(tiny_config(run, "vae.max_steps=2"))
 
 
 def test_a_stage_saves_only_its_own_sections_and_refuses_another_seed_or_dataset(tiny_run, tmp_path, capsys):
