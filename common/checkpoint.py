@@ -256,10 +256,16 @@ def recover_directory(path: str | Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")  # what it reads with
+
+
 def folder_fingerprint(folder: str | Path) -> str:
-    """Hash of a saved component's weights and config (`save_pretrained` output): changes when it is retrained."""
+    """Hash of a saved component's weights and config (`save_pretrained` output): changes when it is retrained.
+    A tokenizer folder (no weights) is hashed by its vocabulary and settings files."""
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
+    if not files and (folder / "tokenizer_config.json").is_file():
+        files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
     if not files:
         raise UserError(f"no weights (*.safetensors) in {folder}; train that stage first")
     h = hashlib.sha256()

@@ -178,8 +178,8 @@ def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_sche
                   "scheduler": ("diffusers", type(scheduler).__name__),
                   "text_encoder": ("transformers", type(text_encoder).__name__),
                   "tokenizer": ("transformers", type(tokenizer).__name__)}
-    # what the UNet was trained on: the pipeline refuses a run whose vae/ or text_encoder/ changed since
-    built_from = {"vae": folder_fingerprint(run.component("vae")), "text_encoder": folder_fingerprint(run.component("text_encoder"))}
+    # what the UNet was trained on: the pipeline refuses a run whose vae/, text_encoder/ or tokenizer/ changed since
+    built_from = {name: folder_fingerprint(run.component(name)) for name in ("vae", "text_encoder", "tokenizer")}
     # the run's sampling defaults, used by pipe(prompt), write(), generate and evaluate when not given
     sampling = {"num_inference_steps": config.sample.num_inference_steps, "guidance_scale": config.sample.guidance_scale,
                 "guidance_interval": list(config.sample.guidance_interval)}

@@ -62,8 +62,9 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         unet: UNet2DConditionModel predicting noise (or v) from noisy latents, timestep and text states.
         scheduler: any diffusers scheduler; DPM-Solver++ by default.
         classes: the class table of a class dataset, `[{"key", "fields", "prompt"}]` (what `write()` draws).
-        built_from: hashes of the `vae` and `text_encoder` folders the UNet was trained with; loading a
-            folder whose components no longer match them is refused.
+        built_from: hashes of the `vae`, `text_encoder` and `tokenizer` folders the UNet was trained with
+            (runs before the tokenizer's was kept: the first two); loading a folder whose components no
+            longer match them is refused.
         sampling: the run's tuned defaults, `{"num_inference_steps", "guidance_scale"}`: what `__call__`
             and `write` use when the caller passes none.
     """
@@ -363,7 +364,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
 
 def check_built_from(folder: Path, built_from: dict) -> None:
-    """Refuse a run folder whose VAE or text encoder was replaced after its UNet was trained."""
+    """Refuse a run folder whose VAE, text encoder or tokenizer (runs since it was recorded) was replaced after
+    its UNet was trained."""
     if not folder.is_dir():
         return  # loaded from elsewhere (a hub cache): nothing to compare
     changed = [name for name, digest in (built_from or {}).items()

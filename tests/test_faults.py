@@ -228,6 +228,18 @@ def test_a_stage_saves_only_its_own_sections_and_refuses_another_seed_or_dataset
     assert (run / "config.yaml").read_text() == before
 
 
+def test_a_tokenizer_changed_after_the_unet_was_trained_is_refused(tiny_run, tmp_path):
+    """Same size as the text encoder's vocabulary (so check_tokenizer passes), but it reads prompts otherwise."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert set(json.loads((run / "model_index.json").read_text())["built_from"]) == {"vae", "text_encoder", "tokenizer"}
+    settings = json.loads((run / "tokenizer" / "tokenizer_config.json").read_text())
+    settings["model_max_length"] = 8  # prompts now cut at 8 tokens, not the 16 the UNet learned from
+    (run / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(settings))
+    with pytest.raises(RunFolderError, match=r"tokenizer/ in .* changed after unet/ was trained on it"):
+        LatentPipeline.from_pretrained(run)
+
+
 # ---- sampling: never NaN images without a word -------------------------------------------------------
 
 
