@@ -166,8 +166,9 @@ def test_model_index_written_by_train_ldm_is_what_save_pretrained_writes(tiny_ru
     # built_from hashes the files of each folder: the copy's (whose config.json names its origin) are its own
     from common.checkpoint import folder_fingerprint
 
-    assert saved.pop("built_from") == {name: folder_fingerprint(tmp_path / "copy" / name) for name in ("vae", "text_encoder")}
-    assert written.pop("built_from") == {name: folder_fingerprint(tiny_run / name) for name in ("vae", "text_encoder")}
+    recorded = ("vae", "text_encoder", "tokenizer")
+    assert saved.pop("built_from") == {name: folder_fingerprint(tmp_path / "copy" / name) for name in recorded}
+    assert written.pop("built_from") == {name: folder_fingerprint(tiny_run / name) for name in recorded}
     assert written == saved
     assert [c["prompt"] for c in written["classes"]] == [f"Draw {'an' if n == 'eight' else 'a'} {n}" for n in
                                                          "zero one two three four five six seven eight nine".split()]
