@@ -36,6 +36,7 @@ from ldm.lora import safetensors_only
 from ldm.text import check_tokenizer
 from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
                           initial_latents, predicted_clean_latents)
+from pipelines.call_checks import check_call_inputs
 from pipelines.glyphs import LineLayout, lay_out_line, segment
 
 LEGACY_CLASSES_FILE = "classes.json"  # where runs before the class table moved into model_index.json kept it
@@ -215,53 +216,12 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                      generator: Any, device: torch.device, guidance_scale: float = 1.0,
                      height: int | None = None, width: int | None = None, prompt_embeds: torch.Tensor | None = None,
                      negative_prompt_embeds: torch.Tensor | None = None,
-                     guidance_interval: tuple[float, float] = NO_INTERVAL) -> None:
-        """Refuse arguments that cannot work, saying what to pass instead."""
-        if prompt_embeds is not None:
-            if prompts:
-                raise ValueError("pass either prompt or prompt_embeds, not both")
-            width_expected = self.text_encoder.config.hidden_size
-            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != width_expected:
-                raise ValueError(f"prompt_embeds must be (batch, tokens, {width_expected}), got {tuple(prompt_embeds.shape)}")
-            if negative_prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
-                raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the shape of "
-                                 f"prompt_embeds {tuple(prompt_embeds.shape)}")
-            prompts = [""] * len(prompt_embeds)  # the batch size, for the checks below
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number (e.g. 1.75), got {guidance_scale!r}")
-        if not (isinstance(guidance_interval, tuple) and len(guidance_interval) == 2
-                and all(isinstance(v, (int, float)) for v in guidance_interval)
-                and 0 <= guidance_interval[0] < guidance_interval[1] <= 1):
-            raise ValueError(f"guidance_interval must be (start, stop) with 0 <= start < stop <= 1, the fraction of "
-                             f"the steps that are guided (e.g. (0.2, 1.0)), got {guidance_interval!r}")
-        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        for name, size in (("height", height), ("width", width)):
-            if size is not None and (not isinstance(size, int) or size <= 0 or size % multiple):
-                raise ValueError(f"{name} must be a positive multiple of {multiple} pixels (the VAE's and the "
-                                 f"UNet's downsampling), got {size!r}; the default is "
-                                 f"{self.unet.config.sample_size * self.vae_scale_factor}")
-        if not prompts:
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        if not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"every prompt must be a string, got {[type(p).__name__ for p in prompts]}")
-        if negative_prompt is not None and len(negative_prompt) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {len(prompts)} prompts")
-        if int(num_inference_steps) < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if int(num_images_per_prompt) < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        unknown = set(callback_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, not {sorted(unknown)}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        generators = generator if isinstance(generator, list) else [generator] if generator is not None else []
-        for g in generators:
-            if g.device.type not in ("cpu", device.type):  # a CPU generator works anywhere (noise is moved)
-                raise ValueError(f"the generator is on {g.device} but the pipeline runs on {device}; pass "
-                                 f"torch.Generator('{device.type}') or a CPU generator")
-        if isinstance(generator, list) and len(generator) != len(prompts) * num_images_per_prompt:
-            raise ValueError(f"got {len(generator)} generators for {len(prompts) * num_images_per_prompt} images")
+                     guidance_interval: tuple[float, float] = NO_INTERVAL, **more: Any) -> None:
+        """Refuse arguments that cannot work, saying what to pass instead (`pipelines.call_checks`; `more`:
+        latents, eta, guidance_rescale, timesteps, sigmas)."""
+        check_call_inputs(self, prompts, negative_prompt, num_inference_steps, num_images_per_prompt, output_type,
+                          callback_tensor_inputs, generator, device, guidance_scale, height, width, prompt_embeds,
+                          negative_prompt_embeds, guidance_interval, **more)
 
     @torch.no_grad()
     def __call__(
@@ -326,7 +286,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         device = self._execution_device
         self.check_inputs(prompts, negative_prompt, num_inference_steps, num_images_per_prompt, output_type,
                           list(callback_on_step_end_tensor_inputs), generator, device, guidance_scale, height, width,
-                          prompt_embeds, negative_prompt_embeds, guidance_interval)
+                          prompt_embeds, negative_prompt_embeds, guidance_interval, latents=latents, eta=eta,
+                          guidance_rescale=guidance_rescale, timesteps=timesteps, sigmas=sigmas)
         default_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or default_size, width or default_size
         guided = guidance_scale > 1.0

@@ -92,6 +92,39 @@ def test_bad_arguments_are_clear_errors(pipe):
         pipe("Draw a six", generator=[torch.Generator().manual_seed(0)] * 2)
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"num_images_per_prompt": 1.5}, ValueError, r"num_images_per_prompt must be a whole number >= 1, got 1.5"),
+    ({"num_images_per_prompt": "2"}, ValueError, r"num_images_per_prompt must be a whole number >= 1, got '2'"),
+    ({"num_inference_steps": 2.7}, ValueError, r"num_inference_steps must be a whole number >= 1 \(e.g. 20\), got 2.7"),
+    ({"generator": 0}, TypeError, r"generator must be a torch.Generator \(e.g. torch.Generator\(\).manual_seed\(0\)\) "
+                                  r"or a list of them, one per image; got int 0"),
+    ({"negative_prompt": 3}, TypeError, r"negative_prompt must be a string or a list of strings \(one per prompt\), got 3"),
+    ({"eta": float("nan")}, ValueError, r"eta must be a number in \[0, 1\] \(DDIM's: 0 is deterministic, 1 is as noisy as "
+                                        r"DDPM\), got nan"),
+    ({"eta": 5.0}, ValueError, r"eta must be a number in \[0, 1\]"),
+    ({"guidance_rescale": -1.0}, ValueError, r"guidance_rescale must be a number in \[0, 1\] \(0: off; Lin et al. "
+                                             r"suggest 0.7\), got -1.0"),
+    ({"timesteps": [5000, 10]}, ValueError, r"timesteps must be whole numbers in \[0, 999\] \(the steps the model was "
+                                            r"trained on\), strictly decreasing \(noisiest first\), e.g. \[999, 749, "
+                                            r"499, 249\]; got \[5000, 10\]"),
+    ({"timesteps": [10, 500]}, ValueError, r"timesteps must be .* got \[10, 500\]"),
+    ({"timesteps": [-5, 3]}, ValueError, r"timesteps must be .* got \[-5, 3\]"),
+    ({"latents": torch.full((1, 4, 8, 8), float("nan"))}, ValueError,
+     r"latents hold 256 NaN or infinite values of 256; pass finite starting noise \(e.g. torch.randn\), or none"),
+])
+def test_arguments_that_would_fail_obscurely_or_be_silently_wrong_are_refused(pipe, kwargs, error, message):
+    """Before: a TypeError from torch's repeat_interleave, an AttributeError on int.device, a timestep the model never
+    saw (or an ascending schedule) sampled without a word, guidance_rescale=-1 read as 0, NaN latents or eta=5 blamed
+    on the sampler ("try fewer steps")."""
+    if "latents" in kwargs:  # the tiny run's latent shape
+        kwargs = {"latents": torch.full((1, pipe.unet.config.in_channels, pipe.unet.config.sample_size,
+                                         pipe.unet.config.sample_size), float("nan"))}
+        message = message.replace("256", str(kwargs["latents"].numel()))
+    steps = {} if "timesteps" in kwargs or "num_inference_steps" in kwargs else {"num_inference_steps": 2}
+    with pytest.raises(error, match=f"^{message}"):
+        pipe("Draw a six", guidance_scale=2.0, **steps, **kwargs)
+
+
 class CudaGenerator:  # stands in for torch.Generator("cuda") on a machine without a GPU
     device = torch.device("cuda")
 
