@@ -21,6 +21,9 @@ from common.errors import RunFolderError
 PIPELINE_CLASS = "LatentPipeline"  # what `model_index.json` names; pipelines/ defines it
 # the command that writes each model folder of a run (train-ldm also copies a text_encoder.pretrained CLIP in)
 WRITTEN_BY = {"vae": "train-vae", "text_encoder": "train-clip", "unet": "train-ldm"}
+# the file each pipeline component folder cannot load without (the tokenizer is checked by ldm.text.check_tokenizer)
+COMPONENT_CONFIGS = {"vae": "config.json", "text_encoder": "config.json", "unet": "config.json",
+                     "scheduler": "scheduler_config.json"}
 STAGE_OUTPUTS = {"vae": "vae", "clip": "clip", "encode": "latents", "ldm": "unet"}  # what each stage writes
 
 # What each stage's command trains with; the rest of a run's config.yaml is what its other stages were
@@ -177,6 +180,26 @@ class RunFolder:
         if missing:
             raise RunFolderError(f"{path} names no {', '.join(missing)} component{'s' * (len(missing) > 1)}; {fix}")
         return index
+
+    def check_loadable(self, components: tuple[str, ...]) -> None:
+        """Refuse a path that is not a finished run folder, or one whose component folders (of `components`) lack
+        the file they load from, naming it and the command that writes it (diffusers would name the run folder
+        itself as missing a config.json, or a file the run holds, as a failed Hugging Face Hub lookup)."""
+        if self.root.is_file():
+            raise RunFolderError(f"'{self.root}' is a file, not a run folder; pass the folder that holds model_index.json "
+                                 f"(train-ldm writes it), e.g. '{self.root.parent}'")
+        if not (self.root / "model_index.json").is_file():
+            stages = self.stages_present()
+            done = f" (it holds the {', '.join(stages)} stage(s) so far)" if stages else ""
+            raise RunFolderError(f"'{self.root}' has no model_index.json, so it is not a finished run folder{done}; "
+                                 f"train-ldm writes it: run `train-ldm --config ...` into it, or pass another run folder")
+        for name in components:
+            needed = COMPONENT_CONFIGS.get(name)
+            if needed and not (self.root / name / needed).is_file():
+                command = WRITTEN_BY.get(name, "train-ldm")
+                what = f"{name}/ is missing" if not (self.root / name).is_dir() else f"{name}/{needed} is missing"
+                raise RunFolderError(f"{what} in {self.root}; re-run `{command} --config ...` into this run folder to "
+                                     f"write it, or restore {name}/ from a copy of the run")
 
 
 class RunLock:

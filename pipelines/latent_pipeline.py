@@ -110,6 +110,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """Load a run folder. Weights are read from safetensors only: a pickle planted beside them is never
         unpickled (pass use_safetensors=False explicitly to allow .bin files you trust)."""
         kwargs.setdefault("use_safetensors", True)
+        if Path(pretrained_model_name_or_path).expanduser().exists():  # else a name in the Hugging Face cache
+            RunFolder(Path(pretrained_model_name_or_path).expanduser()).check_loadable(cls._get_signature_keys(cls)[0])
         if (Path(pretrained_model_name_or_path) / "model_index.json").is_file():
             RunFolder(pretrained_model_name_or_path).model_index(components=tuple(cls._get_signature_keys(cls)[0]))
             for name, command in WRITTEN_BY.items():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
+from common.errors import RunFolderError
 from conftest import tiny_config
 from pipelines import LatentPipeline
 from pipelines.generate import cli as generate_cli, slug
@@ -391,3 +392,30 @@ def test_the_evaluator_classifier_does_not_depend_on_what_ran_before_in_the_proc
         torch.rand(draws)  # another stage's use of the global generator
         weights.append(train_classifier(config, train_set, holdout_set, torch.device("cpu"))[0].state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_path_that_is_not_a_whole_run_folder_is_refused_naming_what_is_missing(tiny_run, tmp_path):
+    """Before: a file gave AttributeError ('PosixPath' object has no attribute 'count'); a folder without unet/ or
+    scheduler/ gave diffusers' "no file named config.json found in directory RUN", naming the run, not the component."""
+    with pytest.raises(RunFolderError, match=f"^'{tiny_run / 'model_index.json'}' is a file, not a run folder; pass the "
+                                             f"folder that holds model_index.json \\(train-ldm writes it\\), e.g. '{tiny_run}'$"):
+        LatentPipeline.from_pretrained(tiny_run / "model_index.json")
+    stage_one = tmp_path / "stage-one"
+    shutil.copytree(tiny_run / "vae", stage_one / "vae")
+    with pytest.raises(RunFolderError, match=f"^'{stage_one}' has no model_index.json, so it is not a finished run folder "
+                                             f"\\(it holds the vae stage\\(s\\) so far\\); train-ldm writes it: run "
+                                             f"`train-ldm --config ...` into it, or pass another run folder$"):
+        LatentPipeline.from_pretrained(stage_one)
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (run / "unet" / "config.json").unlink()
+    with pytest.raises(RunFolderError, match=f"^unet/config.json is missing in {run}; re-run `train-ldm --config ...` into "
+                                             f"this run folder to write it, or restore unet/ from a copy of the run$"):
+        LatentPipeline.from_pretrained(run)
+    shutil.rmtree(run / "scheduler")
+    with pytest.raises(RunFolderError, match=f"^scheduler/ is missing in {run}"):
+        LatentPipeline.from_pretrained(run)
+    shutil.copytree(tiny_run / "scheduler", run / "scheduler")
+    shutil.copy(tiny_run / "unet" / "config.json", run / "unet" / "config.json")
+    shutil.rmtree(run / "vae")
+    with pytest.raises(RunFolderError, match=f"^vae/ is missing in {run}; re-run `train-vae --config ...`"):
+        LatentPipeline.from_pretrained(run)
