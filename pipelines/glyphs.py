@@ -48,6 +48,10 @@ def segment(classes: list[dict], text: str) -> list[int | None]:
     separated by spaces may be the classes' one-word names ("ka kha ksha", "two zero"). Raises
     ValueError naming every character no class draws.
     """
+    if not isinstance(text, str):
+        raise TypeError(f"write() takes the text as a string, e.g. write(\"2026\"); got {type(text).__name__} {text!r}")
+    if not text.strip():  # else a blank image of spaces that looks like a model that draws nothing
+        raise ValueError(f"write() has nothing to draw in {text!r}: give it at least one character, e.g. write(\"2026\")")
     if not classes:
         raise ValueError("this pipeline has no class table; write() needs a run trained on a class dataset of characters")
     symbols = {c["fields"]["symbol"]: k for k, c in enumerate(classes) if c["fields"].get("symbol")}
@@ -80,6 +84,19 @@ class LineLayout:
     x_height: float = 0.6  # a c e m n o r s u v w x z are scaled to this; i and t half-way to 1
     descender: float = 0.3  # g j p q y hang this far below the baseline
     blank_width: float = 0.25  # a glyph drawn with no ink still takes this much room
+
+    def __post_init__(self) -> None:
+        """Refuse a layout that cannot be drawn (PIL would stop on a negative width) or draws glyphs on each other."""
+        for name in ("gap", "word_gap", "margin"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"LineLayout {name} must be a whole number of pixels >= 0 (or None: the default), "
+                                 f"got {value!r}")
+        ranges = {"threshold": (0, 254), "x_height": (0.05, 1.0), "descender": (0.0, 1.0), "blank_width": (0.0, 4.0)}
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"LineLayout {name} must be a number in [{low}, {high}], got {value!r}")
 
 
 def vertical_role(symbol: str) -> str:

@@ -165,6 +165,30 @@ def test_unknown_characters_are_all_named():
         segment(digits, "2x y")
 
 
+@pytest.mark.parametrize("text, error, message", [
+    ("", ValueError, r"write\(\) has nothing to draw in '': give it at least one character, e.g. write\(\"2026\"\)$"),
+    (" \t ", ValueError, r"write\(\) has nothing to draw in ' \\t ': give it"),
+    (2026, TypeError, r"write\(\) takes the text as a string, e.g. write\(\"2026\"\); got int 2026$"),
+    (None, TypeError, r"write\(\) takes the text as a string, e.g. write\(\"2026\"\); got NoneType None$"),
+], ids=["empty", "blank", "number", "none"])
+def test_text_with_nothing_to_write_is_refused(text, error, message):
+    """Before: "" and blank text gave a blank image, as if the model drew nothing; a number gave "no len()"."""
+    with pytest.raises(error, match=message):
+        segment(letters_table(), text)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("gap", -500, r"LineLayout gap must be a whole number of pixels >= 0 \(or None: the default\), got -500$"),
+    ("margin", 1.5, r"LineLayout margin must be a whole number of pixels >= 0 \(or None: the default\), got 1.5$"),
+    ("threshold", 255, r"LineLayout threshold must be a number in \[0, 254\], got 255$"),
+    ("x_height", 0.0, r"LineLayout x_height must be a number in \[0.05, 1.0\], got 0.0$"),
+], ids=["gap", "margin", "threshold", "x_height"])
+def test_a_layout_that_cannot_be_drawn_is_refused(field, value, message):
+    """Before: gap=-500 stopped in PIL ("Width and height must be >= 0"); threshold 255 found no ink in any glyph."""
+    with pytest.raises(ValueError, match=message):
+        LineLayout(**{field: value})
+
+
 # ---- writing: the layout ------------------------------------------------------------------------
 
 

@@ -112,7 +112,8 @@ def test_bad_arguments_are_clear_errors(pipe):
     ({"timesteps": [-5, 3]}, ValueError, r"timesteps must be .* got \[-5, 3\]"),
     ({"latents": torch.full((1, 4, 8, 8), float("nan"))}, ValueError,
      r"latents hold 256 NaN or infinite values of 256; pass finite starting noise \(e.g. torch.randn\), or none"),
-])
+], ids=["images-float", "images-text", "steps-float", "generator-int", "negative-int", "eta-nan", "eta-5", "rescale-neg",
+        "timesteps-untrained", "timesteps-ascending", "timesteps-negative", "latents-nan"])
 def test_arguments_that_would_fail_obscurely_or_be_silently_wrong_are_refused(pipe, kwargs, error, message):
     """Before: a TypeError from torch's repeat_interleave, an AttributeError on int.device, a timestep the model never
     saw (or an ascending schedule) sampled without a word, guidance_rescale=-1 read as 0, NaN latents or eta=5 blamed
