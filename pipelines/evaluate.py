@@ -38,7 +38,7 @@ from common.config import Config, dump_config
 from common.data import class_prompt, load_train_and_holdout
 from common.run import RunFolder
 from pipelines.caption_quality import caption_quality
-from pipelines.generate import load_pipeline
+from pipelines.generate import check_sampling_flags, load_pipeline
 from pipelines.quality import (class_recognition, classify, frechet_distance, generate_for, near_copy_rate, reader_splits,
                                real_images, recognition_rate, relative_diversity, shape_groups, train_classifier)
 from pipelines.tuning import tune_sampling
@@ -47,6 +47,7 @@ from vae.reconstruct import reconstruct, reconstruction_metrics
 
 def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     started = time.time()
+    check_sampling_flags(args)  # before the data is read and the classifier trained
     cfg = config.evaluate
     run = RunFolder(config.run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

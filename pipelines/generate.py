@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import re
 from pathlib import Path
 
@@ -89,9 +90,25 @@ def slug(text: str) -> str:
     return re.sub(r"[^\w]+", "-", text, flags=re.UNICODE).strip("-").lower()[:40] or "unconditional"
 
 
+def check_sampling_flags(args: argparse.Namespace | None) -> None:
+    """Refuse --steps, --guidance and --guidance-interval values the pipeline cannot sample with, before any work
+    (`evaluate` would otherwise train its classifier first, then stop with a traceback)."""
+    steps, guidance = getattr(args, "steps", None), getattr(args, "guidance", None)
+    interval = getattr(args, "guidance_interval", None)
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps must be at least 1 (got {steps}); leave it out for the run's own")
+    if guidance is not None and not math.isfinite(guidance):
+        raise UserError(f"--guidance must be a finite number, e.g. --guidance 1.75 (got {guidance}); leave it out for "
+                        f"the run's tuned value")
+    if interval is not None and not 0 <= interval[0] < interval[1] <= 1:
+        raise UserError(f"--guidance-interval START STOP must have 0 <= START < STOP <= 1, the fraction of the steps "
+                        f"that are guided, e.g. --guidance-interval 0.2 1.0 (got {interval[0]} {interval[1]})")
+
+
 def main(config: Config, args: argparse.Namespace) -> list[Path]:
-    if args.num < 1 or (args.steps is not None and args.steps < 1):
-        raise UserError(f"--num and --steps must be at least 1 (got --num {args.num}, --steps {args.steps})")
+    if args.num < 1:
+        raise UserError(f"--num must be at least 1 (got --num {args.num})")
+    check_sampling_flags(args)
     if args.seed is not None and seed_problem(args.seed):  # else the pipeline loads first, then torch refuses it
         raise UserError(f"--seed {seed_problem(args.seed)}")
     if args.write is not None and not args.write.strip():  # else a blank line, or a grid nobody asked for
@@ -107,6 +124,8 @@ def main(config: Config, args: argparse.Namespace) -> list[Path]:
 def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace, out: Path) -> list[Path]:
     steps, guidance = pipe.sampling_defaults(args.steps, args.guidance)  # the run's tuned values unless given
     seed = args.seed if args.seed is not None else config.seed
+    if args.write:  # characters the run cannot draw: refused before the prompts' images are written
+        pipe.segment(args.write)
     out.mkdir(parents=True, exist_ok=True)
     prompts = list(args.prompts)
     if args.all_classes:

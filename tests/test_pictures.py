@@ -75,3 +75,35 @@ def test_generate_unknown_character_is_a_one_line_error(tiny_run, tmp_path, caps
         generate_cli(["--run", str(tiny_run), "--write", "20x6", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "no class draws 'x'" in capsys.readouterr().err
+
+
+def test_generate_refuses_unknown_characters_before_writing_the_prompts_images(tiny_run, tmp_path, capsys):
+    """Before: the prompts' PNGs and grid.png were written (over any earlier ones), then --write failed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "grid.png").write_bytes(b"an earlier grid")
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli(["--run", str(tiny_run), "Draw a six", "--num", "1", "--steps", "1", "--write", "20x6", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "\nerror: no class draws 'x' (in '20x6'). Known characters: 0 1 2 3 4 5 6 7 8 9" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["grid.png"] and (out / "grid.png").read_bytes() == b"an earlier grid"
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps must be at least 1 (got 0); leave it out for the run's own"),
+    (["--guidance", "nan"], "--guidance must be a finite number, e.g. --guidance 1.75 (got nan); leave it out for the "
+                            "run's tuned value"),
+    (["--guidance-interval", "1", "0"], "--guidance-interval START STOP must have 0 <= START < STOP <= 1, the fraction of "
+                                        "the steps that are guided, e.g. --guidance-interval 0.2 1.0 (got 1.0 0.0)"),
+], ids=["steps", "guidance", "interval"])
+def test_sampling_flags_are_checked_before_any_work(tiny_run, tmp_path, capsys, command, flags, message):
+    """Before: evaluate read the data and trained its classifier, then stopped with the pipeline's traceback."""
+    from pipelines.evaluate import cli as evaluate_cli
+
+    run = tmp_path / "run"  # not even a run folder: the flags are refused first
+    with pytest.raises(SystemExit) as exit_info:
+        (generate_cli if command == "generate" else evaluate_cli)(["--run", str(run), *flags])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not run.exists()
