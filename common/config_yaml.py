@@ -122,7 +122,17 @@ def _is_text(tp: Any) -> bool:
     return typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp))
 
 
+def _merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` laid over it, section by section."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    """Set one dotted key. A mapping given for a section (`vae={max_steps: 3}`) changes the keys it names and keeps
+    the section's others, as the same keys set one by one would (replacing the section would silently drop them)."""
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
@@ -130,7 +140,8 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
         node = child
-    node[keys[-1]] = value
+    old = node.get(keys[-1])
+    node[keys[-1]] = _merged(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -168,8 +179,12 @@ def read_yaml(path: Path) -> dict:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or the defaults when `path` is None), apply `--set` overrides, validate."""
     tree: dict = read_yaml(Path(path)) if path is not None else {}
+    given: dict[str, Any] = {}
     for text in overrides:
         key, value = parse_override(text)
+        if key in given and given[key] != value:  # as a key written twice in a config file: which one was meant?
+            raise ConfigError(f"--set {key} is given twice, as {given[key]!r} and {value!r}; keep the one you mean")
+        given[key] = value
         _set_path(tree, key, value)
     config = from_dict(Config, tree)
     if not config.run_dir:

@@ -42,6 +42,22 @@ def test_bad_keys_and_types_name_the_key(tmp_path, override, key):
         tiny_config(tmp_path, override)
 
 
+def test_a_section_set_as_a_mapping_keeps_its_other_keys(tmp_path):
+    """Before: `vae={max_steps: 3}` replaced the whole section, so tiny.yaml's VAE ([8, 16] channels, batch 8) silently
+    became the default one ([32, 64, 64], batch 64)."""
+    config = tiny_config(tmp_path, "vae={max_steps: 3, lr: 2e-3}", "data.augment={rotate_degrees: 3}")
+    assert (config.vae.max_steps, config.vae.lr) == (3, pytest.approx(2e-3))
+    assert config.vae.block_out_channels == [8, 16] and config.vae.batch_size == 8  # the rest as in tiny.yaml
+    assert (config.data.augment.rotate_degrees, config.data.augment.translate, config.data.augment.scale) == (3, 0.05, 0.05)
+
+
+def test_a_key_set_twice_with_two_values_is_refused(tmp_path):
+    """Before: the last --set won without a word, where a config file with the key written twice is refused."""
+    with pytest.raises(ConfigError, match=r"^--set vae.max_steps is given twice, as 3 and 5; keep the one you mean$"):
+        tiny_config(tmp_path, "vae.max_steps=3", "vae.max_steps=5")
+    assert tiny_config(tmp_path, "vae.max_steps=3", "vae.max_steps=3").vae.max_steps == 3  # the same value twice is fine
+
+
 @pytest.mark.parametrize("override, key", [
     ("vae.max_steps=-1", "vae.max_steps"),
     ("ldm.cond_dropout=1.5", "ldm.cond_dropout"),
