@@ -62,6 +62,32 @@ def test_class_index_files(flowers_folder):
     assert dataset[0]["pixel_values"].shape == (3, 32, 32)
 
 
+def test_hidden_files_are_not_images_of_the_dataset(class_folder, flowers_folder):
+    """Before: macOS's `._name.png` metadata files were read as images (refused with data.on_bad_image=error, a
+    warning otherwise), and in the class_index layout a hidden `.name_1.png` made a class of its own."""
+    for kind in ("circle", "square", "triangle"):
+        (class_folder / kind / "._000.png").write_bytes(b"\x00\x05\x16\x07" + bytes(100))  # AppleDouble
+    dataset = load_split(folder_config(class_folder, on_bad_image="error"), "all")
+    assert len(dataset) == 18 and not any("/._" in source for source in dataset.listing.sources)
+    (flowers_folder / "._tulips_0000.jpg").write_bytes(b"\x00\x05\x16\x07" + bytes(100))
+    (flowers_folder / ".backup_0001.jpg").write_bytes((flowers_folder / "tulips_0001.jpg").read_bytes())
+    assert [c.key for c in list_dataset(folder_config(flowers_folder)).classes] == ["orchids", "tulips"]
+
+
+def test_photos_are_read_upright_as_their_exif_orientation_says(tmp_path):
+    """Before: a photo stored sideways with an EXIF Orientation tag (as phones save them) was trained on sideways."""
+    root = tmp_path / "photos"
+    (root / "a").mkdir(parents=True)
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = 255  # the white half on the left as stored; Orientation 6 turns it to the top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for i in range(2):
+        Image.fromarray(stored).save(root / "a" / f"{i}.jpg", exif=exif, quality=95)
+    pixels = load_split(folder_config(root, image_size=16, fit="stretch", holdout_fraction=0.0), "all")[0]["pixel_values"][0]
+    assert pixels[:8].mean() > 0.9 and pixels[8:].mean() < -0.9  # white on top, black below
+
+
 def test_metadata_jsonl_free_captions(jsonl_folder):
     dataset = ImageDataset(folder_config(jsonl_folder, channels=3, image_size=16), "all")
     assert dataset.classes == [] and all(label == -1 for label in dataset.labels)

@@ -79,6 +79,7 @@ class ImageDataset(torch.utils.data.Dataset):
         h.update(json.dumps([c.name, c.image_size, c.channels, c.fit, c.holdout_fraction, c.max_per_class,
                              c.per_class, self.captions, self.listing.identity]).encode())
         if self.listing.pixels is None:  # the files' content: a swapped image with its old size and mtime counts
+            h.update(b"files read upright (EXIF Orientation applied)\n")  # caches from before read photos sideways
             for source in self.listing.sources:
                 with open(source, "rb") as f:
                     h.update(f"{source}|{hashlib.blake2b(f.read(), digest_size=16).hexdigest()}\n".encode())

@@ -66,4 +66,8 @@ def limit_per_class(listing: Listing, max_per_class: int) -> Listing:
 
 
 def images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The image files of a folder. Hidden ones are not images of the dataset: macOS leaves a `._name.png` beside
+    each image copied to another file system (its metadata, unreadable as an image), and in the class_index layout
+    `.name_1.png` would even become a class of its own."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 Image.MAX_IMAGE_PIXELS = 256_000_000  # huge scans are fine; decompression bombs beyond this are not
 
@@ -70,7 +70,8 @@ def load_image(path: str, size: int, channels: int, fit: str) -> np.ndarray:
     with Image.open(path) as image:
         image.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at reduced scale
         image.load()
-        return fitted_array(image, size, channels, fit)
+        # as viewers show it: a phone photo is often stored sideways with an EXIF Orientation tag saying so
+        return fitted_array(ImageOps.exif_transpose(image), size, channels, fit)
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
