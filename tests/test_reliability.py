@@ -365,7 +365,8 @@ def test_run_folder_missing_or_mixed_components(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     shutil.rmtree(run / "scheduler")
-    with pytest.raises(RunFolderError, match="cannot load the pipeline"):
+    with pytest.raises(RunFolderError, match=f"^scheduler/ is missing in {run}; re-run `train-ldm --config ...` into this "
+                                             f"run folder to write it, or restore scheduler/ from a copy of the run$"):
         load_pipeline(run)
     with pytest.raises(RunFolderError, match="not a finished run"):
         load_pipeline(tmp_path)
