@@ -182,9 +182,9 @@ class RunFolder:
         return index
 
     def check_loadable(self, components: tuple[str, ...]) -> None:
-        """Refuse a path that is not a finished run folder, or one whose component folders (of `components`) lack
-        the file they load from, naming it and the command that writes it (diffusers would name the run folder
-        itself as missing a config.json, or a file the run holds, as a failed Hugging Face Hub lookup)."""
+        """Refuse a path that is not a finished run folder, one whose `model_index.json` is damaged or does not name
+        each of `components`, or one whose component folders lack the file they load from, naming it and the command
+        that writes it (diffusers would name the run folder itself as missing a config.json)."""
         if self.root.is_file():
             raise RunFolderError(f"'{self.root}' is a file, not a run folder; pass the folder that holds model_index.json "
                                  f"(train-ldm writes it), e.g. '{self.root.parent}'")
@@ -193,6 +193,7 @@ class RunFolder:
             done = f" (it holds the {', '.join(stages)} stage(s) so far)" if stages else ""
             raise RunFolderError(f"'{self.root}' has no model_index.json, so it is not a finished run folder{done}; "
                                  f"train-ldm writes it: run `train-ldm --config ...` into it, or pass another run folder")
+        self.model_index(components)  # a damaged index first: it is what names the components
         for name in components:
             needed = COMPONENT_CONFIGS.get(name)
             if needed and not (self.root / name / needed).is_file():

@@ -111,9 +111,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         unpickled (pass use_safetensors=False explicitly to allow .bin files you trust)."""
         kwargs.setdefault("use_safetensors", True)
         if Path(pretrained_model_name_or_path).expanduser().exists():  # else a name in the Hugging Face cache
-            RunFolder(Path(pretrained_model_name_or_path).expanduser()).check_loadable(cls._get_signature_keys(cls)[0])
-        if (Path(pretrained_model_name_or_path) / "model_index.json").is_file():
-            RunFolder(pretrained_model_name_or_path).model_index(components=tuple(cls._get_signature_keys(cls)[0]))
+            RunFolder(Path(pretrained_model_name_or_path).expanduser()).check_loadable(
+                tuple(cls._get_signature_keys(cls)[0]))
             for name, command in WRITTEN_BY.items():
                 check_weights(Path(pretrained_model_name_or_path) / name, command)
         try:
