@@ -4,20 +4,29 @@ that `pipe.load_lora_weights(run)` adds it to the base model's pipeline."""
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
+
+import torch
+import yaml
 
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from common.checkpoint import default_file_mode
 from common.errors import RunFolderError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention, as diffusers' LoRA scripts do
+BASE_KEY = "base_unet"  # safetensors metadata: fingerprints of the UNet the adapters were trained on, per dtype
+BASE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float = 0.0) -> UNet2DConditionModel:
@@ -28,18 +37,71 @@ def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float = 0.0) -> UNet2
     return unet
 
 
+def base_fingerprint(unet: UNet2DConditionModel, dtype: torch.dtype) -> str:
+    """Hash of a UNet's own weights as `dtype`, adapters left out (peft's `<layer>.base_layer.weight` read as
+    `<layer>.weight`): the same for the base a LoRA was trained on and for that base loaded again, with or
+    without adapters in it, on any device, when loaded in that dtype."""
+    h = hashlib.sha256()
+    for name, tensor in sorted((n.replace(".base_layer.", "."), t) for n, t in unet.state_dict().items() if "lora_" not in n):
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().to("cpu", dtype).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 def save_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
     """Write the adapters as `folder/pytorch_lora_weights.safetensors` (diffusers' keys and adapter
-    metadata), atomically: written beside, then renamed over."""
+    metadata, and the base's fingerprints under `base_unet`), atomically: written beside, then renamed over."""
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     metadata = unet.peft_config["default"].to_dict()
+    base = {name: base_fingerprint(unet, dtype) for name, dtype in BASE_DTYPES.items()}
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".lora-") as scratch:
         StableDiffusionPipeline.save_lora_weights(scratch, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
                                                   safe_serialization=True)
-        os.chmod(Path(scratch) / LORA_FILE, default_file_mode())
-        os.replace(Path(scratch) / LORA_FILE, folder / LORA_FILE)
+        written = Path(scratch) / LORA_FILE
+        with safe_open(str(written), "pt") as f:
+            header = f.metadata() or {}
+        save_file(load_file(written), written, metadata={**header, BASE_KEY: json.dumps(base)})
+        os.chmod(written, default_file_mode())
+        os.replace(written, folder / LORA_FILE)
     return folder / LORA_FILE
+
+
+def lora_file(source, kwargs: dict) -> Path | None:
+    """The safetensors file `load_lora_weights(source, **kwargs)` reads, when it is on this disk."""
+    if isinstance(source, dict):
+        return None
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        return path
+    path = path / (kwargs.get("subfolder") or "") / (kwargs.get("weight_name") or LORA_FILE)
+    return path if path.is_file() else None
+
+
+def check_adapter_base(unet: UNet2DConditionModel, source, kwargs: dict) -> None:
+    """Refuse adapters trained on another UNet than `unet`: peft would load them wherever the layer names match
+    (only a logged warning where they don't), and the images would change for no meaning. Files that record no
+    base (not written by train-ldm) cannot be checked and load as before."""
+    path = lora_file(source, kwargs)
+    if path is None:
+        return
+    with safe_open(str(path), "pt") as f:
+        recorded = (f.metadata() or {}).get(BASE_KEY)
+    if recorded is None:
+        return
+    dtype = next((name for name, value in BASE_DTYPES.items() if value == unet.dtype), "float32")
+    expected = json.loads(recorded).get(dtype)
+    if expected is None or expected == base_fingerprint(unet, BASE_DTYPES[dtype]):
+        return
+    config = path.parent / "config.yaml"
+    trained_on = ""
+    if config.is_file():  # a LoRA run's own config names its base
+        base = ((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("ldm") or {}).get("init_from")
+        trained_on = f" (its config.yaml: ldm.init_from {base})" if base else ""
+    raise RunFolderError(f"the LoRA in {path} was trained on another UNet than this pipeline's{trained_on}: its adapters "
+                         f"would change the images without meaning. Load it into the pipeline of its base run "
+                         f"(LatentPipeline.from_pretrained(<that run>)); if this pipeline's LoRA was fused, unfuse_lora() "
+                         f"first; or pass check_base=False to load it anyway")
 
 
 def merged(unet: UNet2DConditionModel) -> UNet2DConditionModel:

@@ -32,7 +32,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from common.checkpoint import check_weights, folder_fingerprint
 from common.errors import RunFolderError
 from common.run import WRITTEN_BY, RunFolder
-from ldm.lora import safetensors_only
+from ldm.lora import check_adapter_base, safetensors_only
 from ldm.text import check_tokenizer
 from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
                           initial_latents, predicted_clean_latents)
@@ -53,7 +53,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Text-to-image latent diffusion with a VAE, a CLIP text encoder, a UNet and a scheduler.
 
     LoRA adapters in diffusers' format (what `train-ldm` with `ldm.lora_rank` writes) load with
-    `load_lora_weights(folder)` (from safetensors only: a pickled `.bin` is refused), and
+    `load_lora_weights(folder)` (from safetensors only: a pickled `.bin` is refused; adapters trained on another
+    UNet than this pipeline's are refused too), and
     `unload_lora_weights()` / `fuse_lora()` work as in Stable Diffusion.
 
     Args:
@@ -129,6 +130,14 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not pipe.classes and legacy.is_file():
             pipe.classes = json.loads(legacy.read_text(encoding="utf-8"))
         return pipe
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, check_base: bool = True,
+                          **kwargs) -> None:
+        """diffusers' load_lora_weights, refusing adapters that train-ldm trained on another UNet than this
+        pipeline's (`check_base=False` loads them anyway)."""
+        if check_base:
+            check_adapter_base(self.unet, pretrained_model_name_or_path_or_dict, kwargs)
+        super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
 
     @classmethod
     def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):

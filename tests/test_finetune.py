@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from common.checkpoint import folder_fingerprint
 from common.config import ConfigError
 from common.config_yaml import load_config
-from common.errors import UserError
+from common.errors import RunFolderError, UserError
 from conftest import tiny_config
 from ldm.encode import main as encode_main
-from ldm.lora import LORA_FILE
+from ldm.lora import BASE_DTYPES, BASE_KEY, LORA_FILE, base_fingerprint
 from ldm.train import main as ldm_main
 from ldm.train_clip import main as clip_main
 from pipelines import LatentPipeline
@@ -83,6 +83,37 @@ def test_lora_weights_load_into_the_base_pipeline_and_unload(lora_run, tiny_run)
     assert abs(with_lora - draw(tuned)).max() < 1e-4  # and exactly what the merged run does
     base.unload_lora_weights()
     assert (draw(base) == before).all()
+
+
+def test_lora_records_its_base_and_is_refused_by_another_unet(lora_run, tiny_run):
+    with safe_open(str(lora_run / LORA_FILE), "pt") as f:
+        recorded = json.loads(f.metadata()[BASE_KEY])
+    base = LatentPipeline.from_pretrained(tiny_run)
+    assert recorded == {name: base_fingerprint(base.unet, dtype) for name, dtype in BASE_DTYPES.items()}
+    other = LatentPipeline.from_pretrained(tiny_run)
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(1e-3)  # another UNet of the same shape: peft would take the adapters
+    with pytest.raises(RunFolderError) as error:
+        other.load_lora_weights(lora_run)
+    assert str(error.value) == (
+        f"the LoRA in {lora_run / LORA_FILE} was trained on another UNet than this pipeline's (its config.yaml: "
+        f"ldm.init_from {tiny_run}): its adapters would change the images without meaning. Load it into the pipeline of "
+        f"its base run (LatentPipeline.from_pretrained(<that run>)); if this pipeline's LoRA was fused, unfuse_lora() "
+        f"first; or pass check_base=False to load it anyway")
+    assert not other.get_list_adapters()  # nothing was loaded
+    other.load_lora_weights(lora_run, check_base=False)
+    assert other.get_list_adapters() == {"unet": ["default_0"]}
+    # the base in bfloat16, and the base with these adapters already in it: still their base
+    half = LatentPipeline.from_pretrained(tiny_run, torch_dtype=torch.bfloat16)
+    half.load_lora_weights(lora_run)
+    half.load_lora_weights(lora_run, adapter_name="again")
+    assert half.get_list_adapters() == {"unet": ["default_0", "again"]}
+
+
+def test_the_shipped_lora_loads_into_its_base_only():
+    LatentPipeline.from_pretrained("checkpoints/mnist").load_lora_weights("checkpoints/mnist-lora")
+    with pytest.raises(RunFolderError, match="was trained on another UNet than this pipeline's"):
+        LatentPipeline.from_pretrained("checkpoints/letters").load_lora_weights("checkpoints/mnist-lora")
 
 
 def test_only_the_adapters_trained(lora_run, tiny_run):
