@@ -121,43 +121,68 @@ def main(config: Config, args: argparse.Namespace) -> list[Path]:
         raise UserError(str(error)) from None
 
 
+def planned_files(prompts: list[str], args: argparse.Namespace) -> dict[str, object]:
+    """The files one `generate` call writes, by what they hold: names decided before anything is sampled, so that
+    files already in --out can be refused (or, with --overwrite, replaced) before any work."""
+    files: dict[str, object] = {}
+    if args.prompts or args.all_classes or not args.write:
+        files["images"] = [f"{i:02d}-{slug(prompt)}-{k}.png" for i, prompt in enumerate(prompts) for k in range(args.num)]
+        files["grid"] = "grid.png"
+    if args.write:
+        files["write"] = f"write-{slug(args.write)}.png"
+    if args.steps_grid:
+        files["steps_grid"] = "steps-grid.png"
+    if args.gif:
+        files["gifs"] = [f"denoising-{slug(prompt)}.gif" for prompt in prompts]
+    return files
+
+
+def check_not_overwriting(out: Path, files: dict[str, object], overwrite: bool) -> None:
+    """Refuse to replace files an earlier call wrote into --out, unless --overwrite says to."""
+    names = [n for value in files.values() for n in (value if isinstance(value, list) else [value])]
+    existing = [name for name in names if (out / name).exists()]
+    if existing and not overwrite:
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise UserError(f"--out {out} already holds {shown} from an earlier call; pass another --out, or --overwrite "
+                        f"to replace {'them' if len(existing) > 1 else 'it'}")
+
+
 def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace, out: Path) -> list[Path]:
     steps, guidance = pipe.sampling_defaults(args.steps, args.guidance)  # the run's tuned values unless given
     seed = args.seed if args.seed is not None else config.seed
     if args.write:  # characters the run cannot draw: refused before the prompts' images are written
         pipe.segment(args.write)
-    out.mkdir(parents=True, exist_ok=True)
     prompts = list(args.prompts)
     if args.all_classes:
         if not pipe.classes:
             raise UserError("--all-classes needs a class dataset; this run has no class table (free-form captions)")
         prompts += [c["prompt"] for c in pipe.classes]
     prompts = prompts or [""]
+    files = planned_files(prompts, args)
+    check_not_overwriting(out, files, args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     paths = []
-    if args.prompts or args.all_classes or not args.write:
+    if "images" in files:
         generator = torch.Generator(pipe.device).manual_seed(seed)
         images = pipe(prompts, negative_prompt=args.negative, num_images_per_prompt=args.num, num_inference_steps=steps,
                       guidance_scale=guidance, generator=generator, guidance_interval=args.guidance_interval).images
-        for i, image in enumerate(images):
-            prompt_index, k = divmod(i, args.num)
-            paths.append(save_image(image, out / f"{prompt_index:02d}-{slug(prompts[prompt_index])}-{k}.png"))
+        paths += [save_image(image, out / name) for image, name in zip(images, files["images"])]
         labels = [p if p else "(unconditional)" for p in prompts]
-        paths.append(save_image(prompt_grid(images, labels, args.num), out / "grid.png"))
+        paths.append(save_image(prompt_grid(images, labels, args.num), out / files["grid"]))
         print(f"[generate] {len(images)} images ({steps} steps, guidance {guidance}, seed {seed}) in {out}; "
               f"grid: {paths[-1]}")
-    if args.write:
+    if "write" in files:
         line = pipe.write(args.write, num_inference_steps=steps, guidance_scale=guidance, guidance_interval=args.guidance_interval,
                           generator=torch.Generator(pipe.device).manual_seed(seed))
-        paths.append(save_image(line, out / f"write-{slug(args.write)}.png"))
+        paths.append(save_image(line, out / files["write"]))
         print(f"[generate] wrote {args.write!r}: {paths[-1]}")
-    if args.steps_grid:
-        paths.append(save_image(steps_grid(pipe, prompts[0], seed, guidance), out / "steps-grid.png"))
+    if "steps_grid" in files:
+        paths.append(save_image(steps_grid(pipe, prompts[0], seed, guidance), out / files["steps_grid"]))
         print(f"[generate] steps grid for {prompts[0]!r}: {paths[-1]}")
-    if args.gif:
-        for prompt in prompts:
-            frames = denoising_frames(pipe, prompt, steps, seed, guidance)
-            paths.append(save_gif(frames, out / f"denoising-{slug(prompt)}.gif"))
-            print(f"[generate] denoising animation for {prompt!r} ({len(frames)} frames): {paths[-1]}")
+    for prompt, name in zip(prompts, files.get("gifs", [])):
+        frames = denoising_frames(pipe, prompt, steps, seed, guidance)
+        paths.append(save_gif(frames, out / name))
+        print(f"[generate] denoising animation for {prompt!r} ({len(frames)} frames): {paths[-1]}")
     return paths
 
 
@@ -173,6 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="sampler (default: the run's, DPM-Solver++)")
     parser.add_argument("--seed", type=int, default=None, help="default: the config's seed")
     parser.add_argument("--out", default=None, help="output folder (default: RUN/samples/generate)")
+    parser.add_argument("--overwrite", action="store_true", help="replace files an earlier call wrote into --out (else refused)")
     parser.add_argument("--write", metavar="TEXT", help='also write TEXT as one line of generated glyphs, e.g. "2026" or "Hello world"')
     parser.add_argument("--steps-grid", action="store_true", help="also the first prompt after 1, 2, 3, 5, 10, 20, 50 steps")
     parser.add_argument("--gif", action="store_true", help="also an animation of each prompt's denoising")

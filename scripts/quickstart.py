@@ -92,7 +92,7 @@ def main(argv: list[str]) -> None:
         stages = []
     stages += [("encode-dataset", encode_dataset, common), ("train-ldm", train_ldm, common),
                ("evaluate", evaluate, common),  # tunes the run's sampling defaults first
-               ("generate", generate, [*common, "--num", "8", "--out", f"{run_dir}/samples/quickstart", "--all-classes"])]
+               ("generate", generate, [*common, "--num", "8", "--out", f"{run_dir}/samples/quickstart", "--all-classes", "--overwrite"])]
     for name, command, args in stages:
         print(f"=== {name}", flush=True)
         stage_started = time.time()

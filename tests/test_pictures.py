@@ -89,6 +89,23 @@ def test_generate_refuses_unknown_characters_before_writing_the_prompts_images(t
     assert [p.name for p in out.iterdir()] == ["grid.png"] and (out / "grid.png").read_bytes() == b"an earlier grid"
 
 
+def test_generate_refuses_to_replace_an_earlier_calls_files_unless_told(tiny_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    generate_cli(["--run", str(tiny_run), "Draw a six", "--num", "2", "--steps", "1", "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # another seed, same names: the first call's images would be lost
+        generate_cli(["--run", str(tiny_run), "Draw a six", "--num", "2", "--steps", "1", "--seed", "5", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert (f"\nerror: --out {out} already holds 00-draw-a-six-0.png, 00-draw-a-six-1.png, grid.png from an earlier "
+            f"call; pass another --out, or --overwrite to replace them") in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    generate_cli(["--run", str(tiny_run), "Draw a six", "--write", "2026", "--num", "2", "--steps", "1", "--seed", "5",
+                  "--out", str(out), "--overwrite"])
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after.keys() == before.keys() | {"write-2026.png"} and after["00-draw-a-six-0.png"] != before["00-draw-a-six-0.png"]
+
+
 @pytest.mark.parametrize("command", ["generate", "evaluate"])
 @pytest.mark.parametrize("flags, message", [
     (["--steps", "0"], "--steps must be at least 1 (got 0); leave it out for the run's own"),
