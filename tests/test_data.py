@@ -74,6 +74,28 @@ def test_hidden_files_are_not_images_of_the_dataset(class_folder, flowers_folder
     assert [c.key for c in list_dataset(folder_config(flowers_folder)).classes] == ["orchids", "tulips"]
 
 
+def test_one_image_reached_twice_through_links_is_refused(class_folder, flowers_folder):
+    """Before: a linked class folder became a second class of the same images, and a file linked twice counted twice."""
+    (class_folder / "circle2").symlink_to(class_folder / "circle", target_is_directory=True)
+    with pytest.raises(DatasetError) as error:
+        list_dataset(folder_config(class_folder))
+    assert str(error.value) == (f"class folders '{class_folder / 'circle'}' and '{class_folder / 'circle2'}' are the same "
+                                f"folder (one links to the other): its images would be two classes at once; remove the "
+                                f"link, or copy the images if two classes are meant")
+    (class_folder / "circle2").unlink()
+    first = sorted((class_folder / "square").iterdir())[0]
+    (class_folder / "triangle" / "linked.png").symlink_to(first)
+    with pytest.raises(DatasetError) as error:
+        list_dataset(folder_config(class_folder))
+    assert str(error.value) == (f"'{first}' and '{class_folder / 'triangle' / 'linked.png'}' are the same image file "
+                                f"('{first.resolve()}', reached through a link): it would count twice, possibly in two "
+                                f"classes or in both splits; remove one of them, or copy the file if two entries are meant")
+    tulip = flowers_folder / "tulips_0001.jpg"
+    (flowers_folder / "orchids_0099.jpg").symlink_to(tulip)
+    with pytest.raises(DatasetError, match="are the same image file"):
+        list_dataset(folder_config(flowers_folder))
+
+
 def test_photos_are_read_upright_as_their_exif_orientation_says(tmp_path):
     """Before: a photo stored sideways with an EXIF Orientation tag (as phones save them) was trained on sideways."""
     root = tmp_path / "photos"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from common.config import DataConfig
 from common.data import devanagari
-from common.data.listing import IMAGE_EXTENSIONS, ImageClass, Listing, images_in, limit_per_class, split_last
+from common.data.listing import (IMAGE_EXTENSIONS, ImageClass, Listing, check_distinct_files, images_in,
+                                 limit_per_class, split_last)
 from common.errors import DatasetError
 
 HOLDOUT_FOLDERS = {"test", "val", "valid", "validation"}
@@ -70,6 +71,15 @@ def list_class_folders(root: Path, config: DataConfig) -> Listing:
             sources += [str(f) for f in files]
             labels += [index[class_dir.name]] * len(files)
             holdout += [bool(is_holdout)] * len(files)
+    folders: dict[Path, Path] = {}
+    for group, _ in groups:  # a linked class folder is the same images under a second class name
+        for class_dir in _subfolders(group):
+            same = folders.setdefault(class_dir.resolve(), class_dir)
+            if same != class_dir:
+                raise DatasetError(f"class folders '{same}' and '{class_dir}' are the same folder (one links to the other): "
+                                   f"its images would be two classes at once; remove the link, or copy the images if "
+                                   f"two classes are meant")
+    check_distinct_files(sources)
     listing = Listing(sources, labels, holdout, classes, templates_for(classes), identity="classfolders")
     listing = limit_per_class(listing, config.max_per_class)
     if not test_dirs:
@@ -89,6 +99,7 @@ def list_class_index_files(root: Path, config: DataConfig) -> Listing:
     names = sorted(set(keys))
     classes = [ImageClass(check_class_name(key, root), class_fields(key)) for key in names]
     index = {key: i for i, key in enumerate(names)}
+    check_distinct_files([str(f) for f in files])
     order = sorted(range(len(files)), key=lambda i: (index[keys[i]], files[i].name))
     listing = Listing([str(files[i]) for i in order], [index[keys[i]] for i in order], [False] * len(files),
                       classes, templates_for(classes), identity="classindex")

@@ -8,6 +8,8 @@ from typing import Callable
 
 import numpy as np
 
+from common.errors import DatasetError
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -71,3 +73,16 @@ def images_in(folder: Path) -> list[Path]:
     `.name_1.png` would even become a class of its own."""
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def check_distinct_files(sources: list[str], what: str = "image") -> None:
+    """Refuse one file reached twice (through a link): it would be trained on twice, could land in training and in
+    the held-out split, or in two classes at once."""
+    first: dict[Path, str] = {}
+    for source in sources:
+        resolved = Path(source).resolve()
+        if resolved in first:
+            raise DatasetError(f"'{first[resolved]}' and '{source}' are the same {what} file ('{resolved}', reached "
+                               f"through a link): it would count twice, possibly in two classes or in both splits; "
+                               f"remove one of them, or copy the file if two entries are meant")
+        first[resolved] = source
