@@ -72,10 +72,9 @@ def lora_file(source, kwargs: dict) -> Path | None:
     if isinstance(source, dict):
         return None
     path = Path(str(source)).expanduser()
-    if path.is_file():
-        return path
-    path = path / (kwargs.get("subfolder") or "") / (kwargs.get("weight_name") or LORA_FILE)
-    return path if path.is_file() else None
+    if not path.is_file():
+        path = path / (kwargs.get("subfolder") or "") / (kwargs.get("weight_name") or LORA_FILE)
+    return path if path.is_file() and path.suffix == ".safetensors" else None  # anything else: safetensors_only refuses it
 
 
 def check_adapter_base(unet: UNet2DConditionModel, source, kwargs: dict) -> None:

@@ -135,6 +135,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                           **kwargs) -> None:
         """diffusers' load_lora_weights, refusing adapters that train-ldm trained on another UNet than this
         pipeline's (`check_base=False` loads them anyway)."""
+        kwargs = safetensors_only(pretrained_model_name_or_path_or_dict, kwargs)  # a pickle is refused first
         if check_base:
             check_adapter_base(self.unet, pretrained_model_name_or_path_or_dict, kwargs)
         super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
