@@ -494,3 +494,41 @@ def test_near_copy_rate_on_a_few_training_images():
     train = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     assert near_copy_rate(train[:2].clone(), train) == 1.0  # 4 neighbours instead of 50
     assert math.isnan(near_copy_rate(train[:1], train[:1]))
+
+
+# ---- scripts/quickstart.py ------------------------------------------------------------------------
+
+
+def load_quickstart():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "scripts" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["configs/nope.yaml"], "config file 'configs/nope.yaml' not found; the shipped ones are in configs/"),
+    ([str(TINY), "--set", "foo.bar=1"], "unknown config key 'foo'; known keys here: clip, data, encode, evaluate, ldm, "
+                                        "run_dir, sample, seed, text_encoder, vae"),
+])
+def test_quickstart_refuses_a_bad_config_or_override_in_one_line_before_any_stage(argv, message, capsys):
+    """Before: a traceback (the config was read outside the commands' error handling)."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_quickstart().main(argv)
+    assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("form", ["--set=run_dir={}", "--run {}"])
+def test_quickstart_reads_the_run_dir_as_its_commands_do(tmp_path, monkeypatch, form):
+    """Before: `--set=run_dir=X` and `--run X` trained into X but wrote the grid and train-clip's log into
+    checkpoints/<config name>, the run_dir quickstart itself read only from `--set X` pairs."""
+    quickstart = load_quickstart()
+    calls = {}
+    for name in ("train_clip", "train_vae", "encode_dataset", "train_ldm", "evaluate", "generate"):
+        monkeypatch.setattr(quickstart, name, lambda args, name=name: calls.setdefault(name, args))
+    run = tmp_path / "run"
+    quickstart.main([str(TINY), *form.format(run).split(), "--sequential"])
+    assert calls["generate"][-6:] == ["--num", "8", "--out", f"{run}/samples/quickstart", "--all-classes", "--overwrite"]
+    assert not (ROOT / "checkpoints" / "tiny").exists()
