@@ -103,14 +103,18 @@ class RunFolder:
                                  f"stages were trained with. Restore it, or use a new run_dir") from None
         return saved if isinstance(saved, dict) else None
 
-    def check_shared_settings(self, config: Config, stage: str) -> None:
-        """Refuse a command whose seed or data settings differ from those the folder's other stages were
-        trained with: config.yaml holds one of each, so it could no longer reproduce every stage."""
+    def check_shared_settings(self, config: Config, stage: str, keys: tuple[str, ...] = SHARED_KEYS,
+                              ignore: tuple[str, ...] = ()) -> None:
+        """Refuse a command whose seed or data settings (`keys`, less the dotted keys starting with `ignore`) differ
+        from those the folder's other stages were trained with: config.yaml holds one of each, so it could no
+        longer reproduce every stage."""
         others = [s for s in self.stages_present() if s != stage]
         saved = self.saved_config() if others else None
         if not saved:
             return
-        changes = settings_changes(shaping_settings(saved, SHARED_KEYS), shaping_settings(to_dict(config), SHARED_KEYS))
+        before, after = ({k: v for k, v in shaping_settings(tree, keys).items() if not k.startswith(ignore)}
+                         for tree in (saved, to_dict(config)))
+        changes = settings_changes(before, after)
         if changes:
             raise RunFolderError(
                 f"{self.root} holds the {', '.join(others)} stage(s), trained with other settings than this {stage} "

@@ -532,3 +532,21 @@ def test_quickstart_reads_the_run_dir_as_its_commands_do(tmp_path, monkeypatch, 
     quickstart.main([str(TINY), *form.format(run).split(), "--sequential"])
     assert calls["generate"][-6:] == ["--num", "8", "--out", f"{run}/samples/quickstart", "--all-classes", "--overwrite"]
     assert not (ROOT / "checkpoints" / "tiny").exists()
+
+
+def test_evaluate_with_other_data_settings_than_the_run_is_refused_before_writing(tiny_run, tmp_path):
+    """Before: it scored the run against another split (here held-out images it had trained on) and wrote that
+    into run/eval.json (and, with evaluate.tune, the run's sampling defaults into model_index.json)."""
+    from pipelines.evaluate import main as evaluate_main
+
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock-*"))
+    before = {name: (run / name).read_bytes() for name in ("model_index.json", "config.yaml")}
+    with pytest.raises(RunFolderError) as error:
+        evaluate_main(tiny_config(run, "data.holdout_fraction=0.5", "evaluate.tune=true"))
+    assert str(error.value) == (
+        f"{run} holds the vae, clip, encode, ldm stage(s), trained with other settings than this evaluate command's "
+        f"(data.holdout_fraction: 0.2 -> 0.5; from {run / 'config.yaml'} to this command's). One run folder has one seed "
+        f"and one dataset, so that its config.yaml reproduces every stage: drop those overrides (or pass --config "
+        f"{run / 'config.yaml'}), or use a new run_dir")
+    assert {name: (run / name).read_bytes() for name in before} == before and not (run / "eval.json").exists()
+    evaluate_main(tiny_config(run, "seed=1", "data.augment.rotate_degrees=0"))  # these only draw samples, or train
