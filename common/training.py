@@ -38,7 +38,8 @@ import torch
 from accelerate.utils import DynamoBackend
 from tqdm.auto import tqdm
 
-from common.checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, writable_folder
+from common.checkpoint import (load_tensors, optimizer_from_tensors, optimizer_to_tensors, remove_leftovers, save_tensors,
+                               writable_folder)
 from common.config import Config, TrainConfig, dump_config, to_dict
 from common.devices import make_accelerator, resolve_mixed_precision, resolve_trackers
 from common.errors import RunFolderError, UserError
@@ -366,8 +367,7 @@ class Trainer:
     def resume(self) -> int:
         """Load the newest complete state file, if any; returns the step to continue from."""
         if self.is_main and self.state_dir.is_dir():
-            for leftover in self.state_dir.glob(".state-*.tmp"):  # from a process killed mid-write
-                leftover.unlink(missing_ok=True)
+            remove_leftovers(self.state_dir, "state-*")  # from a process killed mid-write
         for path in self._state_files():
             try:
                 tensors, meta = load_tensors(path)

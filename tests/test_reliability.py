@@ -452,3 +452,30 @@ def test_atomic_save_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
     tensors, meta = load_tensors(tmp_path / "a.safetensors")
     assert meta == {"step": 1} and torch.equal(tensors["x"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+def killed_at(name: str, module: str, run: Path, *overrides: str) -> None:
+    """Run the command `module` on `run` and kill it, as kill -9 would (no cleanup), the moment a finished write is
+    about to be renamed onto `name`."""
+    settings = [arg for override in (f"run_dir={run}", *overrides) for arg in ("--set", override)]
+    code = ("import os, runpy, sys\nreplace = os.replace\n"
+            f"os.replace = lambda a, b: os._exit(137) if os.path.basename(b) == {name!r} else replace(a, b)\n"
+            f"sys.argv = [{module!r}, '--config', {str(TINY)!r}, *{settings!r}]\n"
+            f"runpy.run_module({module!r}, run_name='__main__')")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True).returncode == 137
+
+
+def test_writes_killed_mid_way_leave_nothing_behind_once_their_stage_runs_again(tiny_run, tmp_path):
+    """Before: a shard or component folder written when kill -9 came stayed as a hidden temporary file or folder
+    (as large as what it held, one per kill) for good; only train_state's were removed."""
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock-*"))
+    killed_at("unet", "ldm.train", run)  # the old unet/ moved aside, the new one complete under its temporary name
+    shutil.rmtree(run / "latents")
+    killed_at("shard-00001.safetensors", "ldm.encode", run)
+    left = sorted(p.relative_to(run).as_posix().split(".")[1] for p in run.rglob(".*.tmp"))
+    assert left == ["shard-00001", "unet"] and (run / ".unet.old").is_dir()
+    encode_main(tiny_config(run))
+    ldm_main(tiny_config(run))
+    assert not list(run.rglob(".*.tmp")) and not (run / ".unet.old").exists()
+    assert common.checkpoint.folder_fingerprint(run / "unet") == common.checkpoint.folder_fingerprint(tiny_run / "unet")
+
