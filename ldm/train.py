@@ -178,8 +178,10 @@ def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_sche
                   "scheduler": ("diffusers", type(scheduler).__name__),
                   "text_encoder": ("transformers", type(text_encoder).__name__),
                   "tokenizer": ("transformers", type(tokenizer).__name__)}
-    # what the UNet was trained on: the pipeline refuses a run whose vae/, text_encoder/ or tokenizer/ changed since
-    built_from = {name: folder_fingerprint(run.component(name)) for name in ("vae", "text_encoder", "tokenizer")}
+    # what the UNet was trained on: the pipeline refuses a run whose vae/, text_encoder/ or tokenizer/ changed since;
+    # and the UNet itself, written before this index: a process killed in between leaves a new unet/ beside the old
+    # index and scheduler, which would load without a word
+    built_from = {name: folder_fingerprint(run.component(name)) for name in ("vae", "text_encoder", "tokenizer", "unet")}
     # the run's sampling defaults, used by pipe(prompt), write(), generate and evaluate when not given
     sampling = {"num_inference_steps": config.sample.num_inference_steps, "guidance_scale": config.sample.guidance_scale,
                 "guidance_interval": list(config.sample.guidance_interval)}

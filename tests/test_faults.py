@@ -232,7 +232,7 @@ def test_a_tokenizer_changed_after_the_unet_was_trained_is_refused(tiny_run, tmp
     """Same size as the text encoder's vocabulary (so check_tokenizer passes), but it reads prompts otherwise."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    assert set(json.loads((run / "model_index.json").read_text())["built_from"]) == {"vae", "text_encoder", "tokenizer"}
+    assert set(json.loads((run / "model_index.json").read_text())["built_from"]) == {"vae", "text_encoder", "tokenizer", "unet"}
     settings = json.loads((run / "tokenizer" / "tokenizer_config.json").read_text())
     settings["model_max_length"] = 8  # prompts now cut at 8 tokens, not the 16 the UNet learned from
     (run / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(settings))

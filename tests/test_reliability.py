@@ -479,3 +479,18 @@ def test_writes_killed_mid_way_leave_nothing_behind_once_their_stage_runs_again(
     assert not list(run.rglob(".*.tmp")) and not (run / ".unet.old").exists()
     assert common.checkpoint.folder_fingerprint(run / "unet") == common.checkpoint.folder_fingerprint(tiny_run / "unet")
 
+
+def test_a_run_killed_between_writing_its_unet_and_its_index_is_refused_not_loaded(tiny_run, tmp_path):
+    """Before: train-ldm killed after swapping in unet/ but before scheduler/ and model_index.json left the new UNet
+    (here trained for epsilon) beside the old scheduler (v_prediction) and index, and the run loaded without a word."""
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock-*"))
+    shutil.rmtree(run / STATE / "ldm")
+    killed_at(".scheduler.old", "ldm.train", run, "ldm.prediction_type=epsilon")
+    with pytest.raises(RunFolderError) as error:
+        LatentPipeline.from_pretrained(run)
+    assert str(error.value) == (
+        f"unet/ in {run} is not the UNet its model_index.json was written with: train-ldm was stopped while writing "
+        f"them, or unet/ was replaced since. Re-run `train-ldm --config ...` into this run folder to write both again "
+        f"(or restore the old unet/)")
+    ldm_main(tiny_config(run, "ldm.prediction_type=epsilon"))  # the same command finishes what it was writing
+    assert LatentPipeline.from_pretrained(run).scheduler.config.prediction_type == "epsilon"
