@@ -38,17 +38,16 @@ import torch
 from accelerate.utils import DynamoBackend
 from tqdm.auto import tqdm
 
-from common.checkpoint import (load_tensors, optimizer_from_tensors, optimizer_to_tensors, remove_leftovers, save_tensors,
-                               writable_folder)
+from common.checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, remove_leftovers, save_tensors, writable_folder
 from common.config import Config, TrainConfig, dump_config, to_dict
 from common.devices import make_accelerator, resolve_mixed_precision, resolve_trackers
-from common.errors import RunFolderError, UserError
+from common.errors import RunFolderError
 from common.images import save_image
 from common.loop import StopSignals, TrainingDiverged, TrainingInterrupted, ema_decay_at, ema_tensors, lr_factor, update_ema
+from common.pretrained import check_init_elsewhere
 from common.run import RunFolder, RunLock
 from common.tracking import hyperparameters, log_images, plot_curves
 from common.seeding import seed_from
-
 
 INPUT_CHANGES = {  # why an input of a stage changes, for the message when a checkpoint no longer matches
     "dataset": "images, captions or data.* settings changed",
@@ -57,24 +56,12 @@ INPUT_CHANGES = {  # why an input of a stage changes, for the message when a che
 }
 
 
-def check_init_elsewhere(init_from: str, run_dir: Path, stage: str) -> None:
-    """Refuse `<stage>.init_from` inside the run folder being trained: the stage would overwrite the weights it
-    starts from, so the base is lost and the run's config.yaml no longer names what it was trained from."""
-    if not init_from:
-        return
-    source, root = Path(init_from).expanduser().resolve(), run_dir.expanduser().resolve()
-    if source == root or root in source.parents:
-        raise UserError(f"{stage}.init_from='{init_from}' is inside this run's own folder ({run_dir}): training would "
-                        f"replace the weights it starts from. Fine-tune into a new run: --set run_dir=NEW "
-                        f"--set {stage}.init_from={run_dir}")
-
-
 class Trainer:
     def __init__(self, stage: str, config: Config, train: TrainConfig):
         self.stage, self.config, self.train = stage, config, train
         self.run = RunFolder(writable_folder(config.run_dir, "run_dir"))
         self.run.check_shared_settings(config, stage)
-        check_init_elsewhere(train.init_from, self.run.root, stage)
+        check_init_elsewhere(train.init_from, self.run.root, stage)  # before anything is written
         self.trackers = resolve_trackers(train.report_to, f"{stage}.report_to")
         self.accelerator = make_accelerator(resolve_mixed_precision(train.mixed_precision, f"{stage}.mixed_precision"),
                                             train.compile, self.trackers, self.run.logs)
