@@ -173,6 +173,14 @@ def check_safetensors(path: str | Path, command: str) -> tuple[int, dict]:
     return header_size, header
 
 
+def header_digest(path: str | Path) -> str:
+    """Hash of a safetensors file's header (tensor names, shapes, offsets and metadata) without reading its data:
+    for a resume state, what tells one (step, settings, inputs) from another."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        return hashlib.sha256(f.read(size)).hexdigest()
+
+
 def finite_or_none(value):
     """A JSON-ready copy of `value` with NaN and infinities as None (null): strict JSON, no silent NaN."""
     if isinstance(value, float):

@@ -48,6 +48,7 @@ def encode(config: Config, state, run: RunFolder) -> dict:
     if state.is_main_process:  # under the lock: shards and manifests of a process killed mid-write
         remove_leftovers(run.latents, "*")
     state.wait_for_everyone()  # before any rank writes a shard
+    run.check_finished("vae", "vae")
     vae = load_vae(run.component("vae")).to(device)
     dataset = load_split(config.data, "all")
     vae_hash, dataset_hash = vae_fingerprint(run.component("vae")), dataset.fingerprint()

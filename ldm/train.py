@@ -41,6 +41,9 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         run, device = trainer.run, trainer.device
 
         # Inputs: the latent cache (checked against the VAE and dataset it was made from) and the text encoder
+        run.check_finished("vae", "vae")
+        if not config.text_encoder.pretrained:
+            run.check_finished("clip", "text_encoder")
         vae = load_vae(run.component("vae")).to(device)  # decodes the preview grids; never encodes here
         listing_only = ImageDataset(config.data, "all")  # file names and captions only: stage two reads no pixels
         cache = load_cache(run.latents, vae_fingerprint(run.component("vae")), listing_only.fingerprint())

@@ -192,6 +192,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
             text_encoder.load_state_dict(clip.text_model.state_dict())
             with atomic_directory(run.component("text_encoder")) as folder:
                 text_encoder.save_pretrained(folder, safe_serialization=True)
+                run.stamp(folder, "clip", trainer.step)
             with atomic_directory(run.component("tokenizer")) as folder:
                 tokenizer.save_pretrained(folder)
             with atomic_directory(run.component("clip")) as folder:  # both towers: evaluate's CLIP score

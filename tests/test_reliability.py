@@ -494,3 +494,26 @@ def test_a_run_killed_between_writing_its_unet_and_its_index_is_refused_not_load
         f"(or restore the old unet/)")
     ldm_main(tiny_config(run, "ldm.prediction_type=epsilon"))  # the same command finishes what it was writing
     assert LatentPipeline.from_pretrained(run).scheduler.config.prediction_type == "epsilon"
+
+
+def test_a_stage_started_again_and_stopped_is_refused_by_the_stages_built_on_it(tiny_run, tmp_path, monkeypatch):
+    """Before: train-vae started again with other settings (its train_state deleted, as the resume refusal says) and
+    stopped left the old vae/ in place: encode-dataset found its cache current and train-ldm trained on the old VAE,
+    while config.yaml described the new one."""
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock-*"))
+    shutil.rmtree(run / STATE / "vae")
+    config = tiny_config(run, "vae.max_steps=6", "vae.save_every=100")
+    interrupt_at_step(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        train_vae(config)
+    monkeypatch.undo()
+    for main in (encode_main, ldm_main):
+        with pytest.raises(RunFolderError) as error:
+            main(config)
+        assert str(error.value) == (
+            f"train-vae is unfinished in {run}: {run / STATE / 'vae' / 'state-00000003.safetensors'} is newer than the "
+            f"vae/ it wrote (at step 4), so vae/ is not the model config.yaml describes. Re-run `train-vae --config ...` "
+            f"to finish it first")
+    train_vae(config)
+    encode_main(config)
+    assert json.loads((run / "latents" / "manifest.json").read_text())["vae"] == common.checkpoint.folder_fingerprint(run / "vae")
