@@ -44,6 +44,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         run.check_finished("vae", "vae")
         if not config.text_encoder.pretrained:
             run.check_finished("clip", "text_encoder")
+            run.check_finished("clip", "tokenizer")
         vae = load_vae(run.component("vae")).to(device)  # decodes the preview grids; never encodes here
         listing_only = ImageDataset(config.data, "all")  # file names and captions only: stage two reads no pixels
         cache = load_cache(run.latents, vae_fingerprint(run.component("vae")), listing_only.fingerprint())

@@ -517,3 +517,16 @@ def test_a_stage_started_again_and_stopped_is_refused_by_the_stages_built_on_it(
     train_vae(config)
     encode_main(config)
     assert json.loads((run / "latents" / "manifest.json").read_text())["vae"] == common.checkpoint.folder_fingerprint(run / "vae")
+
+
+def test_train_clip_killed_between_its_text_encoder_and_tokenizer_is_refused_at_train_ldm(tiny_run, tmp_path):
+    """The new text encoder beside the old tokenizer would read prompts with other token ids than it learned."""
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock-*"))
+    shutil.rmtree(run / STATE / "clip")
+    killed_at(".tokenizer.old", "ldm.train_clip", run, "clip.max_steps=6")
+    with pytest.raises(RunFolderError) as error:
+        ldm_main(tiny_config(run, "clip.max_steps=6"))
+    assert str(error.value) == (
+        f"train-clip is unfinished in {run}: {run / STATE / 'clip' / 'state-00000006.safetensors'} is newer than the "
+        f"tokenizer/ it wrote (at step 4), so tokenizer/ is not the model config.yaml describes. Re-run `train-clip "
+        f"--config ...` to finish it first")
