@@ -141,7 +141,7 @@ class RunFolder:
             return
         recorded = json.loads(marker.read_text(encoding="utf-8"))
         if header_digest(states[-1]) != recorded.get("state"):
-            command = {"vae": "train-vae", "clip": "train-clip"}[stage]
+            command = {"vae": "train-vae", "clip": "train-clip", "ldm": "train-ldm"}[stage]
             raise RunFolderError(f"{command} is unfinished in {self.root}: {states[-1]} is newer than the {component}/ it "
                                  f"wrote (at step {recorded.get('step')}), so {component}/ is not the model config.yaml "
                                  f"describes. Re-run `{command} --config ...` to finish it first")

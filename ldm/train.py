@@ -170,6 +170,7 @@ def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_sche
         unet = merged(unet)
     with atomic_directory(run.component("unet")) as folder:
         unet.save_pretrained(folder, safe_serialization=True)
+        run.stamp(folder, "ldm", trainer.step)
     scheduler = inference_scheduler(noise_scheduler)
     with atomic_directory(run.component("scheduler")) as folder:
         scheduler.save_pretrained(folder)

@@ -530,3 +530,22 @@ def test_train_clip_killed_between_its_text_encoder_and_tokenizer_is_refused_at_
         f"train-clip is unfinished in {run}: {run / STATE / 'clip' / 'state-00000006.safetensors'} is newer than the "
         f"tokenizer/ it wrote (at step 4), so tokenizer/ is not the model config.yaml describes. Re-run `train-clip "
         f"--config ...` to finish it first")
+
+
+def test_evaluate_refuses_a_run_whose_train_ldm_was_started_again_and_stopped(tiny_run, tmp_path, monkeypatch):
+    """Before: it scored the old unet/ and wrote that into run/eval.json while config.yaml described the new UNet."""
+    from pipelines.evaluate import main as evaluate_main
+
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock-*"))
+    shutil.rmtree(run / STATE / "ldm")
+    config = tiny_config(run, "ldm.max_steps=6", "ldm.save_every=100", "ldm.sample_every=100")
+    interrupt_at_step(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        ldm_main(config)
+    with pytest.raises(RunFolderError) as error:
+        evaluate_main(config)
+    assert str(error.value) == (
+        f"train-ldm is unfinished in {run}: {run / STATE / 'ldm' / 'state-00000003.safetensors'} is newer than the "
+        f"unet/ it wrote (at step 4), so unet/ is not the model config.yaml describes. Re-run `train-ldm --config ...` "
+        f"to finish it first")
+    assert not (run / "eval.json").exists()
