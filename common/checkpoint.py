@@ -173,6 +173,14 @@ def check_safetensors(path: str | Path, command: str) -> tuple[int, dict]:
     return header_size, header
 
 
+def header_digest(path: str | Path) -> str:
+    """Hash of a safetensors file's header (tensor names, shapes, offsets and metadata) without reading its data:
+    for a resume state, what tells one (step, settings, inputs) from another."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        return hashlib.sha256(f.read(size)).hexdigest()
+
+
 def finite_or_none(value):
     """A JSON-ready copy of `value` with NaN and infinities as None (null): strict JSON, no silent NaN."""
     if isinstance(value, float):
@@ -214,6 +222,17 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             os.remove(tmp)
 
 
+def remove_leftovers(folder: str | Path, names: str) -> None:
+    """Delete the temporary files and folders that writes of `names` (a glob) into `folder` leave when their process is
+    killed mid-write (kill -9, a power cut): never loaded, but each as large as what it held. Call it only while
+    holding the lock of the stage that writes them, so no live write is removed."""
+    for leftover in Path(folder).glob(f".{names}.*.tmp"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Build a folder under a temporary name and swap it into place when the block succeeds.
@@ -225,6 +244,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(path)
+    remove_leftovers(path.parent, path.name)  # the writers of a component hold its stage's lock
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:

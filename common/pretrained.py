@@ -46,6 +46,18 @@ def init_source(path: str, component: str, key: str, class_names: tuple[str, ...
                     f"diffusers-format {component} folder{hint}")
 
 
+def check_init_elsewhere(init_from: str, run_dir: Path, stage: str) -> None:
+    """Refuse `<stage>.init_from` inside the run folder being trained: the stage would overwrite the weights it
+    starts from, so the base is lost and the run's config.yaml no longer names what it was trained from."""
+    if not init_from:
+        return
+    source, root = Path(init_from).expanduser().resolve(), run_dir.expanduser().resolve()
+    if source == root or root in source.parents:
+        raise UserError(f"{stage}.init_from='{init_from}' is inside this run's own folder ({run_dir}): training would "
+                        f"replace the weights it starts from. Fine-tune into a new run: --set run_dir=NEW "
+                        f"--set {stage}.init_from={run_dir}")
+
+
 def adopt_architecture(section, values: dict, stage: str) -> str:
     """Copy a loaded model's architecture into its config section (so the saved config.yaml is true);
     returns a line saying what changed, for the log."""

@@ -14,7 +14,7 @@ from typing import Any
 import diffusers
 import yaml
 
-from common.checkpoint import recover_directory, write_text
+from common.checkpoint import header_digest, recover_directory, write_text
 from common.config import Config, dump_config, to_dict
 from common.errors import RunFolderError
 
@@ -25,6 +25,8 @@ WRITTEN_BY = {"vae": "train-vae", "text_encoder": "train-clip", "unet": "train-l
 COMPONENT_CONFIGS = {"vae": "config.json", "text_encoder": "config.json", "unet": "config.json",
                      "scheduler": "scheduler_config.json"}
 STAGE_OUTPUTS = {"vae": "vae", "clip": "clip", "encode": "latents", "ldm": "unet"}  # what each stage writes
+# in a model folder a stage exports: the resume state it was exported from (see Trainer.stamp, RunFolder.check_finished)
+TRAINED_AT = "trained_at.json"
 
 # What each stage's command trains with; the rest of a run's config.yaml is what its other stages were
 # trained with. `seed` and `data` shape every stage, so one run folder has one of each.
@@ -103,20 +105,46 @@ class RunFolder:
                                  f"stages were trained with. Restore it, or use a new run_dir") from None
         return saved if isinstance(saved, dict) else None
 
-    def check_shared_settings(self, config: Config, stage: str) -> None:
-        """Refuse a command whose seed or data settings differ from those the folder's other stages were
-        trained with: config.yaml holds one of each, so it could no longer reproduce every stage."""
+    def check_shared_settings(self, config: Config, stage: str, keys: tuple[str, ...] = SHARED_KEYS,
+                              ignore: tuple[str, ...] = ()) -> None:
+        """Refuse a command whose seed or data settings (`keys`, less the dotted keys starting with `ignore`) differ
+        from those the folder's other stages were trained with: config.yaml holds one of each, so it could no
+        longer reproduce every stage."""
         others = [s for s in self.stages_present() if s != stage]
         saved = self.saved_config() if others else None
         if not saved:
             return
-        changes = settings_changes(shaping_settings(saved, SHARED_KEYS), shaping_settings(to_dict(config), SHARED_KEYS))
+        before, after = ({k: v for k, v in shaping_settings(tree, keys).items() if not k.startswith(ignore)}
+                         for tree in (saved, to_dict(config)))
+        changes = settings_changes(before, after)
         if changes:
             raise RunFolderError(
                 f"{self.root} holds the {', '.join(others)} stage(s), trained with other settings than this {stage} "
                 f"command's ({'; '.join(changes)}; from {self.root / 'config.yaml'} to this command's). One run folder has one "
                 f"seed and one dataset, so that its config.yaml reproduces every stage: drop those overrides (or pass "
                 f"--config {self.root / 'config.yaml'}), or use a new run_dir")
+
+    def stamp(self, folder: Path, stage: str, step: int) -> None:
+        """Record in a model folder `stage` exports (before it is swapped into place) the resume state it comes from,
+        so that later stages can tell it from a stage started again since (check_finished)."""
+        for newest in sorted(self.train_state(stage).glob("state-*.safetensors"))[-1:]:  # none if every save failed
+            write_text(folder / TRAINED_AT, json.dumps({"step": step, "state": header_digest(newest)}))
+
+    def check_finished(self, stage: str, component: str) -> None:
+        """Refuse to build on `component` (a model folder `stage` exports) while the stage's newest resume state is
+        not the one it was exported from: the stage was started again (e.g. retrained with other settings) and
+        stopped, so the folder holds the old model while config.yaml describes the new one. Folders written
+        before this record, and runs without resume states, are not checked."""
+        marker = self.root / component / TRAINED_AT
+        states = sorted(self.train_state(stage).glob("state-*.safetensors"))
+        if not marker.is_file() or not states:
+            return
+        recorded = json.loads(marker.read_text(encoding="utf-8"))
+        if header_digest(states[-1]) != recorded.get("state"):
+            command = {"vae": "train-vae", "clip": "train-clip", "ldm": "train-ldm"}[stage]
+            raise RunFolderError(f"{command} is unfinished in {self.root}: {states[-1]} is newer than the {component}/ it "
+                                 f"wrote (at step {recorded.get('step')}), so {component}/ is not the model config.yaml "
+                                 f"describes. Re-run `{command} --config ...` to finish it first")
 
     def check_resumable(self, stage: str, saved: dict | None, config: Config, checkpoint: Path, step: int) -> None:
         """Refuse to resume a checkpoint trained with other settings (`saved`, its config as a dict; None in

@@ -38,16 +38,16 @@ import torch
 from accelerate.utils import DynamoBackend
 from tqdm.auto import tqdm
 
-from common.checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, writable_folder
+from common.checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, remove_leftovers, save_tensors, writable_folder
 from common.config import Config, TrainConfig, dump_config, to_dict
 from common.devices import make_accelerator, resolve_mixed_precision, resolve_trackers
 from common.errors import RunFolderError
 from common.images import save_image
 from common.loop import StopSignals, TrainingDiverged, TrainingInterrupted, ema_decay_at, ema_tensors, lr_factor, update_ema
+from common.pretrained import check_init_elsewhere
 from common.run import RunFolder, RunLock
 from common.tracking import hyperparameters, log_images, plot_curves
 from common.seeding import seed_from
-
 
 INPUT_CHANGES = {  # why an input of a stage changes, for the message when a checkpoint no longer matches
     "dataset": "images, captions or data.* settings changed",
@@ -61,6 +61,7 @@ class Trainer:
         self.stage, self.config, self.train = stage, config, train
         self.run = RunFolder(writable_folder(config.run_dir, "run_dir"))
         self.run.check_shared_settings(config, stage)
+        check_init_elsewhere(train.init_from, self.run.root, stage)  # before anything is written
         self.trackers = resolve_trackers(train.report_to, f"{stage}.report_to")
         self.accelerator = make_accelerator(resolve_mixed_precision(train.mixed_precision, f"{stage}.mixed_precision"),
                                             train.compile, self.trackers, self.run.logs)
@@ -353,8 +354,7 @@ class Trainer:
     def resume(self) -> int:
         """Load the newest complete state file, if any; returns the step to continue from."""
         if self.is_main and self.state_dir.is_dir():
-            for leftover in self.state_dir.glob(".state-*.tmp"):  # from a process killed mid-write
-                leftover.unlink(missing_ok=True)
+            remove_leftovers(self.state_dir, "state-*")  # from a process killed mid-write
         for path in self._state_files():
             try:
                 tensors, meta = load_tensors(path)

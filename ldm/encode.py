@@ -21,7 +21,7 @@ from contextlib import nullcontext
 import torch
 from tqdm.auto import tqdm
 
-from common.checkpoint import save_tensors, writable_folder, write_text
+from common.checkpoint import remove_leftovers, save_tensors, writable_folder, write_text
 from common.cli import run_cli
 from common.config import Config, dump_config
 from common.data import image_batches, load_split
@@ -45,6 +45,10 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
 def encode(config: Config, state, run: RunFolder) -> dict:
     """Encode the shards this process owns, then (main process) write the manifest."""
     device, rank, world = state.device, state.process_index, state.num_processes
+    if state.is_main_process:  # under the lock: shards and manifests of a process killed mid-write
+        remove_leftovers(run.latents, "*")
+    state.wait_for_everyone()  # before any rank writes a shard
+    run.check_finished("vae", "vae")
     vae = load_vae(run.component("vae")).to(device)
     dataset = load_split(config.data, "all")
     vae_hash, dataset_hash = vae_fingerprint(run.component("vae")), dataset.fingerprint()

@@ -41,6 +41,10 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         run, device = trainer.run, trainer.device
 
         # Inputs: the latent cache (checked against the VAE and dataset it was made from) and the text encoder
+        run.check_finished("vae", "vae")
+        if not config.text_encoder.pretrained:
+            run.check_finished("clip", "text_encoder")
+            run.check_finished("clip", "tokenizer")
         vae = load_vae(run.component("vae")).to(device)  # decodes the preview grids; never encodes here
         listing_only = ImageDataset(config.data, "all")  # file names and captions only: stage two reads no pixels
         cache = load_cache(run.latents, vae_fingerprint(run.component("vae")), listing_only.fingerprint())
@@ -166,6 +170,7 @@ def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_sche
         unet = merged(unet)
     with atomic_directory(run.component("unet")) as folder:
         unet.save_pretrained(folder, safe_serialization=True)
+        run.stamp(folder, "ldm", trainer.step)
     scheduler = inference_scheduler(noise_scheduler)
     with atomic_directory(run.component("scheduler")) as folder:
         scheduler.save_pretrained(folder)
@@ -178,8 +183,10 @@ def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_sche
                   "scheduler": ("diffusers", type(scheduler).__name__),
                   "text_encoder": ("transformers", type(text_encoder).__name__),
                   "tokenizer": ("transformers", type(tokenizer).__name__)}
-    # what the UNet was trained on: the pipeline refuses a run whose vae/, text_encoder/ or tokenizer/ changed since
-    built_from = {name: folder_fingerprint(run.component(name)) for name in ("vae", "text_encoder", "tokenizer")}
+    # what the UNet was trained on: the pipeline refuses a run whose vae/, text_encoder/ or tokenizer/ changed since;
+    # and the UNet itself, written before this index: a process killed in between leaves a new unet/ beside the old
+    # index and scheduler, which would load without a word
+    built_from = {name: folder_fingerprint(run.component(name)) for name in ("vae", "text_encoder", "tokenizer", "unet")}
     # the run's sampling defaults, used by pipe(prompt), write(), generate and evaluate when not given
     sampling = {"num_inference_steps": config.sample.num_inference_steps, "guidance_scale": config.sample.guidance_scale,
                 "guidance_interval": list(config.sample.guidance_interval)}

@@ -192,8 +192,10 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
             text_encoder.load_state_dict(clip.text_model.state_dict())
             with atomic_directory(run.component("text_encoder")) as folder:
                 text_encoder.save_pretrained(folder, safe_serialization=True)
+                run.stamp(folder, "clip", trainer.step)
             with atomic_directory(run.component("tokenizer")) as folder:
                 tokenizer.save_pretrained(folder)
+                run.stamp(folder, "clip", trainer.step)  # written after text_encoder/: a kill between them shows here
             with atomic_directory(run.component("clip")) as folder:  # both towers: evaluate's CLIP score
                 clip.save_pretrained(folder, safe_serialization=True)
             results = {"step": trainer.step, "zero_shot_accuracy": accuracy, "heldout_images": len(holdout_set),

@@ -50,6 +50,11 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     check_sampling_flags(args)  # before the data is read and the classifier trained
     cfg = config.evaluate
     run = RunFolder(config.run_dir)
+    # metrics against other images than the run was trained and held out on would be silently wrong (a held-out
+    # image it trained on); the seed only draws the samples, and augmentation is for training
+    run.check_shared_settings(config, "evaluate", ("data",), ignore=("data.augment.",))
+    for stage, component in (("vae", "vae"), ("clip", "text_encoder"), ("clip", "tokenizer"), ("ldm", "unet")):
+        run.check_finished(stage, component)  # eval.json is the run's: not an older model than config.yaml describes
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(dump_config(config))
     train_set, holdout_set = load_train_and_holdout(config.data)

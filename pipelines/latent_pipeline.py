@@ -65,8 +65,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         scheduler: any diffusers scheduler; DPM-Solver++ by default.
         classes: the class table of a class dataset, `[{"key", "fields", "prompt"}]` (what `write()` draws).
         built_from: hashes of the `vae`, `text_encoder` and `tokenizer` folders the UNet was trained with
-            (runs before the tokenizer's was kept: the first two); loading a folder whose components no
-            longer match them is refused.
+            (runs before the tokenizer's was kept: the first two), and of the `unet` folder written with
+            this index (older runs: none); loading a folder whose components no longer match them is refused.
         sampling: the run's tuned defaults, `{"num_inference_steps", "guidance_scale"}`: what `__call__`
             and `write` use when the caller passes none.
     """
@@ -337,11 +337,15 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
 def check_built_from(folder: Path, built_from: dict) -> None:
     """Refuse a run folder whose VAE, text encoder or tokenizer (runs since it was recorded) was replaced after
-    its UNet was trained."""
+    its UNet was trained, or whose UNet is not the one its model_index.json was written with."""
     if not folder.is_dir():
         return  # loaded from elsewhere (a hub cache): nothing to compare
     changed = [name for name, digest in (built_from or {}).items()
                if (folder / name).is_dir() and folder_fingerprint(folder / name) != digest]
+    if "unet" in changed:
+        raise RunFolderError(f"unet/ in {folder} is not the UNet its model_index.json was written with: train-ldm was "
+                             f"stopped while writing them, or unet/ was replaced since. Re-run `train-ldm --config ...` "
+                             f"into this run folder to write both again (or restore the old unet/)")
     if changed:
         raise RunFolderError(f"{' and '.join(f'{name}/' for name in changed)} in {folder} changed after unet/ was trained "
                              f"on {'them' if len(changed) > 1 else 'it'}: the UNet no longer matches. Re-run "

@@ -29,7 +29,9 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from common.config_yaml import load_config  # noqa: E402
+from common.cli import build_parser, resolve_config  # noqa: E402
+from common.config import ConfigError, dump_config  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from ldm.encode import cli as encode_dataset  # noqa: E402
 from ldm.train import cli as train_ldm  # noqa: E402
 from ldm.train_clip import cli as train_clip  # noqa: E402
@@ -80,8 +82,18 @@ def main(argv: list[str]) -> None:
     argv = [a for a in argv if a != "--sequential"]
     config_path = argv[0] if argv and not argv[0].startswith("-") else "configs/mnist.yaml"
     overrides = argv[1:] if argv and not argv[0].startswith("-") else argv
-    run_dir = load_config(config_path, [overrides[i + 1] for i, a in enumerate(overrides[:-1]) if a == "--set"]).run_dir
     common = ["--config", config_path, *overrides]
+    # read the overrides as every command will (--set k=v, --set=k=v, --run DIR): the grid's folder is the run's
+    args = build_parser("quickstart").parse_args(common)
+    try:
+        config = resolve_config(args)
+    except (ConfigError, UserError) as error:  # as the commands do: one line and exit status 2, before any stage
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if args.dry_run:
+        print(dump_config(config))
+        return
+    run_dir = config.run_dir
     timings = [("imports", time.time() - PROCESS_STARTED)]
     if sequential or torch.cuda.is_available() or torch.get_num_threads() < 2:
         stages = [("train-clip", train_clip, common), ("train-vae", train_vae, common)]

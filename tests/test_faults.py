@@ -232,7 +232,7 @@ def test_a_tokenizer_changed_after_the_unet_was_trained_is_refused(tiny_run, tmp
     """Same size as the text encoder's vocabulary (so check_tokenizer passes), but it reads prompts otherwise."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    assert set(json.loads((run / "model_index.json").read_text())["built_from"]) == {"vae", "text_encoder", "tokenizer"}
+    assert set(json.loads((run / "model_index.json").read_text())["built_from"]) == {"vae", "text_encoder", "tokenizer", "unet"}
     settings = json.loads((run / "tokenizer" / "tokenizer_config.json").read_text())
     settings["model_max_length"] = 8  # prompts now cut at 8 tokens, not the 16 the UNet learned from
     (run / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(settings))
@@ -494,3 +494,59 @@ def test_near_copy_rate_on_a_few_training_images():
     train = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     assert near_copy_rate(train[:2].clone(), train) == 1.0  # 4 neighbours instead of 50
     assert math.isnan(near_copy_rate(train[:1], train[:1]))
+
+
+# ---- scripts/quickstart.py ------------------------------------------------------------------------
+
+
+def load_quickstart():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "scripts" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["configs/nope.yaml"], "config file 'configs/nope.yaml' not found; the shipped ones are in configs/"),
+    ([str(TINY), "--set", "foo.bar=1"], "unknown config key 'foo'; known keys here: clip, data, encode, evaluate, ldm, "
+                                        "run_dir, sample, seed, text_encoder, vae"),
+])
+def test_quickstart_refuses_a_bad_config_or_override_in_one_line_before_any_stage(argv, message, capsys):
+    """Before: a traceback (the config was read outside the commands' error handling)."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_quickstart().main(argv)
+    assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("form", ["--set=run_dir={}", "--run {}"])
+def test_quickstart_reads_the_run_dir_as_its_commands_do(tmp_path, monkeypatch, form):
+    """Before: `--set=run_dir=X` and `--run X` trained into X but wrote the grid and train-clip's log into
+    checkpoints/<config name>, the run_dir quickstart itself read only from `--set X` pairs."""
+    quickstart = load_quickstart()
+    calls = {}
+    for name in ("train_clip", "train_vae", "encode_dataset", "train_ldm", "evaluate", "generate"):
+        monkeypatch.setattr(quickstart, name, lambda args, name=name: calls.setdefault(name, args))
+    run = tmp_path / "run"
+    quickstart.main([str(TINY), *form.format(run).split(), "--sequential"])
+    assert calls["generate"][-6:] == ["--num", "8", "--out", f"{run}/samples/quickstart", "--all-classes", "--overwrite"]
+    assert not (ROOT / "checkpoints" / "tiny").exists()
+
+
+def test_evaluate_with_other_data_settings_than_the_run_is_refused_before_writing(tiny_run, tmp_path):
+    """Before: it scored the run against another split (here held-out images it had trained on) and wrote that
+    into run/eval.json (and, with evaluate.tune, the run's sampling defaults into model_index.json)."""
+    from pipelines.evaluate import main as evaluate_main
+
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock-*"))
+    before = {name: (run / name).read_bytes() for name in ("model_index.json", "config.yaml")}
+    with pytest.raises(RunFolderError) as error:
+        evaluate_main(tiny_config(run, "data.holdout_fraction=0.5", "evaluate.tune=true"))
+    assert str(error.value) == (
+        f"{run} holds the vae, clip, encode, ldm stage(s), trained with other settings than this evaluate command's "
+        f"(data.holdout_fraction: 0.2 -> 0.5; from {run / 'config.yaml'} to this command's). One run folder has one seed "
+        f"and one dataset, so that its config.yaml reproduces every stage: drop those overrides (or pass --config "
+        f"{run / 'config.yaml'}), or use a new run_dir")
+    assert {name: (run / name).read_bytes() for name in before} == before and not (run / "eval.json").exists()
+    evaluate_main(tiny_config(run, "seed=1", "data.augment.rotate_degrees=0"))  # these only draw samples, or train

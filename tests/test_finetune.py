@@ -189,3 +189,19 @@ def test_lora_needs_a_base_and_its_vae(tiny_run, tmp_path):
         f"ldm.lora_rank: this run's vae ({run / 'vae'}) differs from the base's ({tiny_run / 'vae'}), so the adapters "
         f"would not fit the base pipeline they load into. Use the base's vae unchanged (vae.init_from={tiny_run} with "
         f"vae.max_steps=0), or fine-tune fully (ldm.lora_rank=0)")
+
+
+@pytest.mark.parametrize("stage, main, inside", [("vae", vae_main, ""), ("clip", clip_main, "clip"), ("ldm", ldm_main, "unet")])
+def test_init_from_the_run_being_trained_is_refused_before_anything_is_written(tiny_run, tmp_path, stage, main, inside):
+    """Before: with the stage's train_state deleted (as the resume refusal suggests), the stage fine-tuned its
+    own weights in place: the base was overwritten and config.yaml's init_from named the fine-tuned weights."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    shutil.rmtree(run / "train_state" / stage)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and not p.name.startswith(".lock-")}
+    source = run / inside if inside else run
+    with pytest.raises(UserError) as error:
+        main(tiny_config(run, f"{stage}.init_from={source}", f"{stage}.max_steps=1"))
+    assert str(error.value) == (f"{stage}.init_from='{source}' is inside this run's own folder ({run}): training would "
+                                f"replace the weights it starts from. Fine-tune into a new run: --set run_dir=NEW "
+                                f"--set {stage}.init_from={run}")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and not p.name.startswith(".lock-")} == before

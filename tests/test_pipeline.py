@@ -201,7 +201,7 @@ def test_model_index_written_by_train_ldm_is_what_save_pretrained_writes(tiny_ru
     # built_from hashes the files of each folder: the copy's (whose config.json names its origin) are its own
     from common.checkpoint import folder_fingerprint
 
-    recorded = ("vae", "text_encoder", "tokenizer")
+    recorded = ("vae", "text_encoder", "tokenizer", "unet")
     assert saved.pop("built_from") == {name: folder_fingerprint(tmp_path / "copy" / name) for name in recorded}
     assert written.pop("built_from") == {name: folder_fingerprint(tiny_run / name) for name in recorded}
     assert written == saved

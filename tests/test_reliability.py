@@ -452,3 +452,100 @@ def test_atomic_save_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
     tensors, meta = load_tensors(tmp_path / "a.safetensors")
     assert meta == {"step": 1} and torch.equal(tensors["x"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+def killed_at(name: str, module: str, run: Path, *overrides: str) -> None:
+    """Run the command `module` on `run` and kill it, as kill -9 would (no cleanup), the moment a finished write is
+    about to be renamed onto `name`."""
+    settings = [arg for override in (f"run_dir={run}", *overrides) for arg in ("--set", override)]
+    code = ("import os, runpy, sys\nreplace = os.replace\n"
+            f"os.replace = lambda a, b: os._exit(137) if os.path.basename(b) == {name!r} else replace(a, b)\n"
+            f"sys.argv = [{module!r}, '--config', {str(TINY)!r}, *{settings!r}]\n"
+            f"runpy.run_module({module!r}, run_name='__main__')")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True).returncode == 137
+
+
+def test_writes_killed_mid_way_leave_nothing_behind_once_their_stage_runs_again(tiny_run, tmp_path):
+    """Before: a shard or component folder written when kill -9 came stayed as a hidden temporary file or folder
+    (as large as what it held, one per kill) for good; only train_state's were removed."""
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock-*"))
+    killed_at("unet", "ldm.train", run)  # the old unet/ moved aside, the new one complete under its temporary name
+    shutil.rmtree(run / "latents")
+    killed_at("shard-00001.safetensors", "ldm.encode", run)
+    left = sorted(p.relative_to(run).as_posix().split(".")[1] for p in run.rglob(".*.tmp"))
+    assert left == ["shard-00001", "unet"] and (run / ".unet.old").is_dir()
+    encode_main(tiny_config(run))
+    ldm_main(tiny_config(run))
+    assert not list(run.rglob(".*.tmp")) and not (run / ".unet.old").exists()
+    assert common.checkpoint.folder_fingerprint(run / "unet") == common.checkpoint.folder_fingerprint(tiny_run / "unet")
+
+
+def test_a_run_killed_between_writing_its_unet_and_its_index_is_refused_not_loaded(tiny_run, tmp_path):
+    """Before: train-ldm killed after swapping in unet/ but before scheduler/ and model_index.json left the new UNet
+    (here trained for epsilon) beside the old scheduler (v_prediction) and index, and the run loaded without a word."""
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock-*"))
+    shutil.rmtree(run / STATE / "ldm")
+    killed_at(".scheduler.old", "ldm.train", run, "ldm.prediction_type=epsilon")
+    with pytest.raises(RunFolderError) as error:
+        LatentPipeline.from_pretrained(run)
+    assert str(error.value) == (
+        f"unet/ in {run} is not the UNet its model_index.json was written with: train-ldm was stopped while writing "
+        f"them, or unet/ was replaced since. Re-run `train-ldm --config ...` into this run folder to write both again "
+        f"(or restore the old unet/)")
+    ldm_main(tiny_config(run, "ldm.prediction_type=epsilon"))  # the same command finishes what it was writing
+    assert LatentPipeline.from_pretrained(run).scheduler.config.prediction_type == "epsilon"
+
+
+def test_a_stage_started_again_and_stopped_is_refused_by_the_stages_built_on_it(tiny_run, tmp_path, monkeypatch):
+    """Before: train-vae started again with other settings (its train_state deleted, as the resume refusal says) and
+    stopped left the old vae/ in place: encode-dataset found its cache current and train-ldm trained on the old VAE,
+    while config.yaml described the new one."""
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock-*"))
+    shutil.rmtree(run / STATE / "vae")
+    config = tiny_config(run, "vae.max_steps=6", "vae.save_every=100")
+    interrupt_at_step(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        train_vae(config)
+    monkeypatch.undo()
+    for main in (encode_main, ldm_main):
+        with pytest.raises(RunFolderError) as error:
+            main(config)
+        assert str(error.value) == (
+            f"train-vae is unfinished in {run}: {run / STATE / 'vae' / 'state-00000003.safetensors'} is newer than the "
+            f"vae/ it wrote (at step 4), so vae/ is not the model config.yaml describes. Re-run `train-vae --config ...` "
+            f"to finish it first")
+    train_vae(config)
+    encode_main(config)
+    assert json.loads((run / "latents" / "manifest.json").read_text())["vae"] == common.checkpoint.folder_fingerprint(run / "vae")
+
+
+def test_train_clip_killed_between_its_text_encoder_and_tokenizer_is_refused_at_train_ldm(tiny_run, tmp_path):
+    """The new text encoder beside the old tokenizer would read prompts with other token ids than it learned."""
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock-*"))
+    shutil.rmtree(run / STATE / "clip")
+    killed_at(".tokenizer.old", "ldm.train_clip", run, "clip.max_steps=6")
+    with pytest.raises(RunFolderError) as error:
+        ldm_main(tiny_config(run, "clip.max_steps=6"))
+    assert str(error.value) == (
+        f"train-clip is unfinished in {run}: {run / STATE / 'clip' / 'state-00000006.safetensors'} is newer than the "
+        f"tokenizer/ it wrote (at step 4), so tokenizer/ is not the model config.yaml describes. Re-run `train-clip "
+        f"--config ...` to finish it first")
+
+
+def test_evaluate_refuses_a_run_whose_train_ldm_was_started_again_and_stopped(tiny_run, tmp_path, monkeypatch):
+    """Before: it scored the old unet/ and wrote that into run/eval.json while config.yaml described the new UNet."""
+    from pipelines.evaluate import main as evaluate_main
+
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock-*"))
+    shutil.rmtree(run / STATE / "ldm")
+    config = tiny_config(run, "ldm.max_steps=6", "ldm.save_every=100", "ldm.sample_every=100")
+    interrupt_at_step(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        ldm_main(config)
+    with pytest.raises(RunFolderError) as error:
+        evaluate_main(config)
+    assert str(error.value) == (
+        f"train-ldm is unfinished in {run}: {run / STATE / 'ldm' / 'state-00000003.safetensors'} is newer than the "
+        f"unet/ it wrote (at step 4), so unet/ is not the model config.yaml describes. Re-run `train-ldm --config ...` "
+        f"to finish it first")
+    assert not (run / "eval.json").exists()

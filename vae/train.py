@@ -118,6 +118,7 @@ def export(trainer: Trainer, config: Config, train_set, holdout_set, grid_images
     vae.register_to_config(scaling_factor=scaling_factor)
     with atomic_directory(run.component("vae")) as folder:
         vae.save_pretrained(folder, safe_serialization=True)
+        run.stamp(folder, "vae", trainer.step)
     metrics = reconstruction_metrics(vae, holdout_set, cfg.eval_images)
     grid_path = trainer.log_image(run.samples / "vae-reconstructions.png", reconstruction_grid(vae, grid_images), trainer.step)
     results = {"step": trainer.step, "heldout_psnr": metrics["psnr"], "heldout_ssim": metrics["ssim"],
