@@ -8,9 +8,26 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, parse_flag_from_env
 
 from common.errors import UserError
+
+
+def on_cpu() -> bool:
+    """Whether this process computes on the CPU: no CUDA device, or `accelerate launch --cpu` (which sets
+    ACCELERATE_USE_CPU). accelerate's Accelerator honours that flag on its own, so precision, TF32 and the
+    device of work without an Accelerator must follow it too, or a CPU run would autocast."""
+    return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
+def refuse_multi_process(command: str) -> None:
+    """`command` samples and writes in one process. Under `accelerate launch --num_processes N` (or torchrun,
+    which set WORLD_SIZE) every process would repeat the same work into the same files and race on them."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise UserError(f"{command} runs in one process, but this launch started {world} (WORLD_SIZE={world}, from "
+                        f"accelerate launch --num_processes {world} or torchrun); run {command} without accelerate "
+                        f"launch, or with --num_processes 1")
 
 
 def resolve_mixed_precision(setting: str, key: str = "mixed_precision") -> str:
@@ -18,10 +35,11 @@ def resolve_mixed_precision(setting: str, key: str = "mixed_precision") -> str:
     on CUDA an explicit config value wins, and `auto` defers to `accelerate launch --mixed_precision` /
     `accelerate config` (the ACCELERATE_MIXED_PRECISION they set), else bf16 (fp16 on older GPUs)."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() or None
-    if not torch.cuda.is_available():
+    if on_cpu():
         if setting in ("fp16", "bf16") or launcher in ("fp16", "bf16"):
+            why = "no CUDA device" if not torch.cuda.is_available() else "accelerate launch --cpu"
             print(f"note: mixed precision {setting if setting in ('fp16', 'bf16') else launcher} ignored: "
-                  f"no CUDA device, training in fp32 on the CPU")
+                  f"{why}, training in fp32 on the CPU")
         return "no"
     if setting == "auto":
         return launcher or ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
@@ -64,15 +82,15 @@ def make_accelerator(mixed_precision: str = "no", compile_mode: str = "auto", tr
     if AcceleratorState._shared_state:  # a stage before this one in the same process: start fresh
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-    if torch.cuda.is_available():  # TF32 matmuls and convolutions: fp32 accuracy is not needed for training
+    if not on_cpu():  # TF32 matmuls and convolutions: fp32 accuracy is not needed for training
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     project = ProjectConfiguration(project_dir=str(logging_dir), logging_dir=str(logging_dir)) if logging_dir else None
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
+    return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu(),
                        step_scheduler_with_optimizer=False, dynamo_plugin=dynamo, log_with=trackers or None,
                        project_config=project)
 
 
 def process_state() -> PartialState:
     """Rank, world size and device for work that trains nothing (encoding): no Accelerator, no precision."""
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=on_cpu())

@@ -156,3 +156,20 @@ def test_compile_is_per_stage_and_auto_defers_to_the_launcher(monkeypatch):
     assert type(launched.prepare(torch.nn.Linear(2, 2))).__name__ == "OptimizedModule"
     monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")
     make_accelerator("no", "no")
+
+
+def test_accelerate_launch_cpu_on_a_cuda_machine_never_autocasts(monkeypatch, capsys):
+    """`accelerate launch --cpu` puts the Accelerator on the CPU even where CUDA is present (ACCELERATE_USE_CPU);
+    the precision must follow it, or the launcher's bf16 would autocast on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert common.devices.on_cpu()
+    assert resolve_mixed_precision("auto", "ldm.mixed_precision") == "no"
+    assert resolve_mixed_precision("fp16", "ldm.mixed_precision") == "no"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["note: mixed precision bf16 ignored: accelerate launch --cpu, training in fp32 on the CPU",
+                       "note: mixed precision fp16 ignored: accelerate launch --cpu, training in fp32 on the CPU"]
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
+    assert not common.devices.on_cpu() and resolve_mixed_precision("auto") == "bf16"
