@@ -155,6 +155,13 @@ class Trainer:
         plugin = self.accelerator.state.dynamo_plugin
         return plugin is not None and plugin.backend != DynamoBackend.NO
 
+    @property
+    def setup(self) -> dict[str, str | int | bool]:
+        """What the stage runs with where that is not in its config: `auto` resolved by the launcher, and
+        on a CPU fp32 whatever mixed_precision asked (config.yaml keeps what was asked)."""
+        return {"mixed_precision": self.accelerator.mixed_precision, "compiled": self.compiled,
+                "device": self.device.type, "processes": self.world_size, "effective_batch": self.global_batch}
+
     def describe_batch(self) -> None:
         t = self.train
         lrs = ", ".join(f"{name} {lr:.3g}" for name, lr in self.base_lrs.items())
@@ -173,8 +180,10 @@ class Trainer:
         if self.is_main:  # every input has been checked by now: a command that failed them wrote nothing
             for note in self.run.save_config(self.config, self.stage):
                 self.print(f"[{self.stage}] {note}")
-        if self.trackers:  # TensorBoard & co: run/logs/<stage>/, with the config as hyperparameters
-            self.accelerator.init_trackers(self.stage, config=hyperparameters(self.config, self.stage))
+            self.write_log({"event": "setup", "step": self.step, **self.setup})  # before init_trackers: the log only
+        if self.trackers:  # TensorBoard & co: run/logs/<stage>/, with the config and the setup as hyperparameters
+            used = {f"{self.stage}.{key}_used": value for key, value in self.setup.items()}
+            self.accelerator.init_trackers(self.stage, config={**hyperparameters(self.config, self.stage), **used})
         self._first_step_started = time.time()
         self._progress = tqdm(total=total_steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
                               disable=not self.accelerator.is_local_main_process, smoothing=0.05)
@@ -344,7 +353,7 @@ class Trainer:
             for name, (ema, _, _) in self.emas.items():
                 for key, value in ema.state_dict().items():
                     tensors[f"ema.{name}.{key}"] = value
-            meta = {"stage": self.stage, "step": self.step, "world_size": self.world_size,
+            meta = {"stage": self.stage, "step": self.step, "world_size": self.world_size, "setup": self.setup,
                     "skipped_steps": self.skipped_steps, "bad_steps_in_row": self.bad_steps_in_row,
                     "optimizers": optimizers, "config": to_dict(self.config), "inputs": self.inputs,
                     "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None}
@@ -401,4 +410,7 @@ class Trainer:
         self._bad_in_row.fill_(meta.get("bad_steps_in_row", 0))
         saved_by = meta.get("world_size", 1)
         note = f" (saved by {saved_by} processes, resumed on {self.world_size})" if saved_by != self.world_size else ""
+        trained_in = (meta.get("setup") or {}).get("mixed_precision", self.accelerator.mixed_precision)
+        if trained_in != self.accelerator.mixed_precision:  # e.g. a GPU's bf16 run resumed on a CPU, or another launcher
+            note += f" (trained in mixed precision {trained_in} so far, continuing in {self.accelerator.mixed_precision})"
         self.print(f"[{self.stage}] resumed from {path} at step {self.step}{note}")

@@ -173,3 +173,32 @@ def test_accelerate_launch_cpu_on_a_cuda_machine_never_autocasts(monkeypatch, ca
                        "note: mixed precision fp16 ignored: accelerate launch --cpu, training in fp32 on the CPU"]
     monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
     assert not common.devices.on_cpu() and resolve_mixed_precision("auto") == "bf16"
+
+
+def test_the_run_records_the_precision_it_trained_in_and_a_resume_that_changes_it(tmp_path, monkeypatch, capsys):
+    """config.yaml keeps what was asked (here bf16, under a bf16 launcher); the log, the checkpoints and the
+    trackers' hyperparameters say what ran (fp32 on the CPU), and a resume in another precision says so."""
+    import json
+
+    from common.checkpoint import load_tensors, save_tensors
+    from ldm.train_clip import main as clip_main
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    run = tmp_path / "run"
+    config = tiny_config(run, "clip.mixed_precision=bf16")
+    clip_main(config)
+    setup = {"mixed_precision": "no", "compiled": False, "device": "cpu", "processes": 1, "effective_batch": 16}
+    first = json.loads((run / "logs" / "clip.jsonl").read_text().splitlines()[0])
+    assert {k: v for k, v in first.items() if k != "time"} == {"event": "setup", "step": 0, **setup}
+    assert "mixed_precision: bf16" in (run / "config.yaml").read_text()
+    hparams = next((run / "logs" / "clip").rglob("hparams.yml")).read_text()
+    assert "clip.mixed_precision_used: 'no'" in hparams
+    states = sorted((run / "train_state" / "clip").glob("state-*.safetensors"))
+    tensors, meta = load_tensors(states[0])
+    assert meta["setup"] == setup
+    save_tensors(states[0], tensors, {**meta, "setup": {**setup, "mixed_precision": "bf16"}})  # as a GPU would
+    states[-1].unlink()
+    capsys.readouterr()
+    clip_main(config)
+    assert (f"resumed from {states[0]} at step 2 (trained in mixed precision bf16 so far, continuing in no)"
+            in capsys.readouterr().out)
