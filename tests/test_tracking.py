@@ -77,12 +77,13 @@ def test_a_tracker_that_is_not_installed_is_refused_before_anything_is_written(t
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("value", ["tensorbord", "auto,wandb", "none,tensorboard", ""])
+@pytest.mark.parametrize("value", ["tensorbord", "auto,wandb", "none,tensorboard", "", "all,wandb",
+                                   "tensorboard,tensorboard"])
 def test_an_unknown_tracker_name_is_refused(tmp_path, value):
     with pytest.raises(ConfigError) as error:
         tiny_config(tmp_path, f"ldm.report_to={value}")
-    assert str(error.value).startswith("config key 'ldm.report_to' must be auto, none, all, or tracker names separated "
-                                       "by commas (aim, tensorboard, wandb,")
+    assert str(error.value).startswith("config key 'ldm.report_to' must be auto, none or all alone, or tracker names "
+                                       "separated by commas, each once (aim, tensorboard, wandb,")
     assert str(error.value).endswith(f"got {value!r}")
 
 
