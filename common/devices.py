@@ -35,15 +35,16 @@ def resolve_mixed_precision(setting: str, key: str = "mixed_precision") -> str:
     on CUDA an explicit config value wins, and `auto` defers to `accelerate launch --mixed_precision` /
     `accelerate config` (the ACCELERATE_MIXED_PRECISION they set), else bf16 (fp16 on older GPUs)."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() or None
+    main = os.environ.get("RANK", "0") == "0"  # no Accelerator yet: one note per launch, not one per process
     if on_cpu():
-        if setting in ("fp16", "bf16") or launcher in ("fp16", "bf16"):
+        if main and (setting in ("fp16", "bf16") or launcher in ("fp16", "bf16")):
+            asked = f"{key}={setting}" if setting in ("fp16", "bf16") else f"the launcher's mixed precision {launcher}"
             why = "no CUDA device" if not torch.cuda.is_available() else "accelerate launch --cpu"
-            print(f"note: mixed precision {setting if setting in ('fp16', 'bf16') else launcher} ignored: "
-                  f"{why}, training in fp32 on the CPU")
+            print(f"note: {asked} ignored: {why}, training in fp32 on the CPU")
         return "no"
     if setting == "auto":
         return launcher or ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    if launcher and launcher != setting:
+    if main and launcher and launcher != setting:
         print(f"note: {key}={setting} from the config overrides the launcher's mixed precision {launcher}")
     return setting
 

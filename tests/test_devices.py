@@ -169,8 +169,12 @@ def test_accelerate_launch_cpu_on_a_cuda_machine_never_autocasts(monkeypatch, ca
     assert resolve_mixed_precision("auto", "ldm.mixed_precision") == "no"
     assert resolve_mixed_precision("fp16", "ldm.mixed_precision") == "no"
     printed = capsys.readouterr().out.splitlines()
-    assert printed == ["note: mixed precision bf16 ignored: accelerate launch --cpu, training in fp32 on the CPU",
-                       "note: mixed precision fp16 ignored: accelerate launch --cpu, training in fp32 on the CPU"]
+    assert printed == [
+        "note: the launcher's mixed precision bf16 ignored: accelerate launch --cpu, training in fp32 on the CPU",
+        "note: ldm.mixed_precision=fp16 ignored: accelerate launch --cpu, training in fp32 on the CPU"]
+    monkeypatch.setenv("RANK", "1")  # the other processes of a launch stay quiet
+    assert resolve_mixed_precision("fp16", "ldm.mixed_precision") == "no" and capsys.readouterr().out == ""
+    monkeypatch.delenv("RANK")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
     assert not common.devices.on_cpu() and resolve_mixed_precision("auto") == "bf16"
 
