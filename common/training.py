@@ -62,10 +62,7 @@ class Trainer:
         self.run = RunFolder(writable_folder(config.run_dir, "run_dir"))
         self.run.check_shared_settings(config, stage)
         self.trackers = resolve_trackers(train.report_to, f"{stage}.report_to")
-        # the folders inside run_dir this stage writes into: a file in their place would otherwise stop
-        # the stage after its first step (logs), at its first checkpoint or sample grid, or in init_trackers
-        for folder in (self.run.logs, self.run.logs / stage, self.run.train_state(stage), self.run.samples):
-            writable_folder(folder, f"the {stage} stage's folder", f"move it out of the way, or choose another run_dir")
+        self.run.check_writable(stage, self.run.logs, self.run.logs / stage, self.run.train_state(stage), self.run.samples)
         self.accelerator = make_accelerator(resolve_mixed_precision(train.mixed_precision, f"{stage}.mixed_precision"),
                                             train.compile, self.trackers, self.run.logs)
         self.device = self.accelerator.device

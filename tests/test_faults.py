@@ -494,3 +494,17 @@ def test_near_copy_rate_on_a_few_training_images():
     train = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     assert near_copy_rate(train[:2].clone(), train) == 1.0  # 4 neighbours instead of 50
     assert math.isnan(near_copy_rate(train[:1], train[:1]))
+
+
+def test_a_file_where_the_latent_cache_goes_is_refused_before_anything_is_written(tiny_run, tmp_path):
+    """encode-dataset wrote config.yaml and encoded a shard before failing on a file named `latents`."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "latents")
+    (run / "latents").write_text("not a folder")
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(UserError) as error:
+        encode_main(tiny_config(run, "encode.batch_size=16"))
+    assert str(error.value) == (f"the encode stage's folder '{run / 'latents'}' is a file, not a folder; "
+                                f"move it out of the way, or choose another run_dir")
+    assert (run / "config.yaml").read_text() == before and (run / "latents").read_text() == "not a folder"
