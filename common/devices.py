@@ -8,7 +8,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, parse_flag_from_env
+from accelerate.utils import DynamoBackend, ProjectConfiguration, TorchDynamoPlugin, parse_flag_from_env
 
 from common.errors import UserError
 
@@ -47,6 +47,23 @@ def resolve_mixed_precision(setting: str, key: str = "mixed_precision") -> str:
     if main and launcher and launcher != setting:
         print(f"note: {key}={setting} from the config overrides the launcher's mixed precision {launcher}")
     return setting
+
+
+def stage_setup(accelerator: Accelerator, global_batch: int) -> dict[str, str | int | bool]:
+    """What a stage runs with where its config says `auto`, or asks for what a CPU does not do (bf16 there runs
+    in fp32): the log, the checkpoints and the trackers record it, since config.yaml keeps what was asked."""
+    plugin = accelerator.state.dynamo_plugin
+    compiled = plugin is not None and plugin.backend != DynamoBackend.NO
+    return {"mixed_precision": accelerator.mixed_precision, "compiled": compiled, "device": accelerator.device.type,
+            "processes": accelerator.num_processes, "effective_batch": global_batch}
+
+
+def precision_change(trained_in: str | None, now: str) -> str:
+    """A resume's note when its checkpoint trained in another precision (a GPU's bf16 run resumed on a CPU,
+    or `auto` under another launcher); empty when the same, or unrecorded (older checkpoints)."""
+    if trained_in in (None, now):
+        return ""
+    return f" (trained in mixed precision {trained_in} so far, continuing in {now})"
 
 
 def resolve_trackers(setting: str, key: str = "report_to") -> list[str]:

@@ -35,12 +35,11 @@ from typing import Iterator
 
 import PIL.Image
 import torch
-from accelerate.utils import DynamoBackend
 from tqdm.auto import tqdm
 
 from common.checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, writable_folder
 from common.config import Config, TrainConfig, dump_config, to_dict
-from common.devices import make_accelerator, resolve_mixed_precision, resolve_trackers
+from common.devices import make_accelerator, precision_change, resolve_mixed_precision, resolve_trackers, stage_setup
 from common.errors import RunFolderError
 from common.images import save_image
 from common.loop import StopSignals, TrainingDiverged, TrainingInterrupted, ema_decay_at, ema_tensors, lr_factor, update_ema
@@ -73,6 +72,7 @@ class Trainer:
         self._lock = RunLock(self.run.root, stage)
         self.global_batch = train.batch_size * self.world_size * train.grad_accum
         self.lr_scale = self.world_size * train.grad_accum if train.scale_lr else 1
+        self.setup = stage_setup(self.accelerator, self.global_batch)  # what runs, where config.yaml has what was asked
         self.models: dict[str, torch.nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.base_lrs: dict[str, float] = {}
@@ -147,23 +147,11 @@ class Trainer:
     def bad_steps_in_row(self) -> int:
         return int(self._bad_in_row)
 
-    @property
-    def compiled(self) -> bool:
-        plugin = self.accelerator.state.dynamo_plugin
-        return plugin is not None and plugin.backend != DynamoBackend.NO
-
-    @property
-    def setup(self) -> dict[str, str | int | bool]:
-        """What the stage runs with where that is not in its config: `auto` resolved by the launcher, and
-        on a CPU fp32 whatever mixed_precision asked (config.yaml keeps what was asked)."""
-        return {"mixed_precision": self.accelerator.mixed_precision, "compiled": self.compiled,
-                "device": self.device.type, "processes": self.world_size, "effective_batch": self.global_batch}
-
     def describe_batch(self) -> None:
         t = self.train
         lrs = ", ".join(f"{name} {lr:.3g}" for name, lr in self.base_lrs.items())
         self.print(f"[{self.stage}] device {self.device} | mixed precision {self.accelerator.mixed_precision} | "
-                   f"torch.compile {'on' if self.compiled else 'off'} | "
+                   f"torch.compile {'on' if self.setup['compiled'] else 'off'} | "
                    f"effective batch {t.batch_size} per process x {self.world_size} processes x "
                    f"{t.grad_accum} accumulation = {self.global_batch} | lr {lrs}"
                    f"{' (scaled with the batch)' if t.scale_lr else ''}")
@@ -179,8 +167,7 @@ class Trainer:
                 self.print(f"[{self.stage}] {note}")
             self.write_log({"event": "setup", "step": self.step, **self.setup})  # before init_trackers: the log only
         if self.trackers:  # TensorBoard & co: run/logs/<stage>/, with the config and the setup as hyperparameters
-            used = {f"{self.stage}.{key}_used": value for key, value in self.setup.items()}
-            self.accelerator.init_trackers(self.stage, config={**hyperparameters(self.config, self.stage), **used})
+            self.accelerator.init_trackers(self.stage, config=hyperparameters(self.config, self.stage, self.setup))
         self._first_step_started = time.time()
         self._progress = tqdm(total=total_steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
                               disable=not self.accelerator.is_local_main_process, smoothing=0.05)
@@ -260,7 +247,7 @@ class Trainer:
         self._progress.update(1)
         if self._first_step_started is not None:  # compilation, if any, happens in the first step
             self.print(f"\n[{self.stage}] first step took {time.time() - self._first_step_started:.1f} s"
-                       f"{' (torch.compile included)' if self.compiled else ''}")
+                       f"{' (torch.compile included)' if self.setup['compiled'] else ''}")
             self._first_step_started = None
         norms = {("grad_norm" if len(self.models) == 1 else f"grad_norm_{name}"): norm
                  for name, norm in self._grad_norms.items()}
@@ -407,7 +394,5 @@ class Trainer:
         self._bad_in_row.fill_(meta.get("bad_steps_in_row", 0))
         saved_by = meta.get("world_size", 1)
         note = f" (saved by {saved_by} processes, resumed on {self.world_size})" if saved_by != self.world_size else ""
-        trained_in = (meta.get("setup") or {}).get("mixed_precision", self.accelerator.mixed_precision)
-        if trained_in != self.accelerator.mixed_precision:  # e.g. a GPU's bf16 run resumed on a CPU, or another launcher
-            note += f" (trained in mixed precision {trained_in} so far, continuing in {self.accelerator.mixed_precision})"
+        note += precision_change((meta.get("setup") or {}).get("mixed_precision"), self.accelerator.mixed_precision)
         self.print(f"[{self.stage}] resumed from {path} at step {self.step}{note}")
