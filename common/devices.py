@@ -8,7 +8,8 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DynamoBackend, ProjectConfiguration, TorchDynamoPlugin, parse_flag_from_env
+from accelerate.utils import (DynamoBackend, GradientAccumulationPlugin, ProjectConfiguration, TorchDynamoPlugin,
+                               parse_flag_from_env)
 
 from common.errors import UserError
 
@@ -28,6 +29,17 @@ def refuse_multi_process(command: str) -> None:
         raise UserError(f"{command} runs in one process, but this launch started {world} (WORLD_SIZE={world}, from "
                         f"accelerate launch --num_processes {world} or torchrun); run {command} without accelerate "
                         f"launch, or with --num_processes 1")
+
+
+def refuse_launcher_accumulation(key: str = "grad_accum") -> None:
+    """The stages accumulate their own micro-batches (`key`); accelerate would also divide every loss by the
+    ACCELERATE_GRADIENT_ACCUMULATION_STEPS that `accelerate launch --gradient_accumulation_steps` or a DeepSpeed
+    `accelerate config` set, silently shrinking the gradients while the effective batch stayed the same."""
+    steps = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1").strip() or "1"
+    if steps != "1":
+        raise UserError(f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={steps} (from accelerate launch "
+                        f"--gradient_accumulation_steps or accelerate config) is not how this toolkit accumulates: "
+                        f"unset it and set {key}={steps} instead")
 
 
 def resolve_mixed_precision(setting: str, key: str = "mixed_precision") -> str:
@@ -104,7 +116,9 @@ def make_accelerator(mixed_precision: str = "no", compile_mode: str = "auto", tr
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     project = ProjectConfiguration(project_dir=str(logging_dir), logging_dir=str(logging_dir)) if logging_dir else None
+    # accumulation is the stages' own (no_sync, loss / grad_accum): accelerate's must stay 1, whatever the env says
     return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu(),
+                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
                        step_scheduler_with_optimizer=False, dynamo_plugin=dynamo, log_with=trackers or None,
                        project_config=project)
 

@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors, writable_folder
 from common.config import Config, TrainConfig, dump_config, to_dict
-from common.devices import make_accelerator, precision_change, resolve_mixed_precision, resolve_trackers, stage_setup
+from common.devices import (make_accelerator, precision_change, refuse_launcher_accumulation, resolve_mixed_precision,
+                            resolve_trackers, stage_setup)
 from common.errors import RunFolderError
 from common.images import save_image
 from common.loop import StopSignals, TrainingDiverged, TrainingInterrupted, ema_decay_at, ema_tensors, lr_factor, update_ema
@@ -61,6 +62,7 @@ class Trainer:
         self.run = RunFolder(writable_folder(config.run_dir, "run_dir"))
         self.run.check_shared_settings(config, stage)
         self.trackers = resolve_trackers(train.report_to, f"{stage}.report_to")
+        refuse_launcher_accumulation(f"{stage}.grad_accum")
         self.run.check_writable(stage, self.run.logs, self.run.logs / stage, self.run.train_state(stage), self.run.samples)
         self.accelerator = make_accelerator(resolve_mixed_precision(train.mixed_precision, f"{stage}.mixed_precision"),
                                             train.compile, self.trackers, self.run.logs)

@@ -8,6 +8,7 @@ import torch
 
 import common.devices
 from common.devices import make_accelerator, resolve_mixed_precision
+from common.errors import UserError
 from common.training import Trainer
 from conftest import tiny_config
 from ldm.train import main as ldm_main
@@ -206,3 +207,17 @@ def test_the_run_records_the_precision_it_trained_in_and_a_resume_that_changes_i
     clip_main(config)
     assert (f"resumed from {states[0]} at step 2 (trained in mixed precision bf16 so far, continuing in no)"
             in capsys.readouterr().out)
+
+
+def test_the_launchers_gradient_accumulation_is_refused_not_applied_on_top(tmp_path, monkeypatch):
+    """ACCELERATE_GRADIENT_ACCUMULATION_STEPS (accelerate launch --gradient_accumulation_steps, a DeepSpeed
+    accelerate config) made accelerator.backward divide every loss by it too: gradients 4x smaller, while the
+    effective batch said "x 1 accumulation". The stages accumulate themselves (grad_accum)."""
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    assert make_accelerator("no").gradient_accumulation_steps == 1
+    with pytest.raises(UserError) as error:
+        Trainer("ldm", tiny_config(tmp_path / "run"), tiny_config(tmp_path / "run").ldm)
+    assert str(error.value) == ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4 (from accelerate launch --gradient_accumulation_steps "
+                                "or accelerate config) is not how this toolkit accumulates: unset it and set "
+                                "ldm.grad_accum=4 instead")
+    assert not (tmp_path / "run").exists()
