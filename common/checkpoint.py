@@ -298,15 +298,17 @@ def folder_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()
 
 
-def writable_folder(path: str | Path, what: str) -> Path:
-    """Make sure `path` is (or can become) a folder this process may write in, before any work starts."""
+def writable_folder(path: str | Path, what: str, fix: str = "") -> Path:
+    """Make sure `path` is (or can become) a folder this process may write in, before any work starts.
+    `fix` replaces the advice to choose another path, for folders whose path the user does not choose."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError(f"{what} '{path}' is a file, not a folder; choose another path")
+        raise UserError(f"{what} '{path}' is a file, not a folder; {fix or 'choose another path'}")
     existing = next(p for p in [path, *path.parents] if p.exists())
     if not existing.is_dir():  # a file part-way down the path: no permission would make it a folder
-        raise UserError(f"{what} '{path}' cannot be created: '{existing}' is a file, not a folder; choose another path")
+        raise UserError(f"{what} '{path}' cannot be created: '{existing}' is a file, not a folder; "
+                        f"{fix or 'choose another path'}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{what} '{path}' cannot be written ('{existing}' is read-only for this user); "
-                        f"choose a folder you can write to")
+                        f"{fix or 'choose a folder you can write to'}")
     return path

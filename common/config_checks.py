@@ -97,9 +97,11 @@ def validate(config: Config) -> None:
         require(len(stage.adam_betas) == 2 and all(0 <= b < 1 for b in stage.adam_betas), f"{name}.adam_betas",
                 f"must be two numbers in [0, 1), got {stage.adam_betas}")
         trackers = [t.strip() for t in stage.report_to.split(",")]
-        require(all(t in ("auto", "none", *TRACKERS) for t in trackers) and (len(trackers) == 1 or "auto" not in trackers
-                and "none" not in trackers), f"{name}.report_to",
-                f"must be auto, none, all, or tracker names separated by commas ({', '.join(TRACKERS[1:])}); "
+        # auto, none and all stand alone (all with a name would be read as a package to install); a name
+        # given twice would start two trackers writing the same curves
+        require(all(t in ("auto", "none", *TRACKERS) for t in trackers) and (len(trackers) == 1 or not
+                {"auto", "none", "all"} & set(trackers)) and len(set(trackers)) == len(trackers), f"{name}.report_to",
+                f"must be auto, none or all alone, or tracker names separated by commas, each once ({', '.join(TRACKERS[1:])}); "
                 f"got {stage.report_to!r}")
         for every in ("save_every", "sample_every", "log_every", "keep_checkpoints", "max_bad_steps"):
             require(getattr(stage, every) >= 1, f"{name}.{every}", f"must be >= 1, got {getattr(stage, every)}")

@@ -8,9 +8,38 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin
+from accelerate.utils import (DynamoBackend, GradientAccumulationPlugin, ProjectConfiguration, TorchDynamoPlugin,
+                               parse_flag_from_env)
 
 from common.errors import UserError
+
+
+def on_cpu() -> bool:
+    """Whether this process computes on the CPU: no CUDA device, or `accelerate launch --cpu` (which sets
+    ACCELERATE_USE_CPU). accelerate's Accelerator honours that flag on its own, so precision, TF32 and the
+    device of work without an Accelerator must follow it too, or a CPU run would autocast."""
+    return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
+def refuse_multi_process(command: str) -> None:
+    """`command` samples and writes in one process. Under `accelerate launch --num_processes N` (or torchrun,
+    which set WORLD_SIZE) every process would repeat the same work into the same files and race on them."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise UserError(f"{command} runs in one process, but this launch started {world} (WORLD_SIZE={world}, from "
+                        f"accelerate launch --num_processes {world} or torchrun); run {command} without accelerate "
+                        f"launch, or with --num_processes 1")
+
+
+def refuse_launcher_accumulation(key: str = "grad_accum") -> None:
+    """The stages accumulate their own micro-batches (`key`); accelerate would also divide every loss by the
+    ACCELERATE_GRADIENT_ACCUMULATION_STEPS that `accelerate launch --gradient_accumulation_steps` or a DeepSpeed
+    `accelerate config` set, silently shrinking the gradients while the effective batch stayed the same."""
+    steps = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1").strip() or "1"
+    if steps != "1":
+        raise UserError(f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={steps} (from accelerate launch "
+                        f"--gradient_accumulation_steps or accelerate config) is not how this toolkit accumulates: "
+                        f"unset it and set {key}={steps} instead")
 
 
 def resolve_mixed_precision(setting: str, key: str = "mixed_precision") -> str:
@@ -18,16 +47,35 @@ def resolve_mixed_precision(setting: str, key: str = "mixed_precision") -> str:
     on CUDA an explicit config value wins, and `auto` defers to `accelerate launch --mixed_precision` /
     `accelerate config` (the ACCELERATE_MIXED_PRECISION they set), else bf16 (fp16 on older GPUs)."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() or None
-    if not torch.cuda.is_available():
-        if setting in ("fp16", "bf16") or launcher in ("fp16", "bf16"):
-            print(f"note: mixed precision {setting if setting in ('fp16', 'bf16') else launcher} ignored: "
-                  f"no CUDA device, training in fp32 on the CPU")
+    main = os.environ.get("RANK", "0") == "0"  # no Accelerator yet: one note per launch, not one per process
+    if on_cpu():
+        if main and (setting in ("fp16", "bf16") or launcher in ("fp16", "bf16")):
+            asked = f"{key}={setting}" if setting in ("fp16", "bf16") else f"the launcher's mixed precision {launcher}"
+            why = "no CUDA device" if not torch.cuda.is_available() else "accelerate launch --cpu"
+            print(f"note: {asked} ignored: {why}, training in fp32 on the CPU")
         return "no"
     if setting == "auto":
         return launcher or ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    if launcher and launcher != setting:
+    if main and launcher and launcher != setting:
         print(f"note: {key}={setting} from the config overrides the launcher's mixed precision {launcher}")
     return setting
+
+
+def stage_setup(accelerator: Accelerator, global_batch: int) -> dict[str, str | int | bool]:
+    """What a stage runs with where its config says `auto`, or asks for what a CPU does not do (bf16 there runs
+    in fp32): the log, the checkpoints and the trackers record it, since config.yaml keeps what was asked."""
+    plugin = accelerator.state.dynamo_plugin
+    compiled = plugin is not None and plugin.backend != DynamoBackend.NO
+    return {"mixed_precision": accelerator.mixed_precision, "compiled": compiled, "device": accelerator.device.type,
+            "processes": accelerator.num_processes, "effective_batch": global_batch}
+
+
+def precision_change(trained_in: str | None, now: str) -> str:
+    """A resume's note when its checkpoint trained in another precision (a GPU's bf16 run resumed on a CPU,
+    or `auto` under another launcher); empty when the same, or unrecorded (older checkpoints)."""
+    if trained_in in (None, now):
+        return ""
+    return f" (trained in mixed precision {trained_in} so far, continuing in {now})"
 
 
 def resolve_trackers(setting: str, key: str = "report_to") -> list[str]:
@@ -64,15 +112,17 @@ def make_accelerator(mixed_precision: str = "no", compile_mode: str = "auto", tr
     if AcceleratorState._shared_state:  # a stage before this one in the same process: start fresh
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-    if torch.cuda.is_available():  # TF32 matmuls and convolutions: fp32 accuracy is not needed for training
+    if not on_cpu():  # TF32 matmuls and convolutions: fp32 accuracy is not needed for training
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     project = ProjectConfiguration(project_dir=str(logging_dir), logging_dir=str(logging_dir)) if logging_dir else None
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
+    # accumulation is the stages' own (no_sync, loss / grad_accum): accelerate's must stay 1, whatever the env says
+    return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu(),
+                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
                        step_scheduler_with_optimizer=False, dynamo_plugin=dynamo, log_with=trackers or None,
                        project_config=project)
 
 
 def process_state() -> PartialState:
     """Rank, world size and device for work that trains nothing (encoding): no Accelerator, no precision."""
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=on_cpu())

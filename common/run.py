@@ -14,7 +14,7 @@ from typing import Any
 import diffusers
 import yaml
 
-from common.checkpoint import header_digest, recover_directory, write_text
+from common.checkpoint import header_digest, recover_directory, writable_folder, write_text
 from common.config import Config, dump_config, to_dict
 from common.errors import RunFolderError
 
@@ -87,6 +87,12 @@ class RunFolder:
 
     def train_state(self, stage: str) -> Path:
         return self.root / "train_state" / stage
+
+    def check_writable(self, stage: str, *folders: Path) -> None:
+        """Refuse, before anything is written, a file where a folder of the run that `stage` writes into goes:
+        it would otherwise stop the stage part-way (at its first log line, checkpoint, shard or sample grid)."""
+        for folder in folders:
+            writable_folder(folder, f"the {stage} stage's folder", "move it out of the way, or choose another run_dir")
 
     def stages_present(self) -> list[str]:
         """The stages that have written something into this folder (their model, cache or resume state)."""

@@ -18,8 +18,9 @@ STAGES = ("vae", "clip", "ldm")  # the order a run trains them in
 NOT_CURVES = ("step", "time", "lr")
 
 
-def hyperparameters(config: Config, stage: str) -> dict[str, str | int | float | bool]:
-    """The run's seed, data and this stage's settings, flattened for a tracker's hyperparameter table."""
+def hyperparameters(config: Config, stage: str, setup: dict | None = None) -> dict[str, str | int | float | bool]:
+    """The run's seed, data and this stage's settings, flattened for a tracker's hyperparameter table, and
+    what the stage runs with (`setup`, see common.devices.stage_setup) as `<stage>.<key>_used`."""
     flat: dict[str, str | int | float | bool] = {"seed": config.seed}
 
     def add(prefix: str, value) -> None:
@@ -32,6 +33,7 @@ def hyperparameters(config: Config, stage: str) -> dict[str, str | int | float |
     settings = to_dict(config)
     add("data", settings["data"])
     add(stage, settings[stage])
+    flat.update({f"{stage}.{key}_used": value for key, value in (setup or {}).items()})
     return flat
 
 

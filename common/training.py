@@ -35,12 +35,12 @@ from typing import Iterator
 
 import PIL.Image
 import torch
-from accelerate.utils import DynamoBackend
 from tqdm.auto import tqdm
 
 from common.checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, remove_leftovers, save_tensors, writable_folder
 from common.config import Config, TrainConfig, dump_config, to_dict
-from common.devices import make_accelerator, resolve_mixed_precision, resolve_trackers
+from common.devices import (make_accelerator, precision_change, refuse_launcher_accumulation, resolve_mixed_precision,
+                            resolve_trackers, stage_setup)
 from common.errors import RunFolderError
 from common.images import save_image
 from common.loop import StopSignals, TrainingDiverged, TrainingInterrupted, ema_decay_at, ema_tensors, lr_factor, update_ema
@@ -63,6 +63,8 @@ class Trainer:
         self.run.check_shared_settings(config, stage)
         check_init_elsewhere(train.init_from, self.run.root, stage)  # before anything is written
         self.trackers = resolve_trackers(train.report_to, f"{stage}.report_to")
+        refuse_launcher_accumulation(f"{stage}.grad_accum")
+        self.run.check_writable(stage, self.run.logs, self.run.logs / stage, self.run.train_state(stage), self.run.samples)
         self.accelerator = make_accelerator(resolve_mixed_precision(train.mixed_precision, f"{stage}.mixed_precision"),
                                             train.compile, self.trackers, self.run.logs)
         self.device = self.accelerator.device
@@ -73,6 +75,7 @@ class Trainer:
         self._lock = RunLock(self.run.root, stage)
         self.global_batch = train.batch_size * self.world_size * train.grad_accum
         self.lr_scale = self.world_size * train.grad_accum if train.scale_lr else 1
+        self.setup = stage_setup(self.accelerator, self.global_batch)  # what runs, where config.yaml has what was asked
         self.models: dict[str, torch.nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.base_lrs: dict[str, float] = {}
@@ -147,16 +150,11 @@ class Trainer:
     def bad_steps_in_row(self) -> int:
         return int(self._bad_in_row)
 
-    @property
-    def compiled(self) -> bool:
-        plugin = self.accelerator.state.dynamo_plugin
-        return plugin is not None and plugin.backend != DynamoBackend.NO
-
     def describe_batch(self) -> None:
         t = self.train
         lrs = ", ".join(f"{name} {lr:.3g}" for name, lr in self.base_lrs.items())
         self.print(f"[{self.stage}] device {self.device} | mixed precision {self.accelerator.mixed_precision} | "
-                   f"torch.compile {'on' if self.compiled else 'off'} | "
+                   f"torch.compile {'on' if self.setup['compiled'] else 'off'} | "
                    f"effective batch {t.batch_size} per process x {self.world_size} processes x "
                    f"{t.grad_accum} accumulation = {self.global_batch} | lr {lrs}"
                    f"{' (scaled with the batch)' if t.scale_lr else ''}")
@@ -170,8 +168,9 @@ class Trainer:
         if self.is_main:  # every input has been checked by now: a command that failed them wrote nothing
             for note in self.run.save_config(self.config, self.stage):
                 self.print(f"[{self.stage}] {note}")
-        if self.trackers:  # TensorBoard & co: run/logs/<stage>/, with the config as hyperparameters
-            self.accelerator.init_trackers(self.stage, config=hyperparameters(self.config, self.stage))
+            self.write_log({"event": "setup", "step": self.step, **self.setup})  # before init_trackers: the log only
+        if self.trackers:  # TensorBoard & co: run/logs/<stage>/, with the config and the setup as hyperparameters
+            self.accelerator.init_trackers(self.stage, config=hyperparameters(self.config, self.stage, self.setup))
         self._first_step_started = time.time()
         self._progress = tqdm(total=total_steps, initial=self.step, desc=self.stage, dynamic_ncols=True,
                               disable=not self.accelerator.is_local_main_process, smoothing=0.05)
@@ -251,7 +250,7 @@ class Trainer:
         self._progress.update(1)
         if self._first_step_started is not None:  # compilation, if any, happens in the first step
             self.print(f"\n[{self.stage}] first step took {time.time() - self._first_step_started:.1f} s"
-                       f"{' (torch.compile included)' if self.compiled else ''}")
+                       f"{' (torch.compile included)' if self.setup['compiled'] else ''}")
             self._first_step_started = None
         norms = {("grad_norm" if len(self.models) == 1 else f"grad_norm_{name}"): norm
                  for name, norm in self._grad_norms.items()}
@@ -341,7 +340,7 @@ class Trainer:
             for name, (ema, _, _) in self.emas.items():
                 for key, value in ema.state_dict().items():
                     tensors[f"ema.{name}.{key}"] = value
-            meta = {"stage": self.stage, "step": self.step, "world_size": self.world_size,
+            meta = {"stage": self.stage, "step": self.step, "world_size": self.world_size, "setup": self.setup,
                     "skipped_steps": self.skipped_steps, "bad_steps_in_row": self.bad_steps_in_row,
                     "optimizers": optimizers, "config": to_dict(self.config), "inputs": self.inputs,
                     "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None}
@@ -397,4 +396,5 @@ class Trainer:
         self._bad_in_row.fill_(meta.get("bad_steps_in_row", 0))
         saved_by = meta.get("world_size", 1)
         note = f" (saved by {saved_by} processes, resumed on {self.world_size})" if saved_by != self.world_size else ""
+        note += precision_change((meta.get("setup") or {}).get("mixed_precision"), self.accelerator.mixed_precision)
         self.print(f"[{self.stage}] resumed from {path} at step {self.step}{note}")

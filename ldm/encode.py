@@ -37,6 +37,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     state = process_state()
     run = RunFolder(writable_folder(config.run_dir, "run_dir"))
     run.check_shared_settings(config, "encode")
+    run.check_writable("encode", run.latents)
     state.print(dump_config(config))
     with RunLock(run.root, "encode") if state.is_main_process else nullcontext():
         return encode(config, state, run)

@@ -36,6 +36,7 @@ from common.checkpoint import writable_folder, write_json
 from common.cli import run_cli
 from common.config import Config, dump_config
 from common.data import class_prompt, load_train_and_holdout
+from common.devices import on_cpu, refuse_multi_process
 from common.run import RunFolder
 from pipelines.caption_quality import caption_quality
 from pipelines.generate import check_sampling_flags, load_pipeline
@@ -47,6 +48,7 @@ from vae.reconstruct import reconstruct, reconstruction_metrics
 
 def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     started = time.time()
+    refuse_multi_process("evaluate")
     check_sampling_flags(args)  # before the data is read and the classifier trained
     cfg = config.evaluate
     run = RunFolder(config.run_dir)
@@ -55,7 +57,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     run.check_shared_settings(config, "evaluate", ("data",), ignore=("data.augment.",))
     for stage, component in (("vae", "vae"), ("clip", "text_encoder"), ("clip", "tokenizer"), ("ldm", "unet")):
         run.check_finished(stage, component)  # eval.json is the run's: not an older model than config.yaml describes
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cpu" if on_cpu() else "cuda")
     print(dump_config(config))
     train_set, holdout_set = load_train_and_holdout(config.data)
     pipe = load_pipeline(writable_folder(run.root, "run_dir"), device)  # a run with no model yet: a clear error

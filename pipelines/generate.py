@@ -20,6 +20,7 @@ from common.checkpoint import writable_folder, write_bytes
 from common.cli import run_cli
 from common.config import Config
 from common.config_checks import seed_problem
+from common.devices import on_cpu, refuse_multi_process
 from common.errors import RunFolderError, UserError
 from common.images import make_grid, prompt_grid, save_image
 from pipelines.latent_pipeline import LatentPipeline
@@ -36,7 +37,7 @@ def load_pipeline(run_dir: str | Path, device: str | torch.device | None = None,
     if not (run_dir / "model_index.json").is_file():
         raise RunFolderError(f"{run_dir} is not a finished run (no model_index.json); train it with `train-ldm`, "
                              f"or pass --run checkpoints/mnist for the ready-made model")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or ("cpu" if on_cpu() else "cuda"))
     try:
         pipe = LatentPipeline.from_pretrained(run_dir, use_safetensors=True)
     except (OSError, ValueError, EnvironmentError) as error:
@@ -106,6 +107,7 @@ def check_sampling_flags(args: argparse.Namespace | None) -> None:
 
 
 def main(config: Config, args: argparse.Namespace) -> list[Path]:
+    refuse_multi_process("generate")
     if args.num < 1:
         raise UserError(f"--num must be at least 1 (got --num {args.num})")
     check_sampling_flags(args)

@@ -8,6 +8,7 @@ import torch
 
 import common.devices
 from common.devices import make_accelerator, resolve_mixed_precision
+from common.errors import UserError
 from common.training import Trainer
 from conftest import tiny_config
 from ldm.train import main as ldm_main
@@ -156,3 +157,67 @@ def test_compile_is_per_stage_and_auto_defers_to_the_launcher(monkeypatch):
     assert type(launched.prepare(torch.nn.Linear(2, 2))).__name__ == "OptimizedModule"
     monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")
     make_accelerator("no", "no")
+
+
+def test_accelerate_launch_cpu_on_a_cuda_machine_never_autocasts(monkeypatch, capsys):
+    """`accelerate launch --cpu` puts the Accelerator on the CPU even where CUDA is present (ACCELERATE_USE_CPU);
+    the precision must follow it, or the launcher's bf16 would autocast on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert common.devices.on_cpu()
+    assert resolve_mixed_precision("auto", "ldm.mixed_precision") == "no"
+    assert resolve_mixed_precision("fp16", "ldm.mixed_precision") == "no"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [
+        "note: the launcher's mixed precision bf16 ignored: accelerate launch --cpu, training in fp32 on the CPU",
+        "note: ldm.mixed_precision=fp16 ignored: accelerate launch --cpu, training in fp32 on the CPU"]
+    monkeypatch.setenv("RANK", "1")  # the other processes of a launch stay quiet
+    assert resolve_mixed_precision("fp16", "ldm.mixed_precision") == "no" and capsys.readouterr().out == ""
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
+    assert not common.devices.on_cpu() and resolve_mixed_precision("auto") == "bf16"
+
+
+def test_the_run_records_the_precision_it_trained_in_and_a_resume_that_changes_it(tmp_path, monkeypatch, capsys):
+    """config.yaml keeps what was asked (here bf16, under a bf16 launcher); the log, the checkpoints and the
+    trackers' hyperparameters say what ran (fp32 on the CPU), and a resume in another precision says so."""
+    import json
+
+    from common.checkpoint import load_tensors, save_tensors
+    from ldm.train_clip import main as clip_main
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    run = tmp_path / "run"
+    config = tiny_config(run, "clip.mixed_precision=bf16")
+    clip_main(config)
+    setup = {"mixed_precision": "no", "compiled": False, "device": "cpu", "processes": 1, "effective_batch": 16}
+    first = json.loads((run / "logs" / "clip.jsonl").read_text().splitlines()[0])
+    assert {k: v for k, v in first.items() if k != "time"} == {"event": "setup", "step": 0, **setup}
+    assert "mixed_precision: bf16" in (run / "config.yaml").read_text()
+    hparams = next((run / "logs" / "clip").rglob("hparams.yml")).read_text()
+    assert "clip.mixed_precision_used: 'no'" in hparams
+    states = sorted((run / "train_state" / "clip").glob("state-*.safetensors"))
+    tensors, meta = load_tensors(states[0])
+    assert meta["setup"] == setup
+    save_tensors(states[0], tensors, {**meta, "setup": {**setup, "mixed_precision": "bf16"}})  # as a GPU would
+    states[-1].unlink()
+    capsys.readouterr()
+    clip_main(config)
+    assert (f"resumed from {states[0]} at step 2 (trained in mixed precision bf16 so far, continuing in no)"
+            in capsys.readouterr().out)
+
+
+def test_the_launchers_gradient_accumulation_is_refused_not_applied_on_top(tmp_path, monkeypatch):
+    """ACCELERATE_GRADIENT_ACCUMULATION_STEPS (accelerate launch --gradient_accumulation_steps, a DeepSpeed
+    accelerate config) made accelerator.backward divide every loss by it too: gradients 4x smaller, while the
+    effective batch said "x 1 accumulation". The stages accumulate themselves (grad_accum)."""
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    assert make_accelerator("no").gradient_accumulation_steps == 1
+    with pytest.raises(UserError) as error:
+        Trainer("ldm", tiny_config(tmp_path / "run"), tiny_config(tmp_path / "run").ldm)
+    assert str(error.value) == ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4 (from accelerate launch --gradient_accumulation_steps "
+                                "or accelerate config) is not how this toolkit accumulates: unset it and set "
+                                "ldm.grad_accum=4 instead")
+    assert not (tmp_path / "run").exists()

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from common.data import ImageDataset
@@ -81,3 +82,21 @@ def test_two_processes_train_the_vae_and_clip(tmp_path):
     assert (run / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     log = [json.loads(line) for line in (run / "logs" / "vae.jsonl").read_text().splitlines() if '"rec"' in line]
     assert [r["step"] for r in log] == [1, 2, 3]
+
+
+def test_generate_and_evaluate_refuse_a_multi_process_launch(tiny_run, tmp_path, monkeypatch, capsys):
+    """Under `accelerate launch --num_processes 2` every process would sample the same images into the same
+    files (the second then found the first's and failed): refused, naming the fix, before anything is written."""
+    from pipelines.evaluate import cli as evaluate_cli
+    from pipelines.generate import cli as generate_cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command, cli, argv in [("generate", generate_cli, ["--run", str(tiny_run), "Draw a six", "--out", str(tmp_path / "out")]),
+                               ("evaluate", evaluate_cli, ["--run", str(tiny_run)])]:
+        with pytest.raises(SystemExit) as exit_:
+            cli(argv)
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err == (
+            f"error: {command} runs in one process, but this launch started 2 (WORLD_SIZE=2, from accelerate launch "
+            f"--num_processes 2 or torchrun); run {command} without accelerate launch, or with --num_processes 1\n")
+    assert not (tmp_path / "out").exists()

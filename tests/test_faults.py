@@ -550,3 +550,17 @@ def test_evaluate_with_other_data_settings_than_the_run_is_refused_before_writin
         f"{run / 'config.yaml'}), or use a new run_dir")
     assert {name: (run / name).read_bytes() for name in before} == before and not (run / "eval.json").exists()
     evaluate_main(tiny_config(run, "seed=1", "data.augment.rotate_degrees=0"))  # these only draw samples, or train
+
+
+def test_a_file_where_the_latent_cache_goes_is_refused_before_anything_is_written(tiny_run, tmp_path):
+    """encode-dataset wrote config.yaml and encoded a shard before failing on a file named `latents`."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "latents")
+    (run / "latents").write_text("not a folder")
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(UserError) as error:
+        encode_main(tiny_config(run, "encode.batch_size=16"))
+    assert str(error.value) == (f"the encode stage's folder '{run / 'latents'}' is a file, not a folder; "
+                                f"move it out of the way, or choose another run_dir")
+    assert (run / "config.yaml").read_text() == before and (run / "latents").read_text() == "not a folder"

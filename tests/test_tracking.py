@@ -77,12 +77,13 @@ def test_a_tracker_that_is_not_installed_is_refused_before_anything_is_written(t
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("value", ["tensorbord", "auto,wandb", "none,tensorboard", ""])
+@pytest.mark.parametrize("value", ["tensorbord", "auto,wandb", "none,tensorboard", "", "all,wandb",
+                                   "tensorboard,tensorboard"])
 def test_an_unknown_tracker_name_is_refused(tmp_path, value):
     with pytest.raises(ConfigError) as error:
         tiny_config(tmp_path, f"ldm.report_to={value}")
-    assert str(error.value).startswith("config key 'ldm.report_to' must be auto, none, all, or tracker names separated "
-                                       "by commas (aim, tensorboard, wandb,")
+    assert str(error.value).startswith("config key 'ldm.report_to' must be auto, none or all alone, or tracker names "
+                                       "separated by commas, each once (aim, tensorboard, wandb,")
     assert str(error.value).endswith(f"got {value!r}")
 
 
@@ -97,3 +98,17 @@ def test_hyperparameters_are_flat_and_scalar(tmp_path):
     assert flat["data.augment.rotate_degrees"] == 8
     assert not any(key.startswith(("vae.", "clip.")) for key in flat)
     assert all(isinstance(v, (str, int, float, bool)) for v in flat.values())
+
+
+@pytest.mark.parametrize("report_to", ["none", "tensorboard"])
+def test_a_file_where_the_logs_folder_goes_is_refused_before_anything_is_written(tmp_path, report_to):
+    """logs/<stage>.jsonl is written after the first step and TensorBoard's folder at init_trackers: a file
+    named `logs` in the run folder is refused up front, not a traceback after config.yaml was written."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "logs").write_text("not a folder")
+    with pytest.raises(UserError) as error:
+        train_clip(tiny_config(run, f"clip.report_to={report_to}"))
+    assert str(error.value) == (f"the clip stage's folder '{run / 'logs'}' is a file, not a folder; "
+                                f"move it out of the way, or choose another run_dir")
+    assert sorted(p.name for p in run.iterdir()) == ["logs"]
