@@ -497,6 +497,14 @@ def test_a_run_killed_between_writing_its_unet_and_its_index_is_refused_not_load
     assert LatentPipeline.from_pretrained(run).scheduler.config.prediction_type == "epsilon"
 
 
+def unfinished(run: Path, stage: str, component: str, newest_step: int) -> str:
+    """RunFolder.check_finished's refusal: `component`/ was exported at step 4, the stage's newest state is later."""
+    command = {"vae": "train-vae", "clip": "train-clip", "ldm": "train-ldm"}[stage]
+    return (f"{command} is unfinished in {run}: {run / STATE / stage / f'state-{newest_step:08d}.safetensors'} is newer "
+            f"than the {component}/ it wrote (at step 4), so {component}/ is not the model config.yaml describes. "
+            f"Re-run `{command} --config ...` to finish it first")
+
+
 def test_a_stage_started_again_and_stopped_is_refused_by_the_stages_built_on_it(tiny_run, tmp_path, monkeypatch):
     """Before: train-vae started again with other settings (its train_state deleted, as the resume refusal says) and
     stopped left the old vae/ in place: encode-dataset found its cache current and train-ldm trained on the old VAE,
@@ -511,10 +519,7 @@ def test_a_stage_started_again_and_stopped_is_refused_by_the_stages_built_on_it(
     for main in (encode_main, ldm_main):
         with pytest.raises(RunFolderError) as error:
             main(config)
-        assert str(error.value) == (
-            f"train-vae is unfinished in {run}: {run / STATE / 'vae' / 'state-00000003.safetensors'} is newer than the "
-            f"vae/ it wrote (at step 4), so vae/ is not the model config.yaml describes. Re-run `train-vae --config ...` "
-            f"to finish it first")
+        assert str(error.value) == unfinished(run, "vae", "vae", 3)
     train_vae(config)
     encode_main(config)
     assert json.loads((run / "latents" / "manifest.json").read_text())["vae"] == common.checkpoint.folder_fingerprint(run / "vae")
@@ -527,10 +532,7 @@ def test_train_clip_killed_between_its_text_encoder_and_tokenizer_is_refused_at_
     killed_at(".tokenizer.old", "ldm.train_clip", run, "clip.max_steps=6")
     with pytest.raises(RunFolderError) as error:
         ldm_main(tiny_config(run, "clip.max_steps=6"))
-    assert str(error.value) == (
-        f"train-clip is unfinished in {run}: {run / STATE / 'clip' / 'state-00000006.safetensors'} is newer than the "
-        f"tokenizer/ it wrote (at step 4), so tokenizer/ is not the model config.yaml describes. Re-run `train-clip "
-        f"--config ...` to finish it first")
+    assert str(error.value) == unfinished(run, "clip", "tokenizer", 6)
 
 
 def test_evaluate_refuses_a_run_whose_train_ldm_was_started_again_and_stopped(tiny_run, tmp_path, monkeypatch):
@@ -545,8 +547,5 @@ def test_evaluate_refuses_a_run_whose_train_ldm_was_started_again_and_stopped(ti
         ldm_main(config)
     with pytest.raises(RunFolderError) as error:
         evaluate_main(config)
-    assert str(error.value) == (
-        f"train-ldm is unfinished in {run}: {run / STATE / 'ldm' / 'state-00000003.safetensors'} is newer than the "
-        f"unet/ it wrote (at step 4), so unet/ is not the model config.yaml describes. Re-run `train-ldm --config ...` "
-        f"to finish it first")
+    assert str(error.value) == unfinished(run, "ldm", "unet", 3)
     assert not (run / "eval.json").exists()
