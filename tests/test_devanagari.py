@@ -147,3 +147,15 @@ def test_each_image_records_its_font_and_the_fonts_take_turns(tmp_path, monkeypa
     assert by_font.identity != listing.identity
     with pytest.raises(DatasetError, match="'hind' does not draw ० १ २ ३ ४ ५ ६ ७ ८ ९"):
         list_dataset(DataConfig(name="devanagari", per_class=4, holdout_font="hind"))
+
+
+def test_a_holdout_font_not_of_the_dataset_is_refused_before_rendering(monkeypatch):
+    """Before: every glyph was rendered (minutes at per_class=400) before the font's name was checked."""
+    def render(*args, **kwargs):
+        raise AssertionError("rendered before the holdout font was checked")
+
+    monkeypatch.setattr(glyph_render, "render_classes", render)
+    monkeypatch.setattr("common.data.devanagari.render_classes", render)
+    with pytest.raises(DatasetError, match=r"^data.holdout_font='caveat' is not a font of the devanagari dataset; use one "
+                                           r"of 'noto-sans-devanagari', 'kalam', 'hind', 'mukta'$"):
+        list_dataset(DataConfig(name="devanagari", per_class=400, holdout_font="caveat"))

@@ -120,10 +120,11 @@ def render_dataset(per_class: int, seed: int = 0, processes: int | None = None) 
 def list_devanagari(config: DataConfig) -> Listing:
     """Rendered glyphs of the 46 classes: the last holdout_fraction of each held out, or, with
     data.holdout_font, every image of that font."""
+    # a font that is not the dataset's is refused before the minutes of rendering, not after
+    held = held_out_hand(GLYPHS, config.holdout_font) if config.holdout_font else None
     pixels, hands = render_dataset(config.per_class, config.seed)
     labels = np.repeat(np.arange(len(CLASSES)), config.per_class).tolist()
-    if config.holdout_font:
-        held = held_out_hand(GLYPHS, config.holdout_font)
+    if held is not None:
         holdout = [bool(h == held) for h in hands]
     else:
         holdout = split_last(labels, config.holdout_fraction)
