@@ -135,7 +135,8 @@ def planned_files(prompts: list[str], args: argparse.Namespace) -> dict[str, obj
     if args.steps_grid:
         files["steps_grid"] = "steps-grid.png"
     if args.gif:
-        files["gifs"] = [f"denoising-{slug(prompt)}.gif" for prompt in prompts]
+        # numbered like the images: prompts that differ only in case or punctuation share a slug
+        files["gifs"] = [f"denoising-{i:02d}-{slug(prompt)}.gif" for i, prompt in enumerate(prompts)]
     return files
 
 

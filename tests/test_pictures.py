@@ -66,8 +66,16 @@ def test_generate_write_steps_grid_and_gif(tiny_run, pipe, tmp_path):
     assert np.array_equal(np.asarray(written), np.asarray(
         pipe.write("2026", num_inference_steps=2, generator=torch.Generator().manual_seed(0))))  # the config's seed
     assert PIL.Image.open(tmp_path / "steps-grid.png").width > len(STEPS_GRID) * 16 * 4  # one labelled tile per step count
-    gif = PIL.Image.open(tmp_path / "denoising-draw-a-six.gif")
+    gif = PIL.Image.open(tmp_path / "denoising-00-draw-a-six.gif")
     assert gif.n_frames == 2  # one frame per sampling step
+
+
+def test_generate_gifs_of_prompts_with_one_slug_are_all_kept(tiny_run, tmp_path):
+    """Before: "Draw a six" and "draw a SIX!" both wrote denoising-draw-a-six.gif; the second replaced the first."""
+    generate_cli(["--run", str(tiny_run), "Draw a six", "draw a SIX!", "--num", "1", "--steps", "2", "--out", str(tmp_path),
+                  "--gif"])
+    gifs = sorted(p.name for p in tmp_path.glob("*.gif"))
+    assert gifs == ["denoising-00-draw-a-six.gif", "denoising-01-draw-a-six.gif"]
 
 
 def test_generate_unknown_character_is_a_one_line_error(tiny_run, tmp_path, capsys):
