@@ -1,5 +1,7 @@
 """Writing words, the steps grid and the denoising animation (the pictures of the seed documents)."""
 
+import shutil
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -132,3 +134,22 @@ def test_sampling_flags_are_checked_before_any_work(tiny_run, tmp_path, capsys, 
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {message}\n"
     assert not run.exists()
+
+
+def test_evaluate_refuses_more_steps_than_the_sampler_takes_before_reading_the_data(tiny_run, tmp_path, capsys, monkeypatch):
+    """Before: evaluate read the data and trained its classifier (writing evaluator/), then stopped with a traceback
+    when sampling began."""
+    import pipelines.evaluate
+    from pipelines.evaluate import cli as evaluate_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    monkeypatch.setattr(pipelines.evaluate, "load_train_and_holdout", lambda data: pytest.fail("the data was read"))
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_cli(["--run", str(run), "--steps", "1001"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: DPMSolverMultistepScheduler with 1001 steps repeats 2 timestep(s) (the model was trained on 1000), "
+        "which breaks the sampler; use fewer steps (e.g. 998)")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
