@@ -55,15 +55,19 @@ STEPS_GRID = (1, 2, 3, 5, 10, 20, 50)
 
 
 def steps_grid(pipe: LatentPipeline, prompt: str, seed: int, guidance_scale: float,
-               steps: tuple[int, ...] = STEPS_GRID) -> Image.Image:
+               steps: tuple[int, ...] = STEPS_GRID, negative_prompt: str | None = None,
+               guidance_interval: tuple[float, float] | None = None) -> Image.Image:
     """The same prompt and seed sampled with 1, 2, 3, 5, 10, 20 and 50 steps, side by side and labelled."""
-    images = [pipe(prompt, num_inference_steps=n, guidance_scale=guidance_scale,
-                   generator=torch.Generator(pipe.device).manual_seed(seed)).images[0] for n in steps]
+    images = [pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=n, guidance_scale=guidance_scale,
+                   guidance_interval=guidance_interval, generator=torch.Generator(pipe.device).manual_seed(seed)).images[0]
+              for n in steps]
     return make_grid(images, len(images), column_labels=[f"{n} step{'s' * (n > 1)}" for n in steps],
                      row_labels=[prompt or "(unconditional)"], scale=4)
 
 
-def denoising_frames(pipe: LatentPipeline, prompt: str, steps: int, seed: int, guidance_scale: float) -> list[Image.Image]:
+def denoising_frames(pipe: LatentPipeline, prompt: str, steps: int, seed: int, guidance_scale: float,
+                     negative_prompt: str | None = None,
+                     guidance_interval: tuple[float, float] | None = None) -> list[Image.Image]:
     """One sampling run's prediction of the clean image after each step, decoded through the VAE."""
     frames = []
 
@@ -72,7 +76,8 @@ def denoising_frames(pipe: LatentPipeline, prompt: str, steps: int, seed: int, g
         frames.append(pipe.image_processor.postprocess(decoded, output_type="pil")[0])
         return {}
 
-    pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, callback_on_step_end=keep,
+    pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+         guidance_interval=guidance_interval, callback_on_step_end=keep,
          callback_on_step_end_tensor_inputs=["pred_original_sample"], generator=torch.Generator(pipe.device).manual_seed(seed))
     return frames
 
@@ -176,14 +181,15 @@ def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace, ou
               f"grid: {paths[-1]}")
     if "write" in files:
         line = pipe.write(args.write, num_inference_steps=steps, guidance_scale=guidance, guidance_interval=args.guidance_interval,
-                          generator=torch.Generator(pipe.device).manual_seed(seed))
+                          negative_prompt=args.negative, generator=torch.Generator(pipe.device).manual_seed(seed))
         paths.append(save_image(line, out / files["write"]))
         print(f"[generate] wrote {args.write!r}: {paths[-1]}")
     if "steps_grid" in files:
-        paths.append(save_image(steps_grid(pipe, prompts[0], seed, guidance), out / files["steps_grid"]))
+        grid = steps_grid(pipe, prompts[0], seed, guidance, negative_prompt=args.negative, guidance_interval=args.guidance_interval)
+        paths.append(save_image(grid, out / files["steps_grid"]))
         print(f"[generate] steps grid for {prompts[0]!r}: {paths[-1]}")
     for prompt, name in zip(prompts, files.get("gifs", [])):
-        frames = denoising_frames(pipe, prompt, steps, seed, guidance)
+        frames = denoising_frames(pipe, prompt, steps, seed, guidance, args.negative, args.guidance_interval)
         paths.append(save_gif(frames, out / name))
         print(f"[generate] denoising animation for {prompt!r} ({len(frames)} frames): {paths[-1]}")
     return paths

@@ -72,6 +72,21 @@ def test_generate_write_steps_grid_and_gif(tiny_run, pipe, tmp_path):
     assert gif.n_frames == 2  # one frame per sampling step
 
 
+@pytest.mark.parametrize("flag", [["--negative", "Draw a one"], ["--guidance-interval", "0.5", "1.0"]],
+                         ids=["negative", "interval"])
+def test_generate_sampling_flags_reach_every_picture(tiny_run, tmp_path, flag):
+    """Before: --negative and --guidance-interval changed the prompts' images only; --write (--negative), --steps-grid
+    and --gif sampled without them, silently."""
+    common = ["--run", str(tiny_run), "Draw a six", "--num", "1", "--steps", "3", "--guidance", "4", "--write", "26",
+              "--steps-grid", "--gif"]
+    generate_cli([*common, "--out", str(tmp_path / "plain")])
+    generate_cli([*common, *flag, "--out", str(tmp_path / "flagged")])
+    names = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert names == ["00-draw-a-six-0.png", "denoising-00-draw-a-six.gif", "grid.png", "steps-grid.png", "write-26.png"]
+    changed = [name for name in names if (tmp_path / "plain" / name).read_bytes() != (tmp_path / "flagged" / name).read_bytes()]
+    assert changed == names
+
+
 def test_generate_gifs_of_prompts_with_one_slug_are_all_kept(tiny_run, tmp_path):
     """Before: "Draw a six" and "draw a SIX!" both wrote denoising-draw-a-six.gif; the second replaced the first."""
     generate_cli(["--run", str(tiny_run), "Draw a six", "draw a SIX!", "--num", "1", "--steps", "2", "--out", str(tmp_path),
