@@ -31,12 +31,18 @@ SCHEDULERS = {
 }
 
 
-def load_pipeline(run_dir: str | Path, device: str | torch.device | None = None, scheduler: str | None = None) -> LatentPipeline:
-    """The run folder as a pipeline on `device` (CUDA when present); fp16 UNet/text encoder on CUDA, fp32 VAE."""
+def finished_run(run_dir: str | Path) -> Path:
+    """`run_dir`, if it holds a finished run (its model_index.json); else a RunFolderError saying what to run."""
     run_dir = Path(run_dir)
     if not (run_dir / "model_index.json").is_file():
         raise RunFolderError(f"{run_dir} is not a finished run (no model_index.json); train it with `train-ldm`, "
                              f"or pass --run checkpoints/mnist for the ready-made model")
+    return run_dir
+
+
+def load_pipeline(run_dir: str | Path, device: str | torch.device | None = None, scheduler: str | None = None) -> LatentPipeline:
+    """The run folder as a pipeline on `device` (CUDA when present); fp16 UNet/text encoder on CUDA, fp32 VAE."""
+    run_dir = finished_run(run_dir)
     device = torch.device(device or ("cpu" if on_cpu() else "cuda"))
     try:
         pipe = LatentPipeline.from_pretrained(run_dir, use_safetensors=True)
@@ -120,8 +126,10 @@ def main(config: Config, args: argparse.Namespace) -> list[Path]:
         raise UserError(f"--seed {seed_problem(args.seed)}")
     if args.write is not None and not args.write.strip():  # else a blank line, or a grid nobody asked for
         raise UserError(f"--write has nothing to write ({args.write!r}): give it text, e.g. --write \"2026\", or leave it out")
-    out = writable_folder(args.out or Path(args.run or config.run_dir) / "samples" / "generate", "--out")
-    pipe = load_pipeline(args.run or config.run_dir, scheduler=args.scheduler)
+    # the run first: a --run that is no run (a file, say) would otherwise read as a bad --out under it
+    run_dir = finished_run(args.run or config.run_dir)
+    out = writable_folder(args.out or run_dir / "samples" / "generate", "--out")
+    pipe = load_pipeline(run_dir, scheduler=args.scheduler)
     try:
         return _generate(pipe, config, args, out)
     except ValueError as error:  # bad prompts or characters: the pipeline's message says what is wrong

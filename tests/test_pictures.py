@@ -87,6 +87,17 @@ def test_generate_sampling_flags_reach_every_picture(tiny_run, tmp_path, flag):
     assert changed == names
 
 
+def test_generate_with_a_file_as_run_names_the_run_not_out(tmp_path, capsys):
+    """Before: "error: --out '<file>/samples/generate' cannot be created: '<file>' is a file", about a flag not given."""
+    run = tmp_path / "run.txt"
+    run.write_text("not a run")
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli(["--run", str(run), "Draw a six"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: {run} is not a finished run (no model_index.json); train it with "
+                                       f"`train-ldm`, or pass --run checkpoints/mnist for the ready-made model\n")
+
+
 def test_generate_gifs_of_prompts_with_one_slug_are_all_kept(tiny_run, tmp_path):
     """Before: "Draw a six" and "draw a SIX!" both wrote denoising-draw-a-six.gif; the second replaced the first."""
     generate_cli(["--run", str(tiny_run), "Draw a six", "draw a SIX!", "--num", "1", "--steps", "2", "--out", str(tmp_path),
