@@ -1,5 +1,6 @@
 """Writing words, the steps grid and the denoising animation (the pictures of the seed documents)."""
 
+import re
 import shutil
 
 import numpy as np
@@ -33,6 +34,15 @@ def test_segment_digits_names_and_devanagari(pipe):
     assert devanagari.segment("kna") == [4]  # the dataset's own folder spelling works too
     with pytest.raises(ValueError, match="no class draws 'ि'"):
         devanagari.segment("कि")
+
+
+@pytest.mark.parametrize("text", ["20\n26", "20\r\n26", "20\u2028 26"])
+def test_write_refuses_a_line_break_inside_the_text(pipe, text):
+    """Before: "20\n26" was drawn as "20 26" on one line (a line break read as a space)."""
+    with pytest.raises(ValueError, match="^" + re.escape(f"write() draws one line, and {text!r} has a line break: "
+                                                         f"write each line separately") + "$"):
+        pipe.write(text)
+    assert pipe.segment(" 2026\n") == [None, 2, 0, 2, 6, None]  # leading and trailing white space: spaces, as before
 
 
 def test_write_composes_one_glyph_per_character_with_one_seed(pipe):
