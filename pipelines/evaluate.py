@@ -145,9 +145,11 @@ def evaluate_captions(pipe, run: RunFolder, config: Config, args, train_set, hol
         print("[evaluate] evaluate.tune picks sampling defaults by class recognition; this dataset has no classes, "
               "so the run keeps its defaults")
     steps, guidance = pipe.sampling_defaults(getattr(args, "steps", None), getattr(args, "guidance", None))
+    interval = pipe.default_guidance_interval(getattr(args, "guidance_interval", None))  # as class datasets use it
     results = {"run": str(run.root), "sampler": type(pipe.scheduler).__name__, "num_inference_steps": steps,
-               "guidance_scale": guidance, "vae": {"heldout_psnr": vae_metrics["psnr"], "heldout_ssim": vae_metrics["ssim"]},
-               **caption_quality(pipe, config, train_set, holdout_set, steps, guidance),
+               "guidance_scale": guidance, "guidance_interval": list(interval),
+               "vae": {"heldout_psnr": vae_metrics["psnr"], "heldout_ssim": vae_metrics["ssim"]},
+               **caption_quality(pipe, config, train_set, holdout_set, steps, guidance, interval),
                "evaluation_seconds": time.time() - started}
     print(write_json(run.root / "eval.json", results))
     score, fd = results["clip_score"], results["frechet_clip"]
