@@ -132,8 +132,8 @@ def main(config: Config, args: argparse.Namespace) -> list[Path]:
     pipe = load_pipeline(run_dir, scheduler=args.scheduler)
     try:
         return _generate(pipe, config, args, out)
-    except ValueError as error:  # bad prompts or characters: the pipeline's message says what is wrong
-        raise UserError(str(error)) from None
+    except (ValueError, FloatingPointError) as error:  # bad prompts or characters, or a guidance scale so large that
+        raise UserError(str(error)) from None  # sampling overflows: the pipeline's message says what is wrong
 
 
 def planned_files(prompts: list[str], args: argparse.Namespace) -> dict[str, object]:

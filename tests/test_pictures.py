@@ -108,6 +108,18 @@ def test_generate_with_a_file_as_run_names_the_run_not_out(tmp_path, capsys):
                                        f"`train-ldm`, or pass --run checkpoints/mnist for the ready-made model\n")
 
 
+def test_generate_with_a_guidance_scale_that_overflows_is_a_one_line_error(tiny_run, tmp_path, capsys):
+    """Before: a FloatingPointError traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli(["--run", str(tiny_run), "Draw a six", "--num", "1", "--steps", "2", "--guidance", "1e30",
+                      "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: sampling gave non-finite latents (DPMSolverMultistepScheduler, 2 steps, guidance 1e+30); try fewer "
+        "steps, another scheduler or a lower guidance scale")
+    assert not any((tmp_path / "out").iterdir())
+
+
 def test_generate_gifs_of_prompts_with_one_slug_are_all_kept(tiny_run, tmp_path):
     """Before: "Draw a six" and "draw a SIX!" both wrote denoising-draw-a-six.gif; the second replaced the first."""
     generate_cli(["--run", str(tiny_run), "Draw a six", "draw a SIX!", "--num", "1", "--steps", "2", "--out", str(tmp_path),
