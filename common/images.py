@@ -34,6 +34,9 @@ def make_grid(images: list[Image.Image], columns: int, row_labels: list[str] | N
     """Tile images row by row; labels (if any) go left of each row and above each column."""
     if not images:
         raise ValueError("make_grid needs at least one image")
+    # one line each, white space collapsed as CLIP's tokenizer reads a prompt (PIL cannot anchor or measure a line break)
+    row_labels = [" ".join(t.split()) for t in row_labels] if row_labels else row_labels
+    column_labels = [" ".join(t.split()) for t in column_labels] if column_labels else column_labels
     if not features.check("raqm") and any(needs_shaping(t) for t in [*(row_labels or []), *(column_labels or [])]):
         # the grid is still worth having; its labels are not what they say, so say so (one constant message: once)
         warnings.warn("grid labels with Devanagari vowel signs or conjuncts are drawn without text shaping (this Pillow "

@@ -120,6 +120,13 @@ def test_generate_with_a_guidance_scale_that_overflows_is_a_one_line_error(tiny_
     assert not any((tmp_path / "out").iterdir())
 
 
+def test_generate_a_prompt_with_a_line_break(tiny_run, tmp_path):
+    """Before: "error: can't measure length of multiline text" from the grid's label, after the prompt's PNG was written.
+    CLIP's tokenizer reads a line break as a space, and so does the label now."""
+    generate_cli(["--run", str(tiny_run), "Draw a\nsix", "--num", "1", "--steps", "2", "--steps-grid", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00-draw-a-six-0.png", "grid.png", "steps-grid.png"]
+
+
 def test_generate_gifs_of_prompts_with_one_slug_are_all_kept(tiny_run, tmp_path):
     """Before: "Draw a six" and "draw a SIX!" both wrote denoising-draw-a-six.gif; the second replaced the first."""
     generate_cli(["--run", str(tiny_run), "Draw a six", "draw a SIX!", "--num", "1", "--steps", "2", "--out", str(tmp_path),
