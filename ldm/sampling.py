@@ -103,13 +103,15 @@ def guided_steps(num_steps: int, guidance_interval: tuple[float, float] = NO_INT
 
 def check_distinct_timesteps(scheduler) -> None:
     """Raise ValueError when the scheduler's timesteps (set with `set_timesteps`) repeat one: more steps than the
-    model was trained on, where multistep solvers divide by a zero step."""
+    model was trained on, where multistep solvers divide by a zero step. Second-order schedulers (Heun, KDPM2)
+    list every timestep after the first twice by design, one model call per stage; those repeats are theirs."""
     timesteps = scheduler.timesteps
-    repeated = len(timesteps) - len(set(timesteps.tolist()))
+    steps = (len(timesteps) + 1) // 2 if hasattr(scheduler, "state_in_first_order") else len(timesteps)
+    repeated = steps - len(set(timesteps.tolist()))
     if repeated:
-        raise ValueError(f"{type(scheduler).__name__} with {len(timesteps)} steps repeats {repeated} timestep(s) "
+        raise ValueError(f"{type(scheduler).__name__} with {steps} steps repeats {repeated} timestep(s) "
                          f"(the model was trained on {scheduler.config.num_train_timesteps}), which breaks the "
-                         f"sampler; use fewer steps (e.g. {len(timesteps) - repeated - 1})")
+                         f"sampler; use fewer steps (e.g. {steps - repeated - 1})")
 
 
 @torch.no_grad()
