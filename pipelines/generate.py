@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import re
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -99,7 +99,10 @@ def save_gif(frames: list[Image.Image], path: str | Path, scale: int = 4, millis
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^\w]+", "-", text, flags=re.UNICODE).strip("-").lower()[:40] or "unconditional"
+    """A file-name part for `text`: its words (letters, digits, "_" and combining marks, so that Devanagari vowel
+    signs and viramas stay in their word) joined by "-", lowercased, at most 40 characters."""
+    kept = "".join(c if c.isalnum() or c == "_" or unicodedata.category(c) in ("Mn", "Mc") else " " for c in text)
+    return "-".join(kept.split()).lower()[:40].strip("-") or "unconditional"
 
 
 def check_sampling_flags(args: argparse.Namespace | None) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from common.data.devanagari import CLASSES, class_fields
 from pipelines import LatentPipeline
-from pipelines.generate import STEPS_GRID, cli as generate_cli, denoising_frames, steps_grid
+from pipelines.generate import STEPS_GRID, cli as generate_cli, denoising_frames, slug, steps_grid
 from pipelines.glyphs import LineLayout, ink_box, lay_out_line
 
 
@@ -125,6 +125,20 @@ def test_generate_a_prompt_with_a_line_break(tiny_run, tmp_path):
     CLIP's tokenizer reads a line break as a space, and so does the label now."""
     generate_cli(["--run", str(tiny_run), "Draw a\nsix", "--num", "1", "--steps", "2", "--steps-grid", "--out", str(tmp_path)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00-draw-a-six-0.png", "grid.png", "steps-grid.png"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Draw किताब", "draw-किताब"),  # before: "draw-क-त-ब", the vowel signs read as separators
+    ("क्ष त्र", "क्ष-त्र"),  # before: "क-ष-त-र"
+    ("Draw a six!", "draw-a-six"),
+    ("../../etc/passwd", "etc-passwd"),
+    ("C:\\x<y>|z?*", "c-x-y-z"),
+    ("snake_case", "snake_case"),
+    ("a" * 39 + " b", "a" * 39),  # cut at 40 characters, with no "-" left at the end
+    ("?!", "unconditional"),
+])
+def test_slug_keeps_words_whole_and_only_words(text, expected):
+    assert slug(text) == expected
 
 
 def test_generate_gifs_of_prompts_with_one_slug_are_all_kept(tiny_run, tmp_path):
