@@ -141,6 +141,18 @@ def test_slug_keeps_words_whole_and_only_words(text, expected):
     assert slug(text) == expected
 
 
+def test_generate_refuses_a_prompt_that_is_not_utf8(tiny_run, tmp_path, capsys):
+    """Before: a TypeError traceback from the tokenizer ("TextEncodeInput must be Union[...]")."""
+    prompt = b"Draw a \xff six".decode("utf-8", "surrogateescape")  # what Python makes of such command-line bytes
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli(["--run", str(tiny_run), prompt, "--num", "1", "--steps", "1", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: prompts must be valid Unicode text; 'Draw a \\udcff six' has characters that are not (on a command "
+        "line: bytes that are not UTF-8); pass the text in UTF-8")
+    assert not any((tmp_path / "out").iterdir())
+
+
 def test_generate_gifs_of_prompts_with_one_slug_are_all_kept(tiny_run, tmp_path):
     """Before: "Draw a six" and "draw a SIX!" both wrote denoising-draw-a-six.gif; the second replaced the first."""
     generate_cli(["--run", str(tiny_run), "Draw a six", "draw a SIX!", "--num", "1", "--steps", "2", "--out", str(tmp_path),
