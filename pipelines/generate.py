@@ -178,8 +178,7 @@ def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace, ou
         prompts += [c["prompt"] for c in pipe.classes]
     prompts = prompts or [""]
     files = planned_files(prompts, args)
-    check_not_overwriting(out, files, args.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    check_not_overwriting(out, files, args.overwrite)  # --out is made by the first file saved: none if sampling fails
     paths = []
     if "images" in files:
         generator = torch.Generator(pipe.device).manual_seed(seed)
