@@ -23,6 +23,7 @@ from common.config_checks import seed_problem
 from common.devices import on_cpu, refuse_multi_process
 from common.errors import RunFolderError, UserError
 from common.images import make_grid, prompt_grid, save_image
+from ldm.sampling import check_distinct_timesteps
 from pipelines.latent_pipeline import LatentPipeline
 
 SCHEDULERS = {
@@ -58,6 +59,16 @@ def load_pipeline(run_dir: str | Path, device: str | torch.device | None = None,
 
 
 STEPS_GRID = (1, 2, 3, 5, 10, 20, 50)
+
+
+def sampler_takes(scheduler, steps: int) -> bool:
+    """Whether `scheduler` can sample in `steps` steps on its model's timesteps (not more than it has)."""
+    try:
+        scheduler.set_timesteps(steps)
+        check_distinct_timesteps(scheduler)
+    except ValueError:
+        return False
+    return True
 
 
 def steps_grid(pipe: LatentPipeline, prompt: str, seed: int, guidance_scale: float,
@@ -178,6 +189,13 @@ def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace, ou
         prompts += [c["prompt"] for c in pipe.classes]
     prompts = prompts or [""]
     files = planned_files(prompts, args)
+    # a model trained on fewer timesteps than the grid's 50 steps: the counts its sampler takes, not an error after the
+    # other files are written (whose advice, fewer steps, the fixed grid could not follow)
+    grid_steps = tuple(n for n in STEPS_GRID if sampler_takes(pipe.scheduler, n)) if args.steps_grid else ()
+    left_out = [n for n in STEPS_GRID if n not in grid_steps] if args.steps_grid else []
+    if left_out:
+        print(f"[generate] the steps grid leaves out {', '.join(map(str, left_out))} steps: more than "
+              f"{type(pipe.scheduler).__name__} takes on this run's {pipe.scheduler.config.num_train_timesteps} timesteps")
     check_not_overwriting(out, files, args.overwrite)  # --out is made by the first file saved: none if sampling fails
     paths = []
     if "images" in files:
@@ -195,7 +213,7 @@ def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace, ou
         paths.append(save_image(line, out / files["write"]))
         print(f"[generate] wrote {args.write!r}: {paths[-1]}")
     if "steps_grid" in files:
-        grid = steps_grid(pipe, prompts[0], seed, guidance, negative_prompt=args.negative, guidance_interval=args.guidance_interval)
+        grid = steps_grid(pipe, prompts[0], seed, guidance, grid_steps, args.negative, args.guidance_interval)
         paths.append(save_image(grid, out / files["steps_grid"]))
         print(f"[generate] steps grid for {prompts[0]!r}: {paths[-1]}")
     for prompt, name in zip(prompts, files.get("gifs", [])):

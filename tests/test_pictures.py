@@ -153,6 +153,20 @@ def test_generate_refuses_a_prompt_that_is_not_utf8(tiny_run, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # before: left behind, empty
 
 
+def test_generate_steps_grid_on_a_run_with_fewer_timesteps_than_50(tiny_run, tmp_path, capsys):
+    """Before: the prompt's images and grid were written, then "DPMSolverMultistepScheduler with 50 steps repeats 11
+    timestep(s) ... use fewer steps", advice the fixed grid could not follow."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = run / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"num_train_timesteps": 1000', '"num_train_timesteps": 40'))
+    generate_cli(["--run", str(run), "Draw a six", "--num", "1", "--steps", "2", "--steps-grid", "--out", str(tmp_path / "out")])
+    assert ("[generate] the steps grid leaves out 50 steps: more than DPMSolverMultistepScheduler takes on this run's 40 "
+            "timesteps") in capsys.readouterr().out.splitlines()
+    wide = PIL.Image.open(tmp_path / "out" / "steps-grid.png").width
+    assert wide == steps_grid(LatentPipeline.from_pretrained(run), "Draw a six", 0, 2.0, STEPS_GRID[:-1]).width
+
+
 def test_generate_gifs_of_prompts_with_one_slug_are_all_kept(tiny_run, tmp_path):
     """Before: "Draw a six" and "draw a SIX!" both wrote denoising-draw-a-six.gif; the second replaced the first."""
     generate_cli(["--run", str(tiny_run), "Draw a six", "draw a SIX!", "--num", "1", "--steps", "2", "--out", str(tmp_path),
