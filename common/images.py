@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import unicodedata
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, features
 
 from common.checkpoint import write_bytes
 
@@ -21,11 +23,25 @@ def label_font(size: int = 12) -> ImageFont.ImageFont:
         return ImageFont.load_default(size)
 
 
+def needs_shaping(text: str) -> bool:
+    """Whether `text` has combining marks (a Devanagari vowel sign or virama, as in क्ष or कि), which only text
+    shaping (libraqm) draws in place: basic layout sets them after their letter."""
+    return any(unicodedata.category(c) in ("Mn", "Mc") for c in text)
+
+
 def make_grid(images: list[Image.Image], columns: int, row_labels: list[str] | None = None,
               column_labels: list[str] | None = None, scale: int = 1, padding: int = 2) -> Image.Image:
     """Tile images row by row; labels (if any) go left of each row and above each column."""
     if not images:
         raise ValueError("make_grid needs at least one image")
+    # one line each, white space collapsed as CLIP's tokenizer reads a prompt (PIL cannot anchor or measure a line break)
+    row_labels = [" ".join(t.split()) for t in row_labels] if row_labels else row_labels
+    column_labels = [" ".join(t.split()) for t in column_labels] if column_labels else column_labels
+    if not features.check("raqm") and any(needs_shaping(t) for t in [*(row_labels or []), *(column_labels or [])]):
+        # the grid is still worth having; its labels are not what they say, so say so (one constant message: once)
+        warnings.warn("grid labels with Devanagari vowel signs or conjuncts are drawn without text shaping (this Pillow "
+                      "has no libraqm), so those marks sit after their letters; install a Pillow built with raqm (the "
+                      "PyPI wheels include it: pip install --force-reinstall pillow)")
     mode = "RGB" if any(im.mode != "L" for im in images) or row_labels or column_labels else "L"
     width, height = images[0].width * scale, images[0].height * scale
     rows = (len(images) + columns - 1) // columns

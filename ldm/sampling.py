@@ -101,6 +101,19 @@ def guided_steps(num_steps: int, guidance_interval: tuple[float, float] = NO_INT
     return range(int(start * num_steps), int(stop * num_steps))
 
 
+def check_distinct_timesteps(scheduler) -> None:
+    """Raise ValueError when the scheduler's timesteps (set with `set_timesteps`) repeat one: more steps than the
+    model was trained on, where multistep solvers divide by a zero step. Second-order schedulers (Heun, KDPM2)
+    list every timestep after the first twice by design, one model call per stage; those repeats are theirs."""
+    timesteps = scheduler.timesteps
+    steps = (len(timesteps) + 1) // 2 if hasattr(scheduler, "state_in_first_order") else len(timesteps)
+    repeated = steps - len(set(timesteps.tolist()))
+    if repeated:
+        raise ValueError(f"{type(scheduler).__name__} with {steps} steps repeats {repeated} timestep(s) "
+                         f"(the model was trained on {scheduler.config.num_train_timesteps}), which breaks the "
+                         f"sampler; use fewer steps (e.g. {steps - repeated - 1})")
+
+
 @torch.no_grad()
 def denoise(unet: UNet2DConditionModel, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor,
             negative_embeds: torch.Tensor | None, guidance_scale: float,
@@ -114,11 +127,7 @@ def denoise(unet: UNet2DConditionModel, scheduler, latents: torch.Tensor, prompt
     step) and FloatingPointError when the result is not finite: never NaN images without a word.
     """
     timesteps = scheduler.timesteps
-    repeated = len(timesteps) - len(set(timesteps.tolist()))
-    if repeated:
-        raise ValueError(f"{type(scheduler).__name__} with {len(timesteps)} steps repeats {repeated} timestep(s) "
-                         f"(the model was trained on {scheduler.config.num_train_timesteps}), which breaks the "
-                         f"sampler; use fewer steps (e.g. {len(timesteps) - repeated - 1})")
+    check_distinct_timesteps(scheduler)
     # stochastic schedulers (DDPM, Euler ancestral, ...) draw their noise from the same generator; DDIM takes eta
     accepts = inspect.signature(scheduler.step).parameters
     extra = {k: v for k, v in (("generator", generator), ("eta", eta)) if k in accepts}

@@ -27,6 +27,14 @@ def _finite(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def check_schedule(timesteps: list | None, sigmas: list | None, num_train_timesteps: int) -> None:
     """Custom `timesteps` must be whole steps the model was trained on, noisiest first; custom `sigmas` finite,
     non-negative and decreasing. Schedulers take others without a word and sample from states the UNet never saw."""
@@ -87,6 +95,12 @@ def check_call_inputs(pipe, prompts: list, negative_prompt: Any, num_inference_s
             raise TypeError(f"negative_prompt must be a string or a list of strings (one per prompt), got {negative_prompt!r}")
         if len(negative_prompt) != len(prompts):
             raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {len(prompts)} prompts")
+    # a lone surrogate (what Python makes of command-line bytes that are not UTF-8) stops the tokenizer with a TypeError
+    unencodable = [p for p in [*prompts, *(negative_prompt or [])] if not _utf8(p)]
+    if unencodable:
+        raise ValueError(f"prompts must be valid Unicode text; {', '.join(map(repr, unencodable))} "
+                         f"{'has' if len(unencodable) == 1 else 'have'} characters that are not (on a command line: "
+                         f"bytes that are not UTF-8); pass the text in UTF-8")
     if timesteps is None and sigmas is None and not (_count(num_inference_steps) and num_inference_steps >= 1):
         raise ValueError(f"num_inference_steps must be a whole number >= 1 (e.g. 20), got {num_inference_steps!r}")
     check_schedule(timesteps, sigmas, pipe.scheduler.config.num_train_timesteps)

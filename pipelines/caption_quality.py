@@ -58,14 +58,15 @@ def clip_score(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) ->
 
 
 def caption_quality(pipe, config: Config, train_set: ImageDataset, holdout_set: ImageDataset, steps: int,
-                    guidance: float) -> dict:
+                    guidance: float, guidance_interval: tuple[float, float] | None = None) -> dict:
     """Generate one image per held-out caption (up to `evaluate.caption_images`) and score them."""
     clip = load_clip(RunFolder(config.run_dir)).to(pipe.device)
     count = min(len(holdout_set), config.evaluate.caption_images)
     chosen = torch.randperm(len(holdout_set), generator=torch.Generator().manual_seed(config.seed))[:count].tolist()
     captions = [holdout_set.captions[holdout_set.caption_ids[i][0]] for i in chosen]  # each image's first caption
     holdout = real_images(holdout_set)[chosen]
-    generated = generate_for(pipe, captions, 1, config.seed, steps, guidance, desc="captions")
+    generated = generate_for(pipe, captions, 1, config.seed, steps, guidance, desc="captions",
+                             guidance_interval=guidance_interval)
     text = embed(clip, pipe.tokenizer, texts=captions)
     generated_embeddings, holdout_embeddings = embed(clip, pipe.tokenizer, generated), embed(clip, pipe.tokenizer, holdout)
     train = real_images(train_set)

@@ -37,7 +37,9 @@ from common.cli import run_cli
 from common.config import Config, dump_config
 from common.data import class_prompt, load_train_and_holdout
 from common.devices import on_cpu, refuse_multi_process
+from common.errors import UserError
 from common.run import RunFolder
+from ldm.sampling import check_distinct_timesteps
 from pipelines.caption_quality import caption_quality
 from pipelines.generate import check_sampling_flags, load_pipeline
 from pipelines.quality import (class_recognition, classify, frechet_distance, generate_for, near_copy_rate, reader_splits,
@@ -59,9 +61,15 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         run.check_finished(stage, component)  # eval.json is the run's: not an older model than config.yaml describes
     device = torch.device("cpu" if on_cpu() else "cuda")
     print(dump_config(config))
-    train_set, holdout_set = load_train_and_holdout(config.data)
     pipe = load_pipeline(writable_folder(run.root, "run_dir"), device)  # a run with no model yet: a clear error
     pipe.set_progress_bar_config(disable=True)
+    if getattr(args, "steps", None) is not None:  # more steps than this sampler can take: refused before the data is
+        pipe.scheduler.set_timesteps(args.steps)  # read and the classifier trained, not when sampling starts
+        try:
+            check_distinct_timesteps(pipe.scheduler)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    train_set, holdout_set = load_train_and_holdout(config.data)
     vae_metrics = reconstruction_metrics(pipe.vae.float(), holdout_set, len(holdout_set))
     if not train_set.classes:  # free captions: no classifier, the run's own CLIP instead
         return evaluate_captions(pipe, run, config, args, train_set, holdout_set, vae_metrics, started)
@@ -137,9 +145,11 @@ def evaluate_captions(pipe, run: RunFolder, config: Config, args, train_set, hol
         print("[evaluate] evaluate.tune picks sampling defaults by class recognition; this dataset has no classes, "
               "so the run keeps its defaults")
     steps, guidance = pipe.sampling_defaults(getattr(args, "steps", None), getattr(args, "guidance", None))
+    interval = pipe.default_guidance_interval(getattr(args, "guidance_interval", None))  # as class datasets use it
     results = {"run": str(run.root), "sampler": type(pipe.scheduler).__name__, "num_inference_steps": steps,
-               "guidance_scale": guidance, "vae": {"heldout_psnr": vae_metrics["psnr"], "heldout_ssim": vae_metrics["ssim"]},
-               **caption_quality(pipe, config, train_set, holdout_set, steps, guidance),
+               "guidance_scale": guidance, "guidance_interval": list(interval),
+               "vae": {"heldout_psnr": vae_metrics["psnr"], "heldout_ssim": vae_metrics["ssim"]},
+               **caption_quality(pipe, config, train_set, holdout_set, steps, guidance, interval),
                "evaluation_seconds": time.time() - started}
     print(write_json(run.root / "eval.json", results))
     score, fd = results["clip_score"], results["frechet_clip"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import re
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from common.config_checks import seed_problem
 from common.devices import on_cpu, refuse_multi_process
 from common.errors import RunFolderError, UserError
 from common.images import make_grid, prompt_grid, save_image
+from ldm.sampling import check_distinct_timesteps
 from pipelines.latent_pipeline import LatentPipeline
 
 SCHEDULERS = {
@@ -31,12 +32,18 @@ SCHEDULERS = {
 }
 
 
-def load_pipeline(run_dir: str | Path, device: str | torch.device | None = None, scheduler: str | None = None) -> LatentPipeline:
-    """The run folder as a pipeline on `device` (CUDA when present); fp16 UNet/text encoder on CUDA, fp32 VAE."""
+def finished_run(run_dir: str | Path) -> Path:
+    """`run_dir`, if it holds a finished run (its model_index.json); else a RunFolderError saying what to run."""
     run_dir = Path(run_dir)
     if not (run_dir / "model_index.json").is_file():
         raise RunFolderError(f"{run_dir} is not a finished run (no model_index.json); train it with `train-ldm`, "
                              f"or pass --run checkpoints/mnist for the ready-made model")
+    return run_dir
+
+
+def load_pipeline(run_dir: str | Path, device: str | torch.device | None = None, scheduler: str | None = None) -> LatentPipeline:
+    """The run folder as a pipeline on `device` (CUDA when present); fp16 UNet/text encoder on CUDA, fp32 VAE."""
+    run_dir = finished_run(run_dir)
     device = torch.device(device or ("cpu" if on_cpu() else "cuda"))
     try:
         pipe = LatentPipeline.from_pretrained(run_dir, use_safetensors=True)
@@ -54,16 +61,30 @@ def load_pipeline(run_dir: str | Path, device: str | torch.device | None = None,
 STEPS_GRID = (1, 2, 3, 5, 10, 20, 50)
 
 
+def sampler_takes(scheduler, steps: int) -> bool:
+    """Whether `scheduler` can sample in `steps` steps on its model's timesteps (not more than it has)."""
+    try:
+        scheduler.set_timesteps(steps)
+        check_distinct_timesteps(scheduler)
+    except ValueError:
+        return False
+    return True
+
+
 def steps_grid(pipe: LatentPipeline, prompt: str, seed: int, guidance_scale: float,
-               steps: tuple[int, ...] = STEPS_GRID) -> Image.Image:
+               steps: tuple[int, ...] = STEPS_GRID, negative_prompt: str | None = None,
+               guidance_interval: tuple[float, float] | None = None) -> Image.Image:
     """The same prompt and seed sampled with 1, 2, 3, 5, 10, 20 and 50 steps, side by side and labelled."""
-    images = [pipe(prompt, num_inference_steps=n, guidance_scale=guidance_scale,
-                   generator=torch.Generator(pipe.device).manual_seed(seed)).images[0] for n in steps]
+    images = [pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=n, guidance_scale=guidance_scale,
+                   guidance_interval=guidance_interval, generator=torch.Generator(pipe.device).manual_seed(seed)).images[0]
+              for n in steps]
     return make_grid(images, len(images), column_labels=[f"{n} step{'s' * (n > 1)}" for n in steps],
                      row_labels=[prompt or "(unconditional)"], scale=4)
 
 
-def denoising_frames(pipe: LatentPipeline, prompt: str, steps: int, seed: int, guidance_scale: float) -> list[Image.Image]:
+def denoising_frames(pipe: LatentPipeline, prompt: str, steps: int, seed: int, guidance_scale: float,
+                     negative_prompt: str | None = None,
+                     guidance_interval: tuple[float, float] | None = None) -> list[Image.Image]:
     """One sampling run's prediction of the clean image after each step, decoded through the VAE."""
     frames = []
 
@@ -72,7 +93,8 @@ def denoising_frames(pipe: LatentPipeline, prompt: str, steps: int, seed: int, g
         frames.append(pipe.image_processor.postprocess(decoded, output_type="pil")[0])
         return {}
 
-    pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, callback_on_step_end=keep,
+    pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+         guidance_interval=guidance_interval, callback_on_step_end=keep,
          callback_on_step_end_tensor_inputs=["pred_original_sample"], generator=torch.Generator(pipe.device).manual_seed(seed))
     return frames
 
@@ -88,7 +110,10 @@ def save_gif(frames: list[Image.Image], path: str | Path, scale: int = 4, millis
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^\w]+", "-", text, flags=re.UNICODE).strip("-").lower()[:40] or "unconditional"
+    """A file-name part for `text`: its words (letters, digits, "_" and combining marks, so that Devanagari vowel
+    signs and viramas stay in their word) joined by "-", lowercased, at most 40 characters."""
+    kept = "".join(c if c.isalnum() or c == "_" or unicodedata.category(c) in ("Mn", "Mc") else " " for c in text)
+    return "-".join(kept.split()).lower()[:40].strip("-") or "unconditional"
 
 
 def check_sampling_flags(args: argparse.Namespace | None) -> None:
@@ -115,12 +140,14 @@ def main(config: Config, args: argparse.Namespace) -> list[Path]:
         raise UserError(f"--seed {seed_problem(args.seed)}")
     if args.write is not None and not args.write.strip():  # else a blank line, or a grid nobody asked for
         raise UserError(f"--write has nothing to write ({args.write!r}): give it text, e.g. --write \"2026\", or leave it out")
-    out = writable_folder(args.out or Path(args.run or config.run_dir) / "samples" / "generate", "--out")
-    pipe = load_pipeline(args.run or config.run_dir, scheduler=args.scheduler)
+    # the run first: a --run that is no run (a file, say) would otherwise read as a bad --out under it
+    run_dir = finished_run(args.run or config.run_dir)
+    out = writable_folder(args.out or run_dir / "samples" / "generate", "--out")
+    pipe = load_pipeline(run_dir, scheduler=args.scheduler)
     try:
         return _generate(pipe, config, args, out)
-    except ValueError as error:  # bad prompts or characters: the pipeline's message says what is wrong
-        raise UserError(str(error)) from None
+    except (ValueError, FloatingPointError) as error:  # bad prompts or characters, or a guidance scale so large that
+        raise UserError(str(error)) from None  # sampling overflows: the pipeline's message says what is wrong
 
 
 def planned_files(prompts: list[str], args: argparse.Namespace) -> dict[str, object]:
@@ -135,7 +162,8 @@ def planned_files(prompts: list[str], args: argparse.Namespace) -> dict[str, obj
     if args.steps_grid:
         files["steps_grid"] = "steps-grid.png"
     if args.gif:
-        files["gifs"] = [f"denoising-{slug(prompt)}.gif" for prompt in prompts]
+        # numbered like the images: prompts that differ only in case or punctuation share a slug
+        files["gifs"] = [f"denoising-{i:02d}-{slug(prompt)}.gif" for i, prompt in enumerate(prompts)]
     return files
 
 
@@ -161,8 +189,14 @@ def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace, ou
         prompts += [c["prompt"] for c in pipe.classes]
     prompts = prompts or [""]
     files = planned_files(prompts, args)
-    check_not_overwriting(out, files, args.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    # a model trained on fewer timesteps than the grid's 50 steps: the counts its sampler takes, not an error after the
+    # other files are written (whose advice, fewer steps, the fixed grid could not follow)
+    grid_steps = tuple(n for n in STEPS_GRID if sampler_takes(pipe.scheduler, n)) if args.steps_grid else ()
+    left_out = [n for n in STEPS_GRID if n not in grid_steps] if args.steps_grid else []
+    if left_out:
+        print(f"[generate] the steps grid leaves out {', '.join(map(str, left_out))} steps: more than "
+              f"{type(pipe.scheduler).__name__} takes on this run's {pipe.scheduler.config.num_train_timesteps} timesteps")
+    check_not_overwriting(out, files, args.overwrite)  # --out is made by the first file saved: none if sampling fails
     paths = []
     if "images" in files:
         generator = torch.Generator(pipe.device).manual_seed(seed)
@@ -175,14 +209,15 @@ def _generate(pipe: LatentPipeline, config: Config, args: argparse.Namespace, ou
               f"grid: {paths[-1]}")
     if "write" in files:
         line = pipe.write(args.write, num_inference_steps=steps, guidance_scale=guidance, guidance_interval=args.guidance_interval,
-                          generator=torch.Generator(pipe.device).manual_seed(seed))
+                          negative_prompt=args.negative, generator=torch.Generator(pipe.device).manual_seed(seed))
         paths.append(save_image(line, out / files["write"]))
         print(f"[generate] wrote {args.write!r}: {paths[-1]}")
     if "steps_grid" in files:
-        paths.append(save_image(steps_grid(pipe, prompts[0], seed, guidance), out / files["steps_grid"]))
+        grid = steps_grid(pipe, prompts[0], seed, guidance, grid_steps, args.negative, args.guidance_interval)
+        paths.append(save_image(grid, out / files["steps_grid"]))
         print(f"[generate] steps grid for {prompts[0]!r}: {paths[-1]}")
     for prompt, name in zip(prompts, files.get("gifs", [])):
-        frames = denoising_frames(pipe, prompt, steps, seed, guidance)
+        frames = denoising_frames(pipe, prompt, steps, seed, guidance, args.negative, args.guidance_interval)
         paths.append(save_gif(frames, out / name))
         print(f"[generate] denoising animation for {prompt!r} ({len(frames)} frames): {paths[-1]}")
     return paths

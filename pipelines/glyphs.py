@@ -52,6 +52,8 @@ def segment(classes: list[dict], text: str) -> list[int | None]:
         raise TypeError(f"write() takes the text as a string, e.g. write(\"2026\"); got {type(text).__name__} {text!r}")
     if not text.strip():  # else a blank image of spaces that looks like a model that draws nothing
         raise ValueError(f"write() has nothing to draw in {text!r}: give it at least one character, e.g. write(\"2026\")")
+    if len(text.strip().splitlines()) > 1:  # else the lines would be run together as words of one line
+        raise ValueError(f"write() draws one line, and {text!r} has a line break: write each line separately")
     if not classes:
         raise ValueError("this pipeline has no class table; write() needs a run trained on a class dataset of characters")
     symbols = {c["fields"]["symbol"]: k for k, c in enumerate(classes) if c["fields"].get("symbol")}

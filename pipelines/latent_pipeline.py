@@ -163,19 +163,21 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     @torch.no_grad()
     def write(self, text: str, num_inference_steps: int | None = None, guidance_scale: float | None = None,
               generator: torch.Generator | None = None, gap: int | None = None,
-              layout: LineLayout | None = None, guidance_interval: tuple[float, float] | None = None) -> PIL.Image.Image:
+              layout: LineLayout | None = None, guidance_interval: tuple[float, float] | None = None,
+              negative_prompt: str | None = None) -> PIL.Image.Image:
         """`text` as one line of generated glyphs, one per character (or Devanagari cluster).
 
         Each glyph is cropped to its own ink and set on a baseline: small letters at x-height, g j p q y
         below the line, a word gap for each space (`pipelines.glyphs.lay_out_line`; `layout` changes the
         spacing and proportions, `gap` the pixels between letters). All glyphs come from one batched
-        call, so one `generator` seed fixes the whole line. Raises ValueError naming every character
-        the run has no class for.
+        call, so one `generator` seed fixes the whole line (and `negative_prompt` is every glyph's). Raises
+        ValueError naming every character the run has no class for.
         """
         glyphs = self.segment(text)
         prompts = [self.classes[k]["prompt"] for k in glyphs if k is not None]
-        images = self(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                      generator=generator, guidance_interval=guidance_interval).images if prompts else []
+        images = self(prompts, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale, generator=generator,
+                      guidance_interval=guidance_interval).images if prompts else []
         symbols = [None if k is None else str(self.classes[k]["fields"].get("symbol", "")) for k in glyphs]
         layout = layout or LineLayout()
         if gap is not None:

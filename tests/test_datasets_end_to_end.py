@@ -1,5 +1,6 @@
 """The other dataset layouts through the whole chain: flowers (RGB class_index.jpg) and metadata.jsonl."""
 
+import argparse
 import json
 import shutil
 
@@ -52,13 +53,19 @@ def test_metadata_jsonl_with_free_captions_end_to_end(jsonl_folder, tmp_path):
     assert pipe.classes == []  # free captions: no class table, and write() says so
 
     # evaluate: a CLIP score and a CLIP-space Frechet distance instead of class recognition
-    results = evaluate_main(tiny_config(tmp_path / "run", "data.name=", f"data.path={jsonl_folder}", "data.channels=3",
-                                        "data.max_per_class=0", "data.holdout_fraction=0.2", "evaluate.caption_images=2"))
+    config = tiny_config(tmp_path / "run", "data.name=", f"data.path={jsonl_folder}", "data.channels=3", "data.max_per_class=0",
+                         "data.holdout_fraction=0.2", "evaluate.caption_images=2")
+    results = evaluate_main(config)
     saved = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert saved["clip_score"]["captions"] == 2 and saved["num_inference_steps"] == 2
     assert {k: round(v, 6) for k, v in saved["clip_score"].items()} == {k: round(v, 6) for k, v in results["clip_score"].items()}
     assert 0 <= saved["clip_score"]["generated"] <= 100 and saved["frechet_clip"]["train_vs_heldout_floor"] >= 0
-    assert "recognition" not in saved
+    assert "recognition" not in saved and saved["guidance_interval"] == [0.0, 1.0]
+
+    # --guidance-interval is used and recorded (before: ignored for caption datasets, and eval.json did not say)
+    flags = lambda interval: argparse.Namespace(steps=None, guidance=4.0, guidance_interval=interval)  # noqa: E731
+    everywhere, late = (evaluate_main(config, flags(interval)) for interval in (None, [0.5, 1.0]))
+    assert late["guidance_interval"] == [0.5, 1.0] and late["clip_score"]["generated"] != everywhere["clip_score"]["generated"]
 
     # a run without the whole CLIP (trained before train-clip saved it) gets a clear error
     shutil.rmtree(tmp_path / "run" / "clip")

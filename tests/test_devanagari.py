@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import PIL.features
 import pytest
@@ -19,6 +21,26 @@ def _without_raqm(monkeypatch):
     """Make Pillow report that libraqm is missing (as on a Pillow built without it)."""
     check = PIL.features.check
     monkeypatch.setattr(PIL.features, "check", lambda feature: False if feature == "raqm" else check(feature))
+
+
+def test_grid_labels_that_need_shaping_warn_without_raqm(monkeypatch):
+    """Before: without libraqm, labels such as "Draw क्ष" were drawn unshaped (the virama after the letter) silently."""
+    from PIL import Image
+
+    from common.images import make_grid
+
+    tiles = [Image.new("L", (8, 8))] * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where none is due
+        if HAS_RAQM:
+            make_grid(tiles, 1, row_labels=["Draw क्ष", "Draw कि"])
+        _without_raqm(monkeypatch)
+        make_grid(tiles, 2, column_labels=["Draw ka", "Draw क"])  # letters without marks need no shaping
+    with pytest.warns(UserWarning, match=r"^grid labels with Devanagari vowel signs or conjuncts are drawn without text "
+                                         r"shaping \(this Pillow has no libraqm\), so those marks sit after their "
+                                         r"letters; install a Pillow built with raqm \(the PyPI wheels include it: "
+                                         r"pip install --force-reinstall pillow\)$"):
+        make_grid(tiles, 1, row_labels=["Draw क्ष", "Draw कि"])
 
 
 @needs_raqm
