@@ -16,6 +16,7 @@ import yaml
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -109,6 +110,31 @@ def merged(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     plain.fuse_lora()
     plain.unload_lora()
     return plain
+
+
+def keep_unfused(models: dict[str, torch.nn.Module], kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Before `fuse_lora`: a copy (on the CPU) of the own weight of each adapted layer not fused yet, by name; a
+    layer fused already keeps its earlier copy. peft's unfuse subtracts the adapters' product again, which leaves
+    the weights off by rounding, so the base no longer hashes as the UNet its LoRA was trained on; see
+    `restore_unfused`."""
+    layers = {f"{model_name}.{name}": module for model_name, model in models.items() if model is not None
+              for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+    earlier = {name: weight for name, weight in kept.items() if name in layers and layers[name].merged}
+    return {**earlier, **{name: layer.get_base_layer().weight.detach().to("cpu", copy=True)
+                          for name, layer in layers.items() if not layer.merged}}
+
+
+def restore_unfused(models: dict[str, torch.nn.Module], kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """After `unfuse_lora`: each unfused layer's weight set back to its copy from `keep_unfused`, bit for bit.
+    Returns the copies of the layers still fused."""
+    left = dict(kept)
+    for model_name, model in models.items():
+        for name, module in (model.named_modules() if model is not None else ()):
+            key = f"{model_name}.{name}"
+            if isinstance(module, BaseTunerLayer) and not module.merged and key in left:
+                with torch.no_grad():
+                    module.get_base_layer().weight.copy_(left.pop(key))
+    return left
 
 
 def safetensors_only(source, kwargs: dict) -> dict:

@@ -32,7 +32,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from common.checkpoint import check_weights, folder_fingerprint
 from common.errors import RunFolderError
 from common.run import WRITTEN_BY, RunFolder
-from ldm.lora import check_adapter_base, safetensors_only
+from ldm.lora import check_adapter_base, keep_unfused, restore_unfused, safetensors_only
 from ldm.text import check_tokenizer
 from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
                           initial_latents, predicted_clean_latents)
@@ -55,7 +55,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     LoRA adapters in diffusers' format (what `train-ldm` with `ldm.lora_rank` writes) load with
     `load_lora_weights(folder)` (from safetensors only: a pickled `.bin` is refused; adapters trained on another
     UNet than this pipeline's are refused too), and
-    `unload_lora_weights()` / `fuse_lora()` work as in Stable Diffusion.
+    `unload_lora_weights()` / `fuse_lora()` work as in Stable Diffusion (`unfuse_lora()` restores the weights exactly).
 
     Args:
         vae: decodes latents to images (`scaling_factor` in its config).
@@ -139,6 +139,17 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if check_base:
             check_adapter_base(self.unet, pretrained_model_name_or_path_or_dict, kwargs)
         super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+
+    def fuse_lora(self, *args, **kwargs) -> None:
+        """diffusers' fuse_lora, keeping the adapted layers' own weights so that `unfuse_lora` restores them exactly."""
+        self._unfused = keep_unfused({"unet": self.unet, "text_encoder": self.text_encoder}, getattr(self, "_unfused", {}))
+        super().fuse_lora(*args, **kwargs)
+
+    def unfuse_lora(self, *args, **kwargs) -> None:
+        """diffusers' unfuse_lora, leaving the weights bit for bit as before `fuse_lora` (peft alone leaves them off by
+        rounding, and a LoRA trained on this base would then be refused by `load_lora_weights`)."""
+        super().unfuse_lora(*args, **kwargs)
+        self._unfused = restore_unfused({"unet": self.unet, "text_encoder": self.text_encoder}, getattr(self, "_unfused", {}))
 
     @classmethod
     def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):

@@ -116,6 +116,31 @@ def test_the_shipped_lora_loads_into_its_base_only():
         LatentPipeline.from_pretrained("checkpoints/letters").load_lora_weights("checkpoints/mnist-lora")
 
 
+def own_weights(unet) -> dict[str, torch.Tensor]:
+    """The UNet's own weights, adapters left out, under their names without peft's `base_layer`."""
+    return {k.replace(".base_layer.", "."): v.clone() for k, v in unet.state_dict().items() if "lora_" not in k}
+
+
+def test_fuse_unfuse_and_unload_give_back_the_base_bit_for_bit():
+    """Before: peft's unfuse subtracted the adapters' product again, leaving the base's weights off by rounding
+    (~1e-8): the base no longer hashed as the UNet its LoRA was trained on, so loading that LoRA again was refused
+    as 'trained on another UNet', though the message says to unfuse first."""
+    pipe = LatentPipeline.from_pretrained("checkpoints/mnist")
+    base = own_weights(pipe.unet)
+    pipe.load_lora_weights("checkpoints/mnist-lora", adapter_name="a")
+    pipe.load_lora_weights("checkpoints/mnist-lora", adapter_name="b")
+    pipe.set_adapters(["a", "b"], [0.5, 0.25])
+    for _ in range(2):
+        pipe.fuse_lora()
+        assert any(not torch.equal(w, base[k]) for k, w in own_weights(pipe.unet).items())
+        pipe.unfuse_lora()
+        assert all(torch.equal(w, base[k]) for k, w in own_weights(pipe.unet).items())
+    pipe.load_lora_weights("checkpoints/mnist-lora", adapter_name="c")  # still its base
+    pipe.unload_lora_weights()
+    after = pipe.unet.state_dict()
+    assert after.keys() == base.keys() and all(torch.equal(after[k], base[k]) for k in base)
+
+
 def test_only_the_adapters_trained(lora_run, tiny_run):
     merged, original = load_file(lora_run / "unet" / "diffusion_pytorch_model.safetensors"), load_file(
         tiny_run / "unet" / "diffusion_pytorch_model.safetensors")
