@@ -141,13 +141,15 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
 
     def fuse_lora(self, *args, **kwargs) -> None:
-        """diffusers' fuse_lora, keeping the adapted layers' own weights so that `unfuse_lora` restores them exactly."""
+        """diffusers' fuse_lora, keeping the adapted layers' own weights and scales so that `unfuse_lora` restores
+        them exactly."""
         self._unfused = keep_unfused({"unet": self.unet, "text_encoder": self.text_encoder}, getattr(self, "_unfused", {}))
         super().fuse_lora(*args, **kwargs)
 
     def unfuse_lora(self, *args, **kwargs) -> None:
         """diffusers' unfuse_lora, leaving the weights bit for bit as before `fuse_lora` (peft alone leaves them off by
-        rounding, and a LoRA trained on this base would then be refused by `load_lora_weights`)."""
+        rounding, and a LoRA trained on this base would then be refused by `load_lora_weights`), and the adapters at
+        their scales from before (`fuse_lora(lora_scale=s)` alone leaves them scaled by s)."""
         super().unfuse_lora(*args, **kwargs)
         self._unfused = restore_unfused({"unet": self.unet, "text_encoder": self.text_encoder}, getattr(self, "_unfused", {}))
 

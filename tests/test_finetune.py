@@ -141,6 +141,23 @@ def test_fuse_unfuse_and_unload_give_back_the_base_bit_for_bit():
     assert after.keys() == base.keys() and all(torch.equal(after[k], base[k]) for k in base)
 
 
+def test_unfuse_gives_back_the_adapters_scale():
+    """Before: fuse_lora(lora_scale=0.5) multiplied the adapters' scale by 0.5 for good: after unfuse_lora the LoRA
+    drew at half strength, with nothing to say so."""
+    pipe = LatentPipeline.from_pretrained("checkpoints/mnist")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights("checkpoints/mnist-lora")
+
+    def draw():
+        return pipe("Draw a six", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    before = draw()
+    pipe.fuse_lora(lora_scale=0.5)
+    assert abs(draw() - before).max() > 1e-2  # fused at half strength
+    pipe.unfuse_lora()
+    assert (draw() == before).all()
+
+
 def test_only_the_adapters_trained(lora_run, tiny_run):
     merged, original = load_file(lora_run / "unet" / "diffusion_pytorch_model.safetensors"), load_file(
         tiny_run / "unet" / "diffusion_pytorch_model.safetensors")
