@@ -139,6 +139,22 @@ def restore_unfused(models: dict[str, torch.nn.Module], kept: dict[str, tuple]) 
     return left
 
 
+def local_source(source):
+    """`load_lora_weights`' source with `~` expanded (diffusers would read `~/x` as a Hub repository name)."""
+    return os.path.expanduser(source) if isinstance(source, (str, os.PathLike)) else source
+
+
+def missing_source(source) -> FileNotFoundError | None:
+    """The error for a source that is neither on this disk nor loadable from the Hub (a mistyped folder, which
+    diffusers reports as a failed Hub lookup: 'Repo id must be in the form ...', or offline mode's 'you must
+    specify a weight_name'); None for a source that is here, so its own error stands."""
+    if isinstance(source, dict) or Path(source).exists():
+        return None
+    return FileNotFoundError(f"no LoRA folder or file '{source}' (and no LoRA of that name on the Hugging Face Hub or "
+                             f"in its cache): pass the folder that train-ldm with ldm.lora_rank wrote (it holds "
+                             f"{LORA_FILE}), e.g. pipe.load_lora_weights('checkpoints/mnist-lora')")
+
+
 def safetensors_only(source, kwargs: dict) -> dict:
     """`kwargs` for diffusers' `lora_state_dict` that read `source` from safetensors only. LoRA files often come
     from strangers, and diffusers would otherwise fall back to unpickling a `.bin` (torch.load) where no

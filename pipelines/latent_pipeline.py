@@ -32,7 +32,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from common.checkpoint import check_weights, folder_fingerprint
 from common.errors import RunFolderError
 from common.run import WRITTEN_BY, RunFolder
-from ldm.lora import check_adapter_base, keep_unfused, restore_unfused, safetensors_only
+from ldm.lora import (check_adapter_base, keep_unfused, local_source, missing_source, restore_unfused,
+                       safetensors_only)
 from ldm.text import check_tokenizer
 from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
                           initial_latents, predicted_clean_latents)
@@ -135,10 +136,14 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                           **kwargs) -> None:
         """diffusers' load_lora_weights, refusing adapters that train-ldm trained on another UNet than this
         pipeline's (`check_base=False` loads them anyway)."""
-        kwargs = safetensors_only(pretrained_model_name_or_path_or_dict, kwargs)  # a pickle is refused first
+        source = local_source(pretrained_model_name_or_path_or_dict)
+        kwargs = safetensors_only(source, kwargs)  # a pickle is refused first
         if check_base:
-            check_adapter_base(self.unet, pretrained_model_name_or_path_or_dict, kwargs)
-        super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+            check_adapter_base(self.unet, source, kwargs)
+        try:
+            super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
+        except Exception as error:  # a mistyped folder would read as a failed Hub lookup
+            raise missing_source(source) or error
 
     def fuse_lora(self, *args, **kwargs) -> None:
         """diffusers' fuse_lora, keeping the adapted layers' own weights and scales so that `unfuse_lora` restores

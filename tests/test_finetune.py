@@ -13,7 +13,7 @@ from common.checkpoint import folder_fingerprint
 from common.config import ConfigError
 from common.config_yaml import load_config
 from common.errors import RunFolderError, UserError
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from ldm.encode import main as encode_main
 from ldm.lora import BASE_DTYPES, BASE_KEY, LORA_FILE, base_fingerprint
 from ldm.train import main as ldm_main
@@ -114,6 +114,26 @@ def test_the_shipped_lora_loads_into_its_base_only():
     LatentPipeline.from_pretrained("checkpoints/mnist").load_lora_weights("checkpoints/mnist-lora")
     with pytest.raises(RunFolderError, match="was trained on another UNet than this pipeline's"):
         LatentPipeline.from_pretrained("checkpoints/letters").load_lora_weights("checkpoints/mnist-lora")
+
+
+def test_lora_paths_with_tilde_load_and_a_missing_one_is_named(tmp_path, monkeypatch):
+    """Before: `~/lora` was read as a Hugging Face Hub name and refused ('Repo id must use alphanumeric chars'),
+    and a mistyped folder failed as a Hub lookup ('Repo id must be in the form ...', or offline: 'you must
+    specify a weight_name')."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(ROOT / "checkpoints" / "mnist-lora", tmp_path / "lora")
+    pipe = LatentPipeline.from_pretrained(ROOT / "checkpoints" / "mnist")
+    pipe.load_lora_weights("~/lora")
+    assert pipe.get_list_adapters() == {"unet": ["default_0"]}
+    for missing, named in (("~/lroa", tmp_path / "lroa"), (str(tmp_path / "lroa"), tmp_path / "lroa"),
+                           ("checkpoints/mnist-lroa", "checkpoints/mnist-lroa")):
+        with pytest.raises(FileNotFoundError) as error:
+            pipe.load_lora_weights(missing, adapter_name="second")
+        assert str(error.value) == (
+            f"no LoRA folder or file '{named}' (and no LoRA of that name on the Hugging Face Hub or in its cache): pass "
+            f"the folder that train-ldm with ldm.lora_rank wrote (it holds pytorch_lora_weights.safetensors), e.g. "
+            f"pipe.load_lora_weights('checkpoints/mnist-lora')")
+    assert pipe.get_list_adapters() == {"unet": ["default_0"]}
 
 
 def own_weights(unet) -> dict[str, torch.Tensor]:
