@@ -142,6 +142,8 @@ def check_lora_base(config: Config) -> None:
     prompts with its text encoder: this run must use the very same ones, or the adapters learn for
     latents and text states that pipeline never makes."""
     base = Path(config.ldm.init_from).expanduser()
+    if not (base / "unet").is_dir() and (base.parent / "model_index.json").is_file():
+        base = base.parent  # init_from names a run's unet/ itself: the base's vae/ and text_encoder/ are beside it
     ours = {"vae": RunFolder(config.run_dir).component("vae"), "text_encoder": Path(text_encoder_source(config)[0])}
     for component, how in (("vae", f"vae.init_from={base} with vae.max_steps=0"),
                            ("text_encoder", f"text_encoder.pretrained={base} instead of train-clip")):

@@ -235,14 +235,17 @@ def test_a_unet_trained_with_another_prediction_type_is_refused(copied_base, tin
     assert not (run / "unet").exists()
 
 
-def test_lora_needs_a_base_and_its_vae(tiny_run, tmp_path):
+@pytest.mark.parametrize("unet_folder", [False, True])
+def test_lora_needs_a_base_and_its_vae(tiny_run, tmp_path, unet_folder):
+    """Before: with ldm.init_from naming the base run's unet/ itself, the base's vae/ and text_encoder/ were not
+    looked for beside it, and adapters were trained for another VAE than the base pipeline decodes with."""
     with pytest.raises(ConfigError) as error:
         tiny_config(tmp_path, "ldm.lora_rank=4")
     assert str(error.value) == ("config key 'ldm.lora_rank' (4) adapts a trained UNet: set ldm.init_from to its run "
                                 "folder, or ldm.lora_rank=0")
     run = tmp_path / "run"
-    config = tiny_config(run, f"ldm.init_from={tiny_run}", "ldm.lora_rank=4", f"text_encoder.pretrained={tiny_run}",
-                         "vae.max_steps=1")
+    config = tiny_config(run, f"ldm.init_from={tiny_run / 'unet' if unet_folder else tiny_run}", "ldm.lora_rank=4",
+                         f"text_encoder.pretrained={tiny_run}", "vae.max_steps=1")
     vae_main(config)  # a VAE trained one step further: no longer the base's
     encode_main(config)
     with pytest.raises(UserError) as error:
@@ -251,6 +254,7 @@ def test_lora_needs_a_base_and_its_vae(tiny_run, tmp_path):
         f"ldm.lora_rank: this run's vae ({run / 'vae'}) differs from the base's ({tiny_run / 'vae'}), so the adapters "
         f"would not fit the base pipeline they load into. Use the base's vae unchanged (vae.init_from={tiny_run} with "
         f"vae.max_steps=0), or fine-tune fully (ldm.lora_rank=0)")
+    assert not (run / "unet").exists() and not (run / LORA_FILE).exists()
 
 
 @pytest.mark.parametrize("stage, main, inside", [("vae", vae_main, ""), ("clip", clip_main, "clip"), ("ldm", ldm_main, "unet")])
