@@ -123,6 +123,17 @@ def test_metadata_jsonl_refuses_paths_outside_the_folder(jsonl_folder):
         list_dataset(folder_config(jsonl_folder))
 
 
+def test_metadata_jsonl_captions_may_hold_unicode_line_separators(jsonl_folder):
+    """Before: the file was split with str.splitlines, which also breaks at U+2028, U+2029 and U+0085 inside a
+    caption (valid JSON, written raw by json.dumps(..., ensure_ascii=False)): the line was refused as 'not valid
+    JSON (Unterminated string starting at)'."""
+    captions = ["a red\u2028circle", "a\u2029square", "a\x85triangle"]
+    (jsonl_folder / "metadata.jsonl").write_bytes("\r\n".join(
+        json.dumps({"file_name": f"images/{i}.png", "text": text}, ensure_ascii=False)
+        for i, text in enumerate(captions)).encode("utf-8"))
+    assert list_dataset(folder_config(jsonl_folder)).texts == [[text] for text in captions]
+
+
 def test_modes_and_fits():
     sixteen_bit = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
     assert sixteen_bit.mode.startswith("I;16")
