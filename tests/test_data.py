@@ -134,6 +134,15 @@ def test_metadata_jsonl_captions_may_hold_unicode_line_separators(jsonl_folder):
     assert list_dataset(folder_config(jsonl_folder)).texts == [[text] for text in captions]
 
 
+def test_metadata_jsonl_saved_with_a_byte_order_mark_is_read(jsonl_folder):
+    """Before: a file saved by a Windows editor, which starts with a UTF-8 byte-order mark, was refused: 'line 1 is
+    not valid JSON (Unexpected UTF-8 BOM (decode using utf-8-sig))'."""
+    path = jsonl_folder / "metadata.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    listing = list_dataset(folder_config(jsonl_folder))
+    assert len(listing.sources) == 12 and listing.texts[0] == ["a bright circle number 0"]
+
+
 def test_modes_and_fits():
     sixteen_bit = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
     assert sixteen_bit.mode.startswith("I;16")

@@ -18,8 +18,9 @@ def list_metadata_jsonl(root: Path, config: DataConfig) -> Listing:
         raise DatasetError(f"data.max_per_class={config.max_per_class} needs a class dataset, but {path} has free "
                            f"captions and no classes; set data.max_per_class=0 (or keep fewer lines in the file)")
     try:
-        # "\n" only: str.splitlines also breaks at U+2028, U+2029 and U+0085, which JSON allows raw inside a caption
-        lines = path.read_text(encoding="utf-8").split("\n")
+        # "\n" only: str.splitlines also breaks at U+2028, U+2029 and U+0085, which JSON allows raw inside a caption;
+        # utf-8-sig: Windows editors (Notepad, Excel's "CSV UTF-8") start the file with a byte-order mark
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except UnicodeDecodeError as error:
         raise DatasetError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
     root_resolved = root.resolve()
