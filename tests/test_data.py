@@ -143,6 +143,16 @@ def test_metadata_jsonl_saved_with_a_byte_order_mark_is_read(jsonl_folder):
     assert len(listing.sources) == 12 and listing.texts[0] == ["a bright circle number 0"]
 
 
+def test_metadata_jsonl_file_name_with_a_nul_character_names_the_line(jsonl_folder):
+    """Before: a file_name holding "\\u0000" crashed with a bare 'ValueError: embedded null byte', no line named."""
+    path = jsonl_folder / "metadata.jsonl"
+    path.write_text(path.read_text() + json.dumps({"file_name": "images/1.png\0.png", "text": "a circle"}) + "\n")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(folder_config(jsonl_folder))
+    assert str(error.value) == (f"{path}: line 13: file_name 'images/1.png\\x00.png' contains a NUL character (\\u0000), "
+                                f"which no file name can hold; write the image's path relative to '{jsonl_folder}'")
+
+
 def test_modes_and_fits():
     sixteen_bit = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
     assert sixteen_bit.mode.startswith("I;16")

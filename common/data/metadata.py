@@ -42,6 +42,9 @@ def list_metadata_jsonl(root: Path, config: DataConfig) -> Listing:
             raise DatasetError(f"{path}: line {number}: 'text' of '{name}' is empty or holds an empty caption (got "
                                f"{row['text']!r}); an empty caption is the unconditional prompt, so the image would be "
                                f"trained with no caption at all. Write its caption, or delete the line")
+        if "\0" in name:  # no file system allows it, and resolving the path would fail with a bare ValueError
+            raise DatasetError(f"{path}: line {number}: file_name {name!r} contains a NUL character (\\u0000), which no "
+                               f"file name can hold; write the image's path relative to '{root}'")
         file = root / name
         if Path(name).is_absolute() or not file.resolve().is_relative_to(root_resolved):
             raise DatasetError(f"{path}: line {number}: file_name '{name}' points outside the dataset folder; "
