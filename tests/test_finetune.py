@@ -186,6 +186,19 @@ def test_only_the_adapters_trained(lora_run, tiny_run):
     assert changed and all(k.split(".")[-2] in ("to_q", "to_k", "to_v", "0") and "attn" in k for k in changed)
 
 
+def test_a_full_fine_tune_over_a_lora_run_removes_its_lora_file(lora_run, tiny_run, tmp_path):
+    """Before: a LoRA run trained again fully (its train_state/ldm deleted, ldm.lora_rank=0) kept the old
+    pytorch_lora_weights.safetensors beside its new unet/, and load_lora_weights(run) loaded those stale adapters."""
+    run = copy_run(lora_run, tmp_path / "run")
+    shutil.rmtree(run / "train_state" / "ldm")
+    ldm_main(reuse_base(run, tiny_run, "ldm.max_steps=1"))
+    assert not (run / LORA_FILE).exists()
+    with pytest.raises(RunFolderError) as error:
+        LatentPipeline.from_pretrained(tiny_run).load_lora_weights(run)
+    assert str(error.value) == (f"no LoRA weights in safetensors in {run} (it holds no weights; pickled weights are never "
+                                f"unpickled): pass the folder that train-ldm with ldm.lora_rank wrote, which holds {LORA_FILE}")
+
+
 def test_full_fine_tune_starts_from_the_base_unet(copied_base, tiny_run, tmp_path):
     run = copy_run(copied_base, tmp_path / "run")
     ldm_main(reuse_base(run, tiny_run, "ldm.max_steps=0", "ldm.block_out_channels=[16, 16]"))
