@@ -21,7 +21,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from common.checkpoint import default_file_mode
+from common.checkpoint import check_safetensors, default_file_mode
 from common.errors import RunFolderError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
@@ -169,4 +169,7 @@ def safetensors_only(source, kwargs: dict) -> dict:
         held = ", ".join(path.name for path in sorted(folder.glob("*.bin"))) or "no weights"
         raise RunFolderError(f"no LoRA weights in safetensors in {folder} (it holds {held}; pickled weights are never "
                              f"unpickled): pass the folder that train-ldm with ldm.lora_rank wrote, which holds {LORA_FILE}")
+    path = lora_file(source, kwargs)
+    if path is not None:  # a cut-short or foreign file named, before safetensors fails on it with a bare header error
+        check_safetensors(path, "train-ldm")
     return {**kwargs, "use_safetensors": True}

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from common.checkpoint import folder_fingerprint
+from common.checkpoint import DamagedFileError, folder_fingerprint
 from common.config import ConfigError
 from common.config_yaml import load_config
 from common.errors import RunFolderError, UserError
@@ -134,6 +134,21 @@ def test_lora_paths_with_tilde_load_and_a_missing_one_is_named(tmp_path, monkeyp
             f"the folder that train-ldm with ldm.lora_rank wrote (it holds pytorch_lora_weights.safetensors), e.g. "
             f"pipe.load_lora_weights('checkpoints/mnist-lora')")
     assert pipe.get_list_adapters() == {"unet": ["default_0"]}
+
+
+def test_a_damaged_lora_file_is_named(tmp_path):
+    """Before: a cut-short LoRA file failed with safetensors' bare 'Error while deserializing header: incomplete
+    metadata, file not fully covered', naming no file."""
+    whole = (ROOT / "checkpoints" / "mnist-lora" / LORA_FILE).read_bytes()
+    (tmp_path / LORA_FILE).write_bytes(whole[:len(whole) // 2])
+    pipe = LatentPipeline.from_pretrained(ROOT / "checkpoints" / "mnist")
+    for check_base in (True, False):
+        with pytest.raises(DamagedFileError) as error:
+            pipe.load_lora_weights(tmp_path, check_base=check_base)
+        assert str(error.value) == (f"{tmp_path / LORA_FILE} is damaged ({len(whole) // 2} bytes where its header describes "
+                                    f"{len(whole)}: cut short, or not one whole file); re-run `train-ldm --config ...` to "
+                                    f"write it again")
+    assert not pipe.get_list_adapters()
 
 
 def own_weights(unet) -> dict[str, torch.Tensor]:
