@@ -153,6 +153,25 @@ def test_metadata_jsonl_file_name_with_a_nul_character_names_the_line(jsonl_fold
                                 f"which no file name can hold; write the image's path relative to '{jsonl_folder}'")
 
 
+@pytest.mark.parametrize("folders, named, more", [(["data"], "data", ""),
+                                                  (["test", "train"], "train", " (and 1 more like it)")])
+def test_metadata_jsonl_below_the_top_of_data_path_is_refused(tmp_path, folders, named, more):
+    """Before: with metadata.jsonl one folder down (data/metadata.jsonl beside its images), 'data' was read
+    silently as the one class of a class dataset, the captions ignored; with Hugging Face's split layout
+    (train/metadata.jsonl, test/metadata.jsonl) the listing said 'no images of a supported type'."""
+    for folder in folders:
+        (tmp_path / folder).mkdir()
+        Image.new("L", (8, 8)).save(tmp_path / folder / "0.png")
+        (tmp_path / folder / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "a dot"}) + "\n")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(folder_config(tmp_path))
+    assert str(error.value) == (
+        f"'{tmp_path / named / 'metadata.jsonl'}' is not at the top of data.path '{tmp_path}', where metadata.jsonl "
+        f"is read, so its captions would be ignored{more}. Point data.path at '{tmp_path / named}', or write one "
+        f"'{tmp_path / 'metadata.jsonl'}' whose file_name paths start with '{named}/' (data.holdout_fraction sets "
+        f"the held-out share)")
+
+
 def test_modes_and_fits():
     sixteen_bit = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
     assert sixteen_bit.mode.startswith("I;16")
