@@ -128,6 +128,8 @@ def test_metadata_jsonl_captions_may_hold_unicode_line_separators(jsonl_folder):
     caption (valid JSON, written raw by json.dumps(..., ensure_ascii=False)): the line was refused as 'not valid
     JSON (Unterminated string starting at)'."""
     captions = ["a red\u2028circle", "a\u2029square", "a\x85triangle"]
+    for unlisted in range(len(captions), 12):
+        (jsonl_folder / "images" / f"{unlisted}.png").unlink()
     (jsonl_folder / "metadata.jsonl").write_bytes("\r\n".join(
         json.dumps({"file_name": f"images/{i}.png", "text": text}, ensure_ascii=False)
         for i, text in enumerate(captions)).encode("utf-8"))
@@ -170,6 +172,21 @@ def test_metadata_jsonl_below_the_top_of_data_path_is_refused(tmp_path, folders,
         f"is read, so its captions would be ignored{more}. Point data.path at '{tmp_path / named}', or write one "
         f"'{tmp_path / 'metadata.jsonl'}' whose file_name paths start with '{named}/' (data.holdout_fraction sets "
         f"the held-out share)")
+
+
+def test_metadata_jsonl_refuses_images_it_does_not_list(jsonl_folder):
+    """Before: images in the folder with no line in metadata.jsonl were left out of training without a word
+    (Hugging Face's imagefolder refuses them: "image at ... doesn't have metadata")."""
+    for name in ("images/extra.png", "more/b.PNG", "more/a.jpg"):
+        (jsonl_folder / name).parent.mkdir(exist_ok=True)
+        (jsonl_folder / name).write_bytes((jsonl_folder / "images" / "0.png").read_bytes())
+    (jsonl_folder / "images" / "._0.png").write_bytes(b"macOS metadata")  # hidden: no image of the dataset
+    (jsonl_folder / "notes.txt").write_text("not an image")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(folder_config(jsonl_folder))
+    assert str(error.value) == (f"3 image(s) in '{jsonl_folder}' have no line in {jsonl_folder / 'metadata.jsonl'}: "
+                                f"images/extra.png, more/a.jpg, more/b.PNG; they would be left out of training. Add a "
+                                f"line with the caption of each, or move them out of the folder")
 
 
 def test_modes_and_fits():

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from common.config import DataConfig
-from common.data.listing import Listing, split_last
+from common.data.listing import IMAGE_EXTENSIONS, Listing, split_last
 from common.errors import DatasetError
 
 
@@ -60,6 +60,15 @@ def list_metadata_jsonl(root: Path, config: DataConfig) -> Listing:
         texts.append(text)
     if not sources:
         raise DatasetError(f"{path} lists no images; add lines like {{\"file_name\": \"a.png\", \"text\": \"a red circle\"}}")
+    # as Hugging Face's imagefolder ("image at ... doesn't have metadata"): an image left out of the file would be
+    # left out of training without a word (hidden files aside: macOS's ._name.png are no images)
+    unlisted = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*"))
+                if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                and p.is_file() and p.resolve() not in first_line]
+    if unlisted:
+        raise DatasetError(f"{len(unlisted)} image(s) in '{root}' have no line in {path}: {', '.join(unlisted[:5])}"
+                           f"{' ...' if len(unlisted) > 5 else ''}; they would be left out of training. Add a line with "
+                           f"the caption of each, or move them out of the folder")
     labels = [-1] * len(sources)
     return Listing(sources, labels, split_last(labels, config.holdout_fraction), [], texts=texts,
                    identity="metadata:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16])
