@@ -189,6 +189,19 @@ def test_metadata_jsonl_refuses_images_it_does_not_list(jsonl_folder):
                                 f"line with the caption of each, or move them out of the folder")
 
 
+def test_metadata_jsonl_line_with_a_key_twice_is_refused(jsonl_folder):
+    """Before: {"file_name": ..., "text": "a cat", "text": "a dog"} kept only "a dog" (JSON keeps the last), the
+    other caption dropped without a word."""
+    path = jsonl_folder / "metadata.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = '{"file_name": "images/1.png", "text": "a cat", "text": "a dog", "extra": {"k": 1, "k": 2}}'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(folder_config(jsonl_folder))
+    assert str(error.value) == (f"{path}: line 2 gives 'text' twice, and JSON would keep only the last; write it once "
+                                f"(several captions as a list: \"text\": [\"...\", \"...\"])")
+
+
 def test_modes_and_fits():
     sixteen_bit = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
     assert sixteen_bit.mode.startswith("I;16")

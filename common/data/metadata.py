@@ -11,6 +11,19 @@ from common.data.listing import IMAGE_EXTENSIONS, Listing, split_last
 from common.errors import DatasetError
 
 
+class _RepeatedKey(ValueError):
+    """A line giving 'file_name' or 'text' twice: JSON keeps the last one, and the other would be dropped unseen."""
+
+
+def _once(pairs: list[tuple[str, object]]) -> dict:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen and key in ("file_name", "text"):
+            raise _RepeatedKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
 def list_metadata_jsonl(root: Path, config: DataConfig) -> Listing:
     """`metadata.jsonl` lines `{"file_name": "a.png", "text": "..."}` (text: a string or a list of them)."""
     path = root / "metadata.jsonl"
@@ -29,7 +42,10 @@ def list_metadata_jsonl(root: Path, config: DataConfig) -> Listing:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_once)
+        except _RepeatedKey as error:
+            raise DatasetError(f"{path}: line {number} gives '{error}' twice, and JSON would keep only the last; write it "
+                               f"once (several captions as a list: \"text\": [\"...\", \"...\"])") from None
         except json.JSONDecodeError as error:
             raise DatasetError(f"{path}: line {number} is not valid JSON ({error.msg}); fix or delete that line") from None
         if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
