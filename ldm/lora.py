@@ -78,6 +78,18 @@ def lora_file(source, kwargs: dict) -> Path | None:
     return path if path.is_file() and path.suffix == ".safetensors" else None  # anything else: safetensors_only refuses it
 
 
+def named_base(config: Path) -> str:
+    """The `ldm.init_from` a LoRA run's config.yaml names, or "" where there is none or it cannot be read: a hint in
+    the refusal below, which a damaged or edited file must not turn into an unrelated YAML or decoding error."""
+    try:
+        tree = yaml.safe_load(config.read_text(encoding="utf-8")) if config.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return ""
+    ldm = tree.get("ldm") if isinstance(tree, dict) else None
+    base = ldm.get("init_from") if isinstance(ldm, dict) else None
+    return base if isinstance(base, str) else ""
+
+
 def check_adapter_base(unet: UNet2DConditionModel, source, kwargs: dict) -> None:
     """Refuse adapters trained on another UNet than `unet`: peft would load them wherever the layer names match
     (only a logged warning where they don't), and the images would change for no meaning. Files that record no
@@ -93,11 +105,8 @@ def check_adapter_base(unet: UNet2DConditionModel, source, kwargs: dict) -> None
     expected = json.loads(recorded).get(dtype)
     if expected is None or expected == base_fingerprint(unet, BASE_DTYPES[dtype]):
         return
-    config = path.parent / "config.yaml"
-    trained_on = ""
-    if config.is_file():  # a LoRA run's own config names its base
-        base = ((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("ldm") or {}).get("init_from")
-        trained_on = f" (its config.yaml: ldm.init_from {base})" if base else ""
+    base = named_base(path.parent / "config.yaml")
+    trained_on = f" (its config.yaml: ldm.init_from {base})" if base else ""
     raise RunFolderError(f"the LoRA in {path} was trained on another UNet than this pipeline's{trained_on}: its adapters "
                          f"would change the images without meaning. Load it into the pipeline of its base run "
                          f"(LatentPipeline.from_pretrained(<that run>)); if this pipeline's LoRA was fused, unfuse_lora() "

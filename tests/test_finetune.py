@@ -193,6 +193,20 @@ def test_unfuse_gives_back_the_adapters_scale():
     assert (draw() == before).all()
 
 
+@pytest.mark.parametrize("config", [b"- a list\n", b"ldm: [1]\n", b"ldm:\n  init_from: [unclosed\n", b"\xff\xfe"])
+def test_the_refusal_of_another_unet_survives_a_damaged_config_yaml(tmp_path, config):
+    """Before: refusing a LoRA in another UNet's pipeline read the LoRA folder's config.yaml for its base, and a damaged
+    or edited one turned the refusal into an unrelated AttributeError, YAML ParserError or UnicodeDecodeError."""
+    shutil.copy(ROOT / "checkpoints" / "mnist-lora" / LORA_FILE, tmp_path)
+    (tmp_path / "config.yaml").write_bytes(config)
+    with pytest.raises(RunFolderError) as error:
+        LatentPipeline.from_pretrained(ROOT / "checkpoints" / "letters").load_lora_weights(tmp_path)
+    assert str(error.value) == (
+        f"the LoRA in {tmp_path / LORA_FILE} was trained on another UNet than this pipeline's: its adapters would change "
+        f"the images without meaning. Load it into the pipeline of its base run (LatentPipeline.from_pretrained(<that "
+        f"run>)); if this pipeline's LoRA was fused, unfuse_lora() first; or pass check_base=False to load it anyway")
+
+
 def test_only_the_adapters_trained(lora_run, tiny_run):
     merged, original = load_file(lora_run / "unet" / "diffusion_pytorch_model.safetensors"), load_file(
         tiny_run / "unet" / "diffusion_pytorch_model.safetensors")
