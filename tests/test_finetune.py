@@ -1,6 +1,7 @@
 """Fine-tuning (`<stage>.init_from`) and LoRA (`ldm.lora_rank`), from the tiny run as the base."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -264,6 +265,26 @@ def test_bad_init_sources_are_refused_before_anything_is_written(tiny_run, tmp_p
             main(tiny_config(run, *overrides))
         assert str(error.value) == message
         assert not (run / "vae").exists() and not (run / "clip").exists()
+
+
+def test_damaged_init_from_weights_are_named_before_anything_is_written(copied_base, tiny_run, tmp_path):
+    """Before: a cut-short base model failed in diffusers with 'Unable to load weights from checkpoint file for ...',
+    saying neither what was wrong with it nor what writes it."""
+    damaged = copy_run(tiny_run, tmp_path / "damaged")
+    run = copy_run(copied_base, tmp_path / "run")
+    for component, main, command, config in (
+            ("vae", vae_main, "train-vae", tiny_config(tmp_path / "other", f"vae.init_from={damaged}")),
+            ("unet", ldm_main, "train-ldm", tiny_config(run, f"text_encoder.pretrained={tiny_run}",
+                                                         f"vae.init_from={tiny_run}", "vae.max_steps=0",
+                                                         f"ldm.init_from={damaged}"))):
+        weights = damaged / component / "diffusion_pytorch_model.safetensors"
+        size = weights.stat().st_size
+        os.truncate(weights, size // 2)
+        with pytest.raises(DamagedFileError) as error:
+            main(config)
+        assert str(error.value) == (f"{weights} is damaged ({size // 2} bytes where its header describes {size}: cut "
+                                    f"short, or not one whole file); re-run `{command} --config ...` to write it again")
+    assert not (tmp_path / "other" / "vae").exists() and not (run / "unet").exists()
 
 
 def test_a_unet_trained_with_another_prediction_type_is_refused(copied_base, tiny_run, tmp_path):
