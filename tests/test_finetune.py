@@ -268,23 +268,25 @@ def test_bad_init_sources_are_refused_before_anything_is_written(tiny_run, tmp_p
 
 
 def test_damaged_init_from_weights_are_named_before_anything_is_written(copied_base, tiny_run, tmp_path):
-    """Before: a cut-short base model failed in diffusers with 'Unable to load weights from checkpoint file for ...',
+    """Before: a cut-short base model failed in diffusers with 'Unable to load weights from checkpoint file for ...'
+    (in transformers, for clip.init_from, with safetensors' bare 'incomplete metadata, file not fully covered'),
     saying neither what was wrong with it nor what writes it."""
     damaged = copy_run(tiny_run, tmp_path / "damaged")
     run = copy_run(copied_base, tmp_path / "run")
     for component, main, command, config in (
             ("vae", vae_main, "train-vae", tiny_config(tmp_path / "other", f"vae.init_from={damaged}")),
+            ("clip", clip_main, "train-clip", tiny_config(tmp_path / "other", f"clip.init_from={damaged}")),
             ("unet", ldm_main, "train-ldm", tiny_config(run, f"text_encoder.pretrained={tiny_run}",
                                                          f"vae.init_from={tiny_run}", "vae.max_steps=0",
                                                          f"ldm.init_from={damaged}"))):
-        weights = damaged / component / "diffusion_pytorch_model.safetensors"
+        weights = next((damaged / component).glob("*.safetensors"))
         size = weights.stat().st_size
         os.truncate(weights, size // 2)
         with pytest.raises(DamagedFileError) as error:
             main(config)
         assert str(error.value) == (f"{weights} is damaged ({size // 2} bytes where its header describes {size}: cut "
                                     f"short, or not one whole file); re-run `{command} --config ...` to write it again")
-    assert not (tmp_path / "other" / "vae").exists() and not (run / "unet").exists()
+    assert not any((tmp_path / "other" / name).exists() for name in ("vae", "clip")) and not (run / "unet").exists()
 
 
 def test_a_unet_trained_with_another_prediction_type_is_refused(copied_base, tiny_run, tmp_path):
