@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.lora_base import _best_guess_weight_name
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -178,6 +179,11 @@ def safetensors_only(source, kwargs: dict) -> dict:
         held = ", ".join(path.name for path in sorted(folder.glob("*.bin"))) or "no weights"
         raise RunFolderError(f"no LoRA weights in safetensors in {folder} (it holds {held}; pickled weights are never "
                              f"unpickled): pass the folder that train-ldm with ldm.lora_rank wrote, which holds {LORA_FILE}")
+    if not isinstance(source, dict) and folder.is_dir() and not weight_name and not (folder / LORA_FILE).is_file():
+        # a LoRA under another name (renamed to share it): diffusers would guess the file; named here, the checks
+        # below (and the base check) read the very file it loads
+        guess = _best_guess_weight_name(str(folder), local_files_only=True)
+        kwargs = {**kwargs, "weight_name": guess} if guess else kwargs
     path = lora_file(source, kwargs)
     if path is not None:  # a cut-short or foreign file named, before safetensors fails on it with a bare header error
         check_safetensors(path, "train-ldm")

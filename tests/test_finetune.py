@@ -208,6 +208,22 @@ def test_the_refusal_of_another_unet_survives_a_damaged_config_yaml(tmp_path, co
         f"run>)); if this pipeline's LoRA was fused, unfuse_lora() first; or pass check_base=False to load it anyway")
 
 
+def test_a_renamed_lora_in_a_folder_is_checked_against_its_base(tmp_path):
+    """Before: with the LoRA file renamed (my_style.safetensors, as LoRAs are shared), the base check looked for
+    pytorch_lora_weights.safetensors only, found none, and let diffusers guess and load the file into another UNet."""
+    shutil.copy(ROOT / "checkpoints" / "mnist-lora" / LORA_FILE, tmp_path / "my_style.safetensors")
+    with pytest.raises(RunFolderError) as error:
+        LatentPipeline.from_pretrained(ROOT / "checkpoints" / "letters").load_lora_weights(tmp_path)
+    assert str(error.value) == (
+        f"the LoRA in {tmp_path / 'my_style.safetensors'} was trained on another UNet than this pipeline's: its adapters "
+        f"would change the images without meaning. Load it into the pipeline of its base run (LatentPipeline."
+        f"from_pretrained(<that run>)); if this pipeline's LoRA was fused, unfuse_lora() first; or pass check_base=False "
+        f"to load it anyway")
+    base = LatentPipeline.from_pretrained(ROOT / "checkpoints" / "mnist")
+    base.load_lora_weights(tmp_path)
+    assert base.get_list_adapters() == {"unet": ["default_0"]}
+
+
 def test_only_the_adapters_trained(lora_run, tiny_run):
     merged, original = load_file(lora_run / "unet" / "diffusion_pytorch_model.safetensors"), load_file(
         tiny_run / "unet" / "diffusion_pytorch_model.safetensors")
