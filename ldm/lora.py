@@ -122,31 +122,36 @@ def merged(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     return plain
 
 
+def adapted_layers(models: dict[str, torch.nn.Module]) -> dict[str, BaseTunerLayer]:
+    """The layers peft adapted in `models` ({"unet": ..., "text_encoder": ...}), by "model.layer" name."""
+    return {f"{model_name}.{name}": module for model_name, model in models.items() if model is not None
+            for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
 def keep_unfused(models: dict[str, torch.nn.Module], kept: dict[str, tuple]) -> dict[str, tuple]:
     """Before `fuse_lora`: by name, a copy (on the CPU) of the own weight of each adapted layer not fused yet, and
     its adapters' scales; a layer fused already keeps its earlier copy. peft's unfuse subtracts the adapters'
     product again, which leaves the weights off by rounding, so the base no longer hashes as the UNet its LoRA was
     trained on; and `fuse_lora(lora_scale=s)` multiplies the adapters' scales by s for good. See `restore_unfused`."""
-    layers = {f"{model_name}.{name}": module for model_name, model in models.items() if model is not None
-              for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+    layers = adapted_layers(models)
     earlier = {name: copy for name, copy in kept.items() if name in layers and layers[name].merged}
     return {**earlier, **{name: (layer.get_base_layer().weight.detach().to("cpu", copy=True),
                                  dict(getattr(layer, "scaling", {}))) for name, layer in layers.items() if not layer.merged}}
 
 
-def restore_unfused(models: dict[str, torch.nn.Module], kept: dict[str, tuple]) -> dict[str, tuple]:
-    """After `unfuse_lora`: each unfused layer's weight and adapter scales set back to their copies from
-    `keep_unfused`, bit for bit. Returns the copies of the layers still fused."""
-    left = dict(kept)
-    for model_name, model in models.items():
-        for name, module in (model.named_modules() if model is not None else ()):
-            key = f"{model_name}.{name}"
-            if isinstance(module, BaseTunerLayer) and not module.merged and key in left:
-                weight, scaling = left.pop(key)
-                with torch.no_grad():
-                    module.get_base_layer().weight.copy_(weight)
-                getattr(module, "scaling", {}).update(scaling)
-    return left
+def restore_unfused(models: dict[str, torch.nn.Module], kept: dict[str, tuple], fused: set[str]) -> dict[str, tuple]:
+    """After `unfuse_lora`: each layer of `fused` (the names fused before it) that it unfused gets its weight and
+    adapter scales back from their copies from `keep_unfused`, bit for bit. Copies of other layers are stale (their
+    fused weights were kept by `unload_lora_weights`, as diffusers bakes a LoRA in) and are dropped. Returns the
+    copies of the layers still fused."""
+    layers = adapted_layers(models)
+    for name in fused & kept.keys():
+        if name in layers and not layers[name].merged:
+            weight, scaling = kept[name]
+            with torch.no_grad():
+                layers[name].get_base_layer().weight.copy_(weight)
+            getattr(layers[name], "scaling", {}).update(scaling)
+    return {name: copy for name, copy in kept.items() if name in fused and name in layers and layers[name].merged}
 
 
 def local_source(source):

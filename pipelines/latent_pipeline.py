@@ -32,8 +32,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from common.checkpoint import check_weights, folder_fingerprint
 from common.errors import RunFolderError
 from common.run import WRITTEN_BY, RunFolder
-from ldm.lora import (check_adapter_base, keep_unfused, local_source, missing_source, restore_unfused,
-                       safetensors_only)
+from ldm.lora import (adapted_layers, check_adapter_base, keep_unfused, local_source, missing_source,
+                       restore_unfused, safetensors_only)
 from ldm.text import check_tokenizer
 from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
                           initial_latents, predicted_clean_latents)
@@ -155,8 +155,10 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """diffusers' unfuse_lora, leaving the weights bit for bit as before `fuse_lora` (peft alone leaves them off by
         rounding, and a LoRA trained on this base would then be refused by `load_lora_weights`), and the adapters at
         their scales from before (`fuse_lora(lora_scale=s)` alone leaves them scaled by s)."""
+        models = {"unet": self.unet, "text_encoder": self.text_encoder}
+        fused = {name for name, layer in adapted_layers(models).items() if layer.merged}
         super().unfuse_lora(*args, **kwargs)
-        self._unfused = restore_unfused({"unet": self.unet, "text_encoder": self.text_encoder}, getattr(self, "_unfused", {}))
+        self._unfused = restore_unfused(models, getattr(self, "_unfused", {}), fused)
 
     @classmethod
     def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):

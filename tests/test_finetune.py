@@ -177,6 +177,19 @@ def test_fuse_unfuse_and_unload_give_back_the_base_bit_for_bit():
     assert after.keys() == base.keys() and all(torch.equal(after[k], base[k]) for k in base)
 
 
+def test_a_lora_baked_in_by_fuse_and_unload_stays_through_a_later_unfuse():
+    """fuse_lora() then unload_lora_weights() bakes a LoRA into the weights (diffusers' way to drop peft's layers);
+    an unfuse_lora() later, with nothing fused, must not bring back the weights from before the bake."""
+    pipe = LatentPipeline.from_pretrained("checkpoints/mnist")
+    pipe.load_lora_weights("checkpoints/mnist-lora")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    baked = own_weights(pipe.unet)
+    pipe.load_lora_weights("checkpoints/mnist-lora", adapter_name="b", check_base=False)
+    pipe.unfuse_lora()
+    assert all(torch.equal(w, baked[k]) for k, w in own_weights(pipe.unet).items())
+
+
 def test_unfuse_gives_back_the_adapters_scale():
     """Before: fuse_lora(lora_scale=0.5) multiplied the adapters' scale by 0.5 for good: after unfuse_lora the LoRA
     drew at half strength, with nothing to say so."""
