@@ -191,5 +191,9 @@ def safetensors_only(source, kwargs: dict) -> dict:
         kwargs = {**kwargs, "weight_name": guess} if guess else kwargs
     path = lora_file(source, kwargs)
     if path is not None:  # a cut-short or foreign file named, before safetensors fails on it with a bare header error
-        check_safetensors(path, "train-ldm")
+        names = [name for name in check_safetensors(path, "train-ldm")[1] if name != "__metadata__"]
+        if not any("lora" in name for name in names):  # diffusers' own refusal names neither the file nor its content
+            held = f"its tensors, such as '{min(names)}', are not named lora" if names else "it holds no tensors"
+            raise ValueError(f"{path} holds no LoRA adapters ({held}): pass the folder that train-ldm with "
+                             f"ldm.lora_rank wrote, which holds {LORA_FILE}")
     return {**kwargs, "use_safetensors": True}

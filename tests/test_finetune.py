@@ -152,6 +152,20 @@ def test_a_damaged_lora_file_is_named(tmp_path):
     assert not pipe.get_list_adapters()
 
 
+def test_a_model_that_is_not_a_lora_is_named(tmp_path):
+    """Before: a UNet's own folder or weights file passed to load_lora_weights failed with diffusers' 'Invalid LoRA
+    checkpoint. Make sure all LoRA param names contain `'lora'` substring.', naming no file."""
+    unet = ROOT / "checkpoints" / "mnist" / "unet"
+    pipe = LatentPipeline.from_pretrained(ROOT / "checkpoints" / "mnist")
+    for source in (unet, unet / "diffusion_pytorch_model.safetensors"):
+        with pytest.raises(ValueError) as error:
+            pipe.load_lora_weights(source)
+        assert str(error.value) == (f"{unet / 'diffusion_pytorch_model.safetensors'} holds no LoRA adapters (its "
+                                    f"tensors, such as 'conv_in.bias', are not named lora): pass the folder that "
+                                    f"train-ldm with ldm.lora_rank wrote, which holds {LORA_FILE}")
+    assert not pipe.get_list_adapters()
+
+
 def own_weights(unet) -> dict[str, torch.Tensor]:
     """The UNet's own weights, adapters left out, under their names without peft's `base_layer`."""
     return {k.replace(".base_layer.", "."): v.clone() for k, v in unet.state_dict().items() if "lora_" not in k}
