@@ -202,6 +202,23 @@ def test_metadata_jsonl_line_with_a_key_twice_is_refused(jsonl_folder):
                                 f"(several captions as a list: \"text\": [\"...\", \"...\"])")
 
 
+def test_metadata_jsonl_caption_with_half_a_surrogate_pair_names_the_line(jsonl_folder):
+    """Before: a caption with an unpaired "\\ud83d" escape (valid JSON syntax, no character) was listed, and
+    train-clip crashed on it with 'UnicodeEncodeError: surrogates not allowed', naming no line."""
+    path = jsonl_folder / "metadata.jsonl"
+    lines = path.read_text().splitlines()
+    lines[4] = '{"file_name": "images/4.png", "text": ["a square", "a smile \\ud83d"]}'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(folder_config(jsonl_folder))
+    assert str(error.value) == (f"{path}: line 5: 'text' of 'images/4.png' holds '\\ud83d', half of a UTF-16 surrogate "
+                                f"pair with no partner, which is no character; write the character itself (or both "
+                                f"halves of its escape), or delete it")
+    lines[4] = '{"file_name": "images/4.png", "text": "a smile \\ud83d\\ude00"}'  # both halves: one character
+    path.write_text("\n".join(lines) + "\n")
+    assert list_dataset(folder_config(jsonl_folder)).texts[4] == ["a smile \U0001f600"]
+
+
 def test_modes_and_fits():
     sixteen_bit = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
     assert sixteen_bit.mode.startswith("I;16")

@@ -58,6 +58,11 @@ def list_metadata_jsonl(root: Path, config: DataConfig) -> Listing:
             raise DatasetError(f"{path}: line {number}: 'text' of '{name}' is empty or holds an empty caption (got "
                                f"{row['text']!r}); an empty caption is the unconditional prompt, so the image would be "
                                f"trained with no caption at all. Write its caption, or delete the line")
+        halves = [c for t in text for c in t if "\ud800" <= c <= "\udfff"]
+        if halves:  # JSON's "\ud83d" escape without its partner: no character, and no UTF-8 tokenizer or file takes it
+            raise DatasetError(f"{path}: line {number}: 'text' of '{name}' holds {ascii(halves[0])}, half of a UTF-16 "
+                               f"surrogate pair with no partner, which is no character; write the character itself (or "
+                               f"both halves of its escape), or delete it")
         if "\0" in name:  # no file system allows it, and resolving the path would fail with a bare ValueError
             raise DatasetError(f"{path}: line {number}: file_name {name!r} contains a NUL character (\\u0000), which no "
                                f"file name can hold; write the image's path relative to '{root}'")
