@@ -142,7 +142,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             check_adapter_base(self.unet, source, kwargs)
         try:
             super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
-        except Exception as error:  # a mistyped folder would read as a failed Hub lookup
+        except (OSError, ValueError) as error:  # a mistyped folder would read as a failed Hub lookup
             raise missing_source(source) or error
 
     def fuse_lora(self, *args, **kwargs) -> None:
