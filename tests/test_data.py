@@ -219,6 +219,19 @@ def test_metadata_jsonl_caption_with_half_a_surrogate_pair_names_the_line(jsonl_
     assert list_dataset(folder_config(jsonl_folder)).texts[4] == ["a smile \U0001f600"]
 
 
+@pytest.mark.parametrize("line, kind", [('[{"file_name": "images/0.png", "text": "a circle"}]', "an array"),
+                                        ('"images/0.png"', "a string"), ("3", "a number"), ("null", "null")])
+def test_metadata_jsonl_line_that_is_no_object_says_so(jsonl_folder, line, kind):
+    """Before: a line holding a JSON array (the whole dataset written as one array), a string or a number was
+    refused as "needs both 'file_name' and 'text' keys", which it seemed to have."""
+    path = jsonl_folder / "metadata.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(folder_config(jsonl_folder))
+    assert str(error.value) == (f"{path}: line 1 is {kind}, not a JSON object; metadata.jsonl holds one object per "
+                                f"line (JSON Lines), like {{\"file_name\": \"a.png\", \"text\": \"a red circle\"}}")
+
+
 def test_modes_and_fits():
     sixteen_bit = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
     assert sixteen_bit.mode.startswith("I;16")

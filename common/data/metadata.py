@@ -48,7 +48,11 @@ def list_metadata_jsonl(root: Path, config: DataConfig) -> Listing:
                                f"once (several captions as a list: \"text\": [\"...\", \"...\"])") from None
         except json.JSONDecodeError as error:
             raise DatasetError(f"{path}: line {number} is not valid JSON ({error.msg}); fix or delete that line") from None
-        if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
+        if not isinstance(row, dict):  # e.g. the whole dataset as one JSON array (metadata.json's form)
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(row), "a number")
+            raise DatasetError(f"{path}: line {number} is {kind}, not a JSON object; metadata.jsonl holds one object "
+                               f"per line (JSON Lines), like {{\"file_name\": \"a.png\", \"text\": \"a red circle\"}}")
+        if "file_name" not in row or "text" not in row:
             raise DatasetError(f"{path}: line {number} needs both 'file_name' and 'text' keys")
         name, text = row["file_name"], row["text"]
         text = [text] if isinstance(text, str) else text
