@@ -22,7 +22,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from common.checkpoint import check_safetensors, default_file_mode
+from common.checkpoint import check_safetensors, default_file_mode, remove_leftovers
 from common.errors import RunFolderError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
@@ -57,7 +57,8 @@ def save_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
     metadata = unet.peft_config["default"].to_dict()
     base = {name: base_fingerprint(unet, dtype) for name, dtype in BASE_DTYPES.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".lora-") as scratch:
+    remove_leftovers(folder, LORA_FILE)  # of a write killed mid-way (train-ldm holds the ldm lock here)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{LORA_FILE}.", suffix=".tmp") as scratch:
         StableDiffusionPipeline.save_lora_weights(scratch, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
                                                   safe_serialization=True)
         written = Path(scratch) / LORA_FILE

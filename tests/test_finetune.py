@@ -52,6 +52,17 @@ def lora_run(copied_base, tiny_run, tmp_path_factory) -> Path:
     return run
 
 
+def test_a_lora_write_killed_mid_way_leaves_nothing_behind_the_next_run(copied_base, tiny_run, tmp_path):
+    """Before: save_lora wrote into a '.lora-*' folder in the run that a killed process (kill -9) left behind for
+    good, a partial LoRA file in it, whatever train-ldm ran next; the README says such leftovers are removed."""
+    run = copy_run(copied_base, tmp_path / "run")
+    leftover = run / f".{LORA_FILE}.x1y2z3.tmp"
+    leftover.mkdir()
+    (leftover / LORA_FILE).write_bytes(b"half a file")
+    ldm_main(reuse_base(run, tiny_run, "ldm.lora_rank=2", "ldm.max_steps=1"))
+    assert (run / LORA_FILE).is_file() and sorted(p.name for p in run.glob(".*") if ".lock-" not in p.name) == []
+
+
 def test_an_untrained_vae_copy_is_the_base_vae(copied_base, tiny_run):
     assert folder_fingerprint(copied_base / "vae") == folder_fingerprint(tiny_run / "vae")  # scaling factor kept too
 
