@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from common.checkpoint import check_weights
 from common.errors import UserError
+from common.run import WRITTEN_BY
 
 
 def init_source(path: str, component: str, key: str, class_names: tuple[str, ...], hint: str = "") -> Path:
@@ -81,6 +83,7 @@ def load_diffusers_model(model_class, path: str, component: str, key: str):
     `init_source`, read offline from safetensors, its source path dropped from the config. Returns
     the model and the folder it came from."""
     folder = init_source(path, component, key, (model_class.__name__,))
+    check_weights(folder, WRITTEN_BY[component])  # a cut-short file named with what is wrong, not a bare OSError
     model = model_class.from_pretrained(folder, use_safetensors=True, local_files_only=True)
     forget_source_path(model)
     return model, folder

@@ -14,13 +14,15 @@ import torch
 import yaml
 
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.lora_base import _best_guess_weight_name
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from common.checkpoint import default_file_mode
+from common.checkpoint import check_safetensors, default_file_mode, remove_leftovers
 from common.errors import RunFolderError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
@@ -55,7 +57,8 @@ def save_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
     metadata = unet.peft_config["default"].to_dict()
     base = {name: base_fingerprint(unet, dtype) for name, dtype in BASE_DTYPES.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".lora-") as scratch:
+    remove_leftovers(folder, LORA_FILE)  # of a write killed mid-way (train-ldm holds the ldm lock here)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{LORA_FILE}.", suffix=".tmp") as scratch:
         StableDiffusionPipeline.save_lora_weights(scratch, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
                                                   safe_serialization=True)
         written = Path(scratch) / LORA_FILE
@@ -77,6 +80,18 @@ def lora_file(source, kwargs: dict) -> Path | None:
     return path if path.is_file() and path.suffix == ".safetensors" else None  # anything else: safetensors_only refuses it
 
 
+def named_base(config: Path) -> str:
+    """The `ldm.init_from` a LoRA run's config.yaml names, or "" where there is none or it cannot be read: a hint in
+    the refusal below, which a damaged or edited file must not turn into an unrelated YAML or decoding error."""
+    try:
+        tree = yaml.safe_load(config.read_text(encoding="utf-8")) if config.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return ""
+    ldm = tree.get("ldm") if isinstance(tree, dict) else None
+    base = ldm.get("init_from") if isinstance(ldm, dict) else None
+    return base if isinstance(base, str) else ""
+
+
 def check_adapter_base(unet: UNet2DConditionModel, source, kwargs: dict) -> None:
     """Refuse adapters trained on another UNet than `unet`: peft would load them wherever the layer names match
     (only a logged warning where they don't), and the images would change for no meaning. Files that record no
@@ -92,11 +107,8 @@ def check_adapter_base(unet: UNet2DConditionModel, source, kwargs: dict) -> None
     expected = json.loads(recorded).get(dtype)
     if expected is None or expected == base_fingerprint(unet, BASE_DTYPES[dtype]):
         return
-    config = path.parent / "config.yaml"
-    trained_on = ""
-    if config.is_file():  # a LoRA run's own config names its base
-        base = ((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("ldm") or {}).get("init_from")
-        trained_on = f" (its config.yaml: ldm.init_from {base})" if base else ""
+    base = named_base(path.parent / "config.yaml")
+    trained_on = f" (its config.yaml: ldm.init_from {base})" if base else ""
     raise RunFolderError(f"the LoRA in {path} was trained on another UNet than this pipeline's{trained_on}: its adapters "
                          f"would change the images without meaning. Load it into the pipeline of its base run "
                          f"(LatentPipeline.from_pretrained(<that run>)); if this pipeline's LoRA was fused, unfuse_lora() "
@@ -109,6 +121,54 @@ def merged(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     plain.fuse_lora()
     plain.unload_lora()
     return plain
+
+
+def adapted_layers(models: dict[str, torch.nn.Module]) -> dict[str, BaseTunerLayer]:
+    """The layers peft adapted in `models` ({"unet": ..., "text_encoder": ...}), by "model.layer" name."""
+    return {f"{model_name}.{name}": module for model_name, model in models.items() if model is not None
+            for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def keep_unfused(models: dict[str, torch.nn.Module], kept: dict[str, tuple]) -> dict[str, tuple]:
+    """Before `fuse_lora`: by name, a copy (on the CPU) of the own weight of each adapted layer not fused yet, and
+    its adapters' scales; a layer fused already keeps its earlier copy. peft's unfuse subtracts the adapters'
+    product again, which leaves the weights off by rounding, so the base no longer hashes as the UNet its LoRA was
+    trained on; and `fuse_lora(lora_scale=s)` multiplies the adapters' scales by s for good. See `restore_unfused`."""
+    layers = adapted_layers(models)
+    earlier = {name: copy for name, copy in kept.items() if name in layers and layers[name].merged}
+    return {**earlier, **{name: (layer.get_base_layer().weight.detach().to("cpu", copy=True),
+                                 dict(getattr(layer, "scaling", {}))) for name, layer in layers.items() if not layer.merged}}
+
+
+def restore_unfused(models: dict[str, torch.nn.Module], kept: dict[str, tuple], fused: set[str]) -> dict[str, tuple]:
+    """After `unfuse_lora`: each layer of `fused` (the names fused before it) that it unfused gets its weight and
+    adapter scales back from their copies from `keep_unfused`, bit for bit. Copies of other layers are stale (their
+    fused weights were kept by `unload_lora_weights`, as diffusers bakes a LoRA in) and are dropped. Returns the
+    copies of the layers still fused."""
+    layers = adapted_layers(models)
+    for name in fused & kept.keys():
+        if name in layers and not layers[name].merged:
+            weight, scaling = kept[name]
+            with torch.no_grad():
+                layers[name].get_base_layer().weight.copy_(weight)
+            getattr(layers[name], "scaling", {}).update(scaling)
+    return {name: copy for name, copy in kept.items() if name in fused and name in layers and layers[name].merged}
+
+
+def local_source(source):
+    """`load_lora_weights`' source with `~` expanded (diffusers would read `~/x` as a Hub repository name)."""
+    return os.path.expanduser(source) if isinstance(source, (str, os.PathLike)) else source
+
+
+def missing_source(source) -> FileNotFoundError | None:
+    """The error for a source that is neither on this disk nor loadable from the Hub (a mistyped folder, which
+    diffusers reports as a failed Hub lookup: 'Repo id must be in the form ...', or offline mode's 'you must
+    specify a weight_name'); None for a source that is here, so its own error stands."""
+    if isinstance(source, dict) or Path(source).exists():
+        return None
+    return FileNotFoundError(f"no LoRA folder or file '{source}' (and no LoRA of that name on the Hugging Face Hub or "
+                             f"in its cache): pass the folder that train-ldm with ldm.lora_rank wrote (it holds "
+                             f"{LORA_FILE}), e.g. pipe.load_lora_weights('checkpoints/mnist-lora')")
 
 
 def safetensors_only(source, kwargs: dict) -> dict:
@@ -125,4 +185,16 @@ def safetensors_only(source, kwargs: dict) -> dict:
         held = ", ".join(path.name for path in sorted(folder.glob("*.bin"))) or "no weights"
         raise RunFolderError(f"no LoRA weights in safetensors in {folder} (it holds {held}; pickled weights are never "
                              f"unpickled): pass the folder that train-ldm with ldm.lora_rank wrote, which holds {LORA_FILE}")
+    if not isinstance(source, dict) and folder.is_dir() and not weight_name and not (folder / LORA_FILE).is_file():
+        # a LoRA under another name (renamed to share it): diffusers would guess the file; named here, the checks
+        # below (and the base check) read the very file it loads
+        guess = _best_guess_weight_name(str(folder), local_files_only=True)
+        kwargs = {**kwargs, "weight_name": guess} if guess else kwargs
+    path = lora_file(source, kwargs)
+    if path is not None:  # a cut-short or foreign file named, before safetensors fails on it with a bare header error
+        names = [name for name in check_safetensors(path, "train-ldm")[1] if name != "__metadata__"]
+        if not any("lora" in name for name in names):  # diffusers' own refusal names neither the file nor its content
+            held = f"its tensors, such as '{min(names)}', are not named lora" if names else "it holds no tensors"
+            raise ValueError(f"{path} holds no LoRA adapters ({held}): pass the folder that train-ldm with "
+                             f"ldm.lora_rank wrote, which holds {LORA_FILE}")
     return {**kwargs, "use_safetensors": True}

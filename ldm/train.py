@@ -27,7 +27,7 @@ from common.images import prompt_grid
 from common.loop import evaluating
 from common.training import Trainer
 from ldm.latents import LatentCache, fits_on, load_cache, vae_fingerprint
-from ldm.lora import add_lora, merged, save_lora
+from ldm.lora import LORA_FILE, add_lora, merged, save_lora
 from ldm.model import build_noise_scheduler, diffusion_loss, inference_scheduler, initial_unet
 from ldm.sampling import sample_images
 from ldm.text import (caption_variants, check_classes_read_apart, check_prompts_apart, encode_text, load_text_encoder,
@@ -142,6 +142,8 @@ def check_lora_base(config: Config) -> None:
     prompts with its text encoder: this run must use the very same ones, or the adapters learn for
     latents and text states that pipeline never makes."""
     base = Path(config.ldm.init_from).expanduser()
+    if not (base / "unet").is_dir() and (base.parent / "model_index.json").is_file():
+        base = base.parent  # init_from names a run's unet/ itself: the base's vae/ and text_encoder/ are beside it
     ours = {"vae": RunFolder(config.run_dir).component("vae"), "text_encoder": Path(text_encoder_source(config)[0])}
     for component, how in (("vae", f"vae.init_from={base} with vae.max_steps=0"),
                            ("text_encoder", f"text_encoder.pretrained={base} instead of train-clip")):
@@ -168,6 +170,9 @@ def export(trainer: Trainer, config: Config, tokenizer, text_encoder, noise_sche
         trainer.print(f"[ldm] LoRA weights: {save_lora(unet, run.root)} (pipe.load_lora_weights('{run.root}') "
                       f"on the base {config.ldm.init_from})")
         unet = merged(unet)
+    elif (run.root / LORA_FILE).exists():  # adapters from an earlier LoRA training of this run: not for this UNet
+        (run.root / LORA_FILE).unlink()
+        trainer.print(f"[ldm] removed {run.root / LORA_FILE}: this run's UNet is now fully trained (ldm.lora_rank=0)")
     with atomic_directory(run.component("unet")) as folder:
         unet.save_pretrained(folder, safe_serialization=True)
         run.stamp(folder, "ldm", trainer.step)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from common.checkpoint import atomic_directory, write_json
+from common.checkpoint import atomic_directory, check_weights, write_json
 from common.cli import run_cli
 from common.config import ClipConfig, Config
 from common.errors import UserError
@@ -63,6 +63,7 @@ def initial_clip(config: Config, captions: list[str]) -> tuple[CLIPModel, CLIPTo
     except (OSError, ValueError, TypeError):
         raise UserError(f"clip.init_from: no CLIP tokenizer in {tokenizer_folder}; the text tower needs the token "
                         f"ids it was trained with") from None
+    check_weights(folder, "train-clip")  # a cut-short file named with what is wrong, not a bare OSError
     model = CLIPModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
     vision, text = model.config.vision_config, model.config.text_config
     if vision.num_channels != data.channels or vision.image_size != data.image_size:

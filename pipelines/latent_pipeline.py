@@ -32,7 +32,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from common.checkpoint import check_weights, folder_fingerprint
 from common.errors import RunFolderError
 from common.run import WRITTEN_BY, RunFolder
-from ldm.lora import check_adapter_base, safetensors_only
+from ldm.lora import (adapted_layers, check_adapter_base, keep_unfused, local_source, missing_source,
+                       restore_unfused, safetensors_only)
 from ldm.text import check_tokenizer
 from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
                           initial_latents, predicted_clean_latents)
@@ -55,7 +56,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     LoRA adapters in diffusers' format (what `train-ldm` with `ldm.lora_rank` writes) load with
     `load_lora_weights(folder)` (from safetensors only: a pickled `.bin` is refused; adapters trained on another
     UNet than this pipeline's are refused too), and
-    `unload_lora_weights()` / `fuse_lora()` work as in Stable Diffusion.
+    `unload_lora_weights()` / `fuse_lora()` work as in Stable Diffusion (`unfuse_lora()` restores the weights exactly).
 
     Args:
         vae: decodes latents to images (`scaling_factor` in its config).
@@ -135,10 +136,29 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                           **kwargs) -> None:
         """diffusers' load_lora_weights, refusing adapters that train-ldm trained on another UNet than this
         pipeline's (`check_base=False` loads them anyway)."""
-        kwargs = safetensors_only(pretrained_model_name_or_path_or_dict, kwargs)  # a pickle is refused first
+        source = local_source(pretrained_model_name_or_path_or_dict)
+        kwargs = safetensors_only(source, kwargs)  # a pickle is refused first
         if check_base:
-            check_adapter_base(self.unet, pretrained_model_name_or_path_or_dict, kwargs)
-        super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+            check_adapter_base(self.unet, source, kwargs)
+        try:
+            super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
+        except (OSError, ValueError) as error:  # a mistyped folder would read as a failed Hub lookup
+            raise missing_source(source) or error
+
+    def fuse_lora(self, *args, **kwargs) -> None:
+        """diffusers' fuse_lora, keeping the adapted layers' own weights and scales so that `unfuse_lora` restores
+        them exactly."""
+        self._unfused = keep_unfused({"unet": self.unet, "text_encoder": self.text_encoder}, getattr(self, "_unfused", {}))
+        super().fuse_lora(*args, **kwargs)
+
+    def unfuse_lora(self, *args, **kwargs) -> None:
+        """diffusers' unfuse_lora, leaving the weights bit for bit as before `fuse_lora` (peft alone leaves them off by
+        rounding, and a LoRA trained on this base would then be refused by `load_lora_weights`), and the adapters at
+        their scales from before (`fuse_lora(lora_scale=s)` alone leaves them scaled by s)."""
+        models = {"unet": self.unet, "text_encoder": self.text_encoder}
+        fused = {name for name, layer in adapted_layers(models).items() if layer.merged}
+        super().unfuse_lora(*args, **kwargs)
+        self._unfused = restore_unfused(models, getattr(self, "_unfused", {}), fused)
 
     @classmethod
     def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):

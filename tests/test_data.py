@@ -123,6 +123,115 @@ def test_metadata_jsonl_refuses_paths_outside_the_folder(jsonl_folder):
         list_dataset(folder_config(jsonl_folder))
 
 
+def test_metadata_jsonl_captions_may_hold_unicode_line_separators(jsonl_folder):
+    """Before: the file was split with str.splitlines, which also breaks at U+2028, U+2029 and U+0085 inside a
+    caption (valid JSON, written raw by json.dumps(..., ensure_ascii=False)): the line was refused as 'not valid
+    JSON (Unterminated string starting at)'."""
+    captions = ["a red\u2028circle", "a\u2029square", "a\x85triangle"]
+    for unlisted in range(len(captions), 12):
+        (jsonl_folder / "images" / f"{unlisted}.png").unlink()
+    (jsonl_folder / "metadata.jsonl").write_bytes("\r\n".join(
+        json.dumps({"file_name": f"images/{i}.png", "text": text}, ensure_ascii=False)
+        for i, text in enumerate(captions)).encode("utf-8"))
+    assert list_dataset(folder_config(jsonl_folder)).texts == [[text] for text in captions]
+
+
+def test_metadata_jsonl_saved_with_a_byte_order_mark_is_read(jsonl_folder):
+    """Before: a file saved by a Windows editor, which starts with a UTF-8 byte-order mark, was refused: 'line 1 is
+    not valid JSON (Unexpected UTF-8 BOM (decode using utf-8-sig))'."""
+    path = jsonl_folder / "metadata.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    listing = list_dataset(folder_config(jsonl_folder))
+    assert len(listing.sources) == 12 and listing.texts[0] == ["a bright circle number 0"]
+
+
+def test_metadata_jsonl_file_name_with_a_nul_character_names_the_line(jsonl_folder):
+    """Before: a file_name holding "\\u0000" crashed with a bare 'ValueError: embedded null byte', no line named."""
+    path = jsonl_folder / "metadata.jsonl"
+    path.write_text(path.read_text() + json.dumps({"file_name": "images/1.png\0.png", "text": "a circle"}) + "\n")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(folder_config(jsonl_folder))
+    assert str(error.value) == (f"{path}: line 13: file_name 'images/1.png\\x00.png' contains a NUL character (\\u0000), "
+                                f"which no file name can hold; write the image's path relative to '{jsonl_folder}'")
+
+
+@pytest.mark.parametrize("folders, named, more", [(["data"], "data", ""),
+                                                  (["test", "train"], "train", " (and 1 more like it)")])
+def test_metadata_jsonl_below_the_top_of_data_path_is_refused(tmp_path, folders, named, more):
+    """Before: with metadata.jsonl one folder down (data/metadata.jsonl beside its images), 'data' was read
+    silently as the one class of a class dataset, the captions ignored; with Hugging Face's split layout
+    (train/metadata.jsonl, test/metadata.jsonl) the listing said 'no images of a supported type'."""
+    for folder in folders:
+        (tmp_path / folder).mkdir()
+        Image.new("L", (8, 8)).save(tmp_path / folder / "0.png")
+        (tmp_path / folder / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "a dot"}) + "\n")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(folder_config(tmp_path))
+    assert str(error.value) == (
+        f"'{tmp_path / named / 'metadata.jsonl'}' is not at the top of data.path '{tmp_path}', where metadata.jsonl "
+        f"is read, so its captions would be ignored{more}. Point data.path at '{tmp_path / named}', or write one "
+        f"'{tmp_path / 'metadata.jsonl'}' whose file_name paths start with '{named}/' (data.holdout_fraction sets "
+        f"the held-out share)")
+
+
+def test_metadata_jsonl_refuses_images_it_does_not_list(jsonl_folder):
+    """Before: images in the folder with no line in metadata.jsonl were left out of training without a word
+    (Hugging Face's imagefolder refuses them: "image at ... doesn't have metadata")."""
+    for name in ("images/extra.png", "more/b.PNG", "more/a.jpg"):
+        (jsonl_folder / name).parent.mkdir(exist_ok=True)
+        (jsonl_folder / name).write_bytes((jsonl_folder / "images" / "0.png").read_bytes())
+    (jsonl_folder / "images" / "._0.png").write_bytes(b"macOS metadata")  # hidden: no image of the dataset
+    (jsonl_folder / "notes.txt").write_text("not an image")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(folder_config(jsonl_folder))
+    assert str(error.value) == (f"3 image(s) in '{jsonl_folder}' have no line in {jsonl_folder / 'metadata.jsonl'}: "
+                                f"images/extra.png, more/a.jpg, more/b.PNG; they would be left out of training. Add a "
+                                f"line with the caption of each, or move them out of the folder")
+
+
+def test_metadata_jsonl_line_with_a_key_twice_is_refused(jsonl_folder):
+    """Before: {"file_name": ..., "text": "a cat", "text": "a dog"} kept only "a dog" (JSON keeps the last), the
+    other caption dropped without a word."""
+    path = jsonl_folder / "metadata.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = '{"file_name": "images/1.png", "text": "a cat", "text": "a dog", "extra": {"k": 1, "k": 2}}'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(folder_config(jsonl_folder))
+    assert str(error.value) == (f"{path}: line 2 gives 'text' twice, and JSON would keep only the last; write it once "
+                                f"(several captions as a list: \"text\": [\"...\", \"...\"])")
+
+
+def test_metadata_jsonl_caption_with_half_a_surrogate_pair_names_the_line(jsonl_folder):
+    """Before: a caption with an unpaired "\\ud83d" escape (valid JSON syntax, no character) was listed, and
+    train-clip crashed on it with 'UnicodeEncodeError: surrogates not allowed', naming no line."""
+    path = jsonl_folder / "metadata.jsonl"
+    lines = path.read_text().splitlines()
+    lines[4] = '{"file_name": "images/4.png", "text": ["a square", "a smile \\ud83d"]}'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(folder_config(jsonl_folder))
+    assert str(error.value) == (f"{path}: line 5: 'text' of 'images/4.png' holds '\\ud83d', half of a UTF-16 surrogate "
+                                f"pair with no partner, which is no character; write the character itself (or both "
+                                f"halves of its escape), or delete it")
+    lines[4] = '{"file_name": "images/4.png", "text": "a smile \\ud83d\\ude00"}'  # both halves: one character
+    path.write_text("\n".join(lines) + "\n")
+    assert list_dataset(folder_config(jsonl_folder)).texts[4] == ["a smile \U0001f600"]
+
+
+@pytest.mark.parametrize("line, kind", [('[{"file_name": "images/0.png", "text": "a circle"}]', "an array"),
+                                        ('"images/0.png"', "a string"), ("3", "a number"), ("null", "null")])
+def test_metadata_jsonl_line_that_is_no_object_says_so(jsonl_folder, line, kind):
+    """Before: a line holding a JSON array (the whole dataset written as one array), a string or a number was
+    refused as "needs both 'file_name' and 'text' keys", which it seemed to have."""
+    path = jsonl_folder / "metadata.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(folder_config(jsonl_folder))
+    assert str(error.value) == (f"{path}: line 1 is {kind}, not a JSON object; metadata.jsonl holds one object per "
+                                f"line (JSON Lines), like {{\"file_name\": \"a.png\", \"text\": \"a red circle\"}}")
+
+
 def test_modes_and_fits():
     sixteen_bit = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
     assert sixteen_bit.mode.startswith("I;16")

@@ -21,6 +21,17 @@ def folder_source(root: Path) -> Callable[[Path, DataConfig], Listing]:
     """The layout of a folder: metadata.jsonl, class sub-folders, or flat class_index files."""
     if (root / "metadata.jsonl").is_file():
         return metadata.list_metadata_jsonl
+    # captions one or two folders down (Hugging Face's train/metadata.jsonl) would be ignored without a word: the
+    # folder read as a class of a class dataset, or as holding no images
+    nested = sorted((p for pattern in ("*/metadata.jsonl", "*/*/metadata.jsonl") for p in root.glob(pattern)
+                     if not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                    key=lambda p: (p.relative_to(root).parts[0] not in folders.TRAIN_FOLDERS, p))  # train/ named first
+    if nested:
+        folder = nested[0].parent.relative_to(root).as_posix()
+        raise DatasetError(f"'{nested[0]}' is not at the top of data.path '{root}', where metadata.jsonl is read, so its "
+                           f"captions would be ignored{f' (and {len(nested) - 1} more like it)' if len(nested) > 1 else ''}. "
+                           f"Point data.path at '{nested[0].parent}', or write one '{root / 'metadata.jsonl'}' whose "
+                           f"file_name paths start with '{folder}/' (data.holdout_fraction sets the held-out share)")
     if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
         return folders.list_class_folders
     return folders.list_class_index_files
