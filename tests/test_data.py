@@ -110,6 +110,24 @@ def test_photos_are_read_upright_as_their_exif_orientation_says(tmp_path):
     assert pixels[:8].mean() > 0.9 and pixels[8:].mean() < -0.9  # white on top, black below
 
 
+def test_a_photo_with_a_malformed_exif_tag_is_read_upright(tmp_path):
+    """Before: ImageOps.exif_transpose rewrote the EXIF block and raised struct.error on a tag whose value has the
+    wrong type (here SMinSampleValue, a number, holding text), which no bad-image handling caught: the scan crashed."""
+    root = tmp_path / "photos"
+    (root / "a").mkdir(parents=True)
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x0131] = "sw"  # Software (text), renamed below to SMinSampleValue
+    raw = exif.tobytes().replace(b"\x01\x31\x00\x02", b"\x01\x55\x00\x02")
+    for i in range(2):
+        Image.fromarray(stored).save(root / "a" / f"{i}.jpg", exif=raw, quality=95)
+    config = folder_config(root, image_size=16, fit="stretch", holdout_fraction=0.0, on_bad_image="error")
+    pixels = load_split(config, "all")[0]["pixel_values"][0]
+    assert pixels[:8].mean() > 0.9 and pixels[8:].mean() < -0.9  # white on top, black below
+
+
 def test_metadata_jsonl_free_captions(jsonl_folder):
     dataset = ImageDataset(folder_config(jsonl_folder, channels=3, image_size=16), "all")
     assert dataset.classes == [] and all(label == -1 for label in dataset.labels)

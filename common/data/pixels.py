@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
 
 Image.MAX_IMAGE_PIXELS = 256_000_000  # huge scans are fine; decompression bombs beyond this are not
+
+# the transpose that shows an image upright, for each EXIF Orientation value (the table of ImageOps.exif_transpose)
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
 
 
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
@@ -70,8 +75,16 @@ def load_image(path: str, size: int, channels: int, fit: str) -> np.ndarray:
     with Image.open(path) as image:
         image.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at reduced scale
         image.load()
-        # as viewers show it: a phone photo is often stored sideways with an EXIF Orientation tag saying so
-        return fitted_array(ImageOps.exif_transpose(image), size, channels, fit)
+        return fitted_array(upright(image), size, channels, fit)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as viewers show it: a phone photo is often stored sideways with an EXIF Orientation tag saying so.
+
+    Not ImageOps.exif_transpose: it also rewrites the EXIF block without that tag, which raises struct.error on a
+    malformed tag elsewhere in it (text where the tag's type is a number), crashing the scan on a readable photo."""
+    method = UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+    return image.transpose(method) if method is not None else image
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
