@@ -364,6 +364,25 @@ def test_a_class_name_with_a_newline_is_refused(tmp_path):
         list_dataset(DataConfig(name="", path=str(root)))
 
 
+@pytest.mark.parametrize("layout, key", [("folders", "_-_"), ("folders", " "), ("class_index", "")])
+def test_a_class_name_of_separators_alone_is_refused(tmp_path, layout, key):
+    """Before: its name became "", so the "{name}" template captioned its images with the empty prompt (the
+    unconditional one) and generate/evaluate drew that class unconditionally."""
+    root = tmp_path / "classes"
+    root.mkdir()
+    for name in ("cat", key):
+        if layout == "folders":
+            (root / name).mkdir()
+            shape_image("square", (16, 16)).save(root / name / "0.png")
+        else:
+            shape_image("square", (16, 16)).save(root / f"{name}_0001.png")
+    with pytest.raises(DatasetError, match=rf"^class name {re.escape(repr(key))} in '{re.escape(str(root))}' is empty "
+                                           r"once '_' and '-' are read as spaces, so its caption would be the empty "
+                                           r"prompt \(no condition\); rename the folder \(or the files, in the "
+                                           r"class_index layout\) to what its images show$"):
+        list_dataset(DataConfig(name="", path=str(root)))
+
+
 @pytest.mark.parametrize("split", ["train", "all"])
 def test_a_class_left_with_no_readable_training_image_is_refused(class_folder, split):
     """It would stay in the class table, drawn and evaluated, with the model never having seen it."""

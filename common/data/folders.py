@@ -24,9 +24,14 @@ def class_fields(key: str) -> dict:
 
 
 def check_class_name(key: str, where: Path) -> str:
-    """A class name becomes captions, labels and JSON: refuse control characters (a newline in a folder name)."""
+    """A class name becomes captions, labels and JSON: refuse control characters (a newline in a folder name) and a
+    name of separators alone (`___`, or `_0001.jpg` in the class_index layout)."""
     if not key.isprintable():
         raise DatasetError(f"class name {key!r} in '{where}' contains a control character (e.g. a newline); rename it")
+    if not class_fields(key)["name"]:  # "{name}" would caption its images "", the unconditional prompt
+        raise DatasetError(f"class name {key!r} in '{where}' is empty once '_' and '-' are read as spaces, so its "
+                           f"caption would be the empty prompt (no condition); rename the folder (or the files, in the "
+                           f"class_index layout) to what its images show")
     return key
 
 
