@@ -154,6 +154,19 @@ def test_modes_and_fits():
     assert np.asarray(fit_image(wide, 20, "crop")).min() == 255  # centre square of the white bar
 
 
+def test_a_16_bit_png_with_a_transparent_grey_is_black_there_like_every_mode(tmp_path):
+    """Before: the 16-bit conversion dropped the PNG's tRNS value, so its transparent pixels stayed white, while
+    transparency becomes black in L, RGB, palette, LA and RGBA images."""
+    array = np.full((4, 4), 65535, np.uint16)
+    array[0] = 30000
+    Image.fromarray(array).save(tmp_path / "a.png", transparency=65535)
+    with Image.open(tmp_path / "a.png") as image:
+        assert image.mode == "I;16" and image.info["transparency"] == 65535
+        for channels in (1, 3):
+            grey = np.asarray(to_mode(image, channels))
+            assert grey[1:].max() == 0 and grey[0].min() == 116  # transparent rows black; 30000 / 65535 of 255 kept
+
+
 def test_batch_augmentation_is_seeded_and_keeps_a_black_background():
     from common.config import AugmentConfig
 

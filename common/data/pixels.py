@@ -17,9 +17,9 @@ UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4:
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
     """Convert any PIL mode (16-bit, palette, alpha, CMYK, float) to "L" or "RGB".
 
-    Transparent pixels become black, the background of the glyph datasets. A float image with NaN or
-    infinite pixels raises ValueError, so the data scan counts it as unreadable instead of training on
-    whatever the cast to uint8 makes of them (black).
+    Transparent pixels become black, the background of the glyph datasets, in every mode (alpha, palette or a
+    PNG's transparent colour, 16-bit included). A float image with NaN or infinite pixels raises ValueError, so
+    the data scan counts it as unreadable instead of training on whatever the cast to uint8 makes of them (black).
     """
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
@@ -29,7 +29,10 @@ def to_mode(image: Image.Image, channels: int) -> Image.Image:
         # the white a float image means: 1.0 for images scaled to [0, 1] (as numpy/scikit-image write them),
         # else 255 or 65535 as its integer range; [0, 1] read as 0-255 would train on near-black images
         peak = 1.0 if image.mode == "F" and array.max() <= 1.0 else 65535.0 if array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), "L")
+        grey = np.clip(array / peak * 255.0, 0, 255).astype(np.uint8)
+        if "transparency" in image.info:  # a 16-bit PNG's transparent grey value (tRNS): black, as in every mode
+            grey[array == image.info["transparency"]] = 0
+        image = Image.fromarray(grey, "L")
     if image.mode == "1":
         image = image.convert("L")
     if image.mode in ("P", "PA") or (image.mode in ("L", "RGB") and "transparency" in image.info):
