@@ -433,6 +433,30 @@ def test_held_out_folders_without_training_folders_are_refused(tmp_path):
         f"in '{root / 'test'}'), or rename the folder if 'test' really is a class")
 
 
+def test_image_files_beside_class_folders_are_refused_not_left_out(flowers_folder, class_folder):
+    """Before: a folder with any sub-folder was read as class folders alone, so one sub-folder added to a class_index
+    folder made the dataset that one class, every tulips_0001.jpg left out without a word (stray files likewise)."""
+    (flowers_folder / "extra").mkdir()
+    shape_image("circle", (16, 16)).save(flowers_folder / "extra" / "a.png")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(DataConfig(name="", path=str(flowers_folder)))
+    assert str(error.value) == (
+        f"'{flowers_folder}' has sub-folders (extra) and also 10 image file(s) directly in it (orchids_0000.jpg, "
+        f"orchids_0001.jpg, orchids_0002.jpg ...), which would not be read: only the sub-folders are read (one per "
+        f"class, or train/ and test/ ones). Move the images into their class folders, or the sub-folders out if the "
+        f"files are the dataset (the class_index layout: tulips_0001.jpg)")
+    for split in ("Train", "Test"):  # a file beside the class folders of a split
+        for kind in ("circle", "square"):
+            (class_folder / split / kind).mkdir(parents=True)
+            shape_image(kind, (16, 16)).save(class_folder / split / kind / "0.png")
+    for kind in ("circle", "square", "triangle"):
+        shutil.rmtree(class_folder / kind)
+    shape_image("circle", (16, 16)).save(class_folder / "Train" / "stray.png")
+    with pytest.raises(DatasetError, match=rf"^'{re.escape(str(class_folder / 'Train'))}' has sub-folders \(circle, "
+                                           r"square\) and also 1 image file\(s\) directly in it \(stray.png\), which"):
+        list_dataset(DataConfig(name="", path=str(class_folder)))
+
+
 def test_float_images_with_nan_or_infinite_pixels_are_bad_images(class_folder):
     """np.uint8 of NaN is 0: a float TIFF of NaNs became an all-black training image, with only numpy's warning."""
     Image.fromarray(np.full((20, 20), np.nan, np.float32), "F").save(class_folder / "circle" / "nan.tif")

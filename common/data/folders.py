@@ -44,6 +44,19 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def check_no_loose_images(folder: Path) -> None:
+    """Refuse image files beside class (or split) sub-folders: only the sub-folders are read, so those files would
+    be left out without a word, all of a class_index dataset (tulips_0001.jpg) when one sub-folder is added."""
+    loose = [p.name for p in images_in(folder)]
+    if loose:
+        few = lambda names: ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")  # noqa: E731
+        raise DatasetError(f"'{folder}' has sub-folders ({few([p.name for p in _subfolders(folder)])}) and also "
+                           f"{len(loose)} image file(s) directly in it ({few(loose)}), which would not be read: only "
+                           f"the sub-folders are read (one per class, or train/ and test/ ones). Move the images into "
+                           f"their class folders, or the sub-folders out if the files are the dataset (the class_index "
+                           f"layout: tulips_0001.jpg)")
+
+
 def list_class_folders(root: Path, config: DataConfig) -> Listing:
     """`root/<class>/*.png`, or `root/Train/<class>/*` + `root/Test/<class>/*` (Test is held out)."""
     split_dirs = {p.name.lower(): p for p in _subfolders(root)}
@@ -63,6 +76,8 @@ def list_class_folders(root: Path, config: DataConfig) -> Listing:
                                    f"learn class '{class_dir.name}'; add its training images there, or remove the "
                                    f"held-out folder")
     groups = [(d, False) for d in train_dirs] + [(d, True) for d in test_dirs] if train_dirs else [(root, None)]
+    for folder in dict.fromkeys([root, *(group for group, _ in groups)]):
+        check_no_loose_images(folder)
     keys = sorted({c.name for group, _ in groups for c in _subfolders(group)})
     classes = [ImageClass(check_class_name(key, root), class_fields(key)) for key in keys]
     index = {key: i for i, key in enumerate(keys)}
