@@ -457,6 +457,24 @@ def test_image_files_beside_class_folders_are_refused_not_left_out(flowers_folde
         list_dataset(DataConfig(name="", path=str(class_folder)))
 
 
+def test_a_folder_of_images_beside_train_and_test_is_refused_not_left_out(tmp_path):
+    """Before: with train/ and test/ present, any other sub-folder (a class put beside them) was never read."""
+    root = tmp_path / "split"
+    for folder in ("Train/cat", "Test/cat", "zebra", "docs"):
+        (root / folder).mkdir(parents=True)
+    for folder in ("Train/cat", "Test/cat", "zebra"):
+        shape_image("circle", (16, 16)).save(root / folder / "0.png")
+    (root / "docs" / "notes.txt").write_text("not images: no error")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(DataConfig(name="", path=str(root)))
+    assert str(error.value) == (
+        f"'{root / 'zebra'}' holds images but would not be read: beside '{root / 'Train'}' only split folders (test, "
+        f"train, training, val, valid, validation) are read. Move it into '{root / 'Train'}' if it is a class (or its "
+        f"class folders, if it holds them), or move it out of '{root}'")
+    shutil.rmtree(root / "zebra")
+    assert [c.key for c in list_dataset(DataConfig(name="", path=str(root))).classes] == ["cat"]
+
+
 def test_float_images_with_nan_or_infinite_pixels_are_bad_images(class_folder):
     """np.uint8 of NaN is 0: a float TIFF of NaNs became an all-black training image, with only numpy's warning."""
     Image.fromarray(np.full((20, 20), np.nan, np.float32), "F").save(class_folder / "circle" / "nan.tif")

@@ -78,6 +78,12 @@ def list_class_folders(root: Path, config: DataConfig) -> Listing:
     groups = [(d, False) for d in train_dirs] + [(d, True) for d in test_dirs] if train_dirs else [(root, None)]
     for folder in dict.fromkeys([root, *(group for group, _ in groups)]):
         check_no_loose_images(folder)
+    for other in _subfolders(root) if train_dirs else []:  # a class folder beside train/ would never be read
+        if other not in train_dirs + test_dirs and (images_in(other) or any(images_in(d) for d in _subfolders(other))):
+            raise DatasetError(f"'{other}' holds images but would not be read: beside '{train_dirs[0]}' only split "
+                               f"folders ({', '.join(sorted(TRAIN_FOLDERS | HOLDOUT_FOLDERS))}) are read. Move it into "
+                               f"'{train_dirs[0]}' if it is a class (or its class folders, if it holds them), or move "
+                               f"it out of '{root}'")
     keys = sorted({c.name for group, _ in groups for c in _subfolders(group)})
     classes = [ImageClass(check_class_name(key, root), class_fields(key)) for key in keys]
     index = {key: i for i, key in enumerate(keys)}
