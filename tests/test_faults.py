@@ -475,6 +475,20 @@ def test_a_folder_of_images_beside_train_and_test_is_refused_not_left_out(tmp_pa
     assert [c.key for c in list_dataset(DataConfig(name="", path=str(root))).classes] == ["cat"]
 
 
+def test_sub_folders_of_images_in_a_class_folder_are_refused_not_left_out(class_folder):
+    """Before: only a class folder's own files were listed; circle/big/*.png was left out without a word (and a
+    class folder holding only sub-folders was said to have no images)."""
+    (class_folder / "circle" / "big").mkdir()
+    shape_image("circle", (64, 64)).save(class_folder / "circle" / "big" / "0.png")
+    (class_folder / "square" / ".ipynb_checkpoints").mkdir()  # hidden, and no images: not refused
+    with pytest.raises(DatasetError) as error:
+        list_dataset(DataConfig(name="", path=str(class_folder)))
+    assert str(error.value) == (
+        f"class folder '{class_folder / 'circle'}' has sub-folders of images (big), which would not be read: a class's "
+        f"images are the files directly in its folder. Move them up into '{class_folder / 'circle'}', or make each "
+        f"sub-folder a class folder of its own")
+
+
 def test_float_images_with_nan_or_infinite_pixels_are_bad_images(class_folder):
     """np.uint8 of NaN is 0: a float TIFF of NaNs became an all-black training image, with only numpy's warning."""
     Image.fromarray(np.full((20, 20), np.nan, np.float32), "F").save(class_folder / "circle" / "nan.tif")

@@ -90,6 +90,12 @@ def list_class_folders(root: Path, config: DataConfig) -> Listing:
     sources, labels, holdout = [], [], []
     for group, is_holdout in groups:
         for class_dir in _subfolders(group):
+            nested = [d.name for d in _subfolders(class_dir) if images_in(d)]
+            if nested:  # only a class folder's own files are its images
+                raise DatasetError(f"class folder '{class_dir}' has sub-folders of images ({', '.join(nested[:3])}"
+                                   f"{' ...' if len(nested) > 3 else ''}), which would not be read: a class's images "
+                                   f"are the files directly in its folder. Move them up into '{class_dir}', or make "
+                                   f"each sub-folder a class folder of its own")
             files = images_in(class_dir)
             if not files and is_holdout is not True:
                 raise DatasetError(f"class folder '{class_dir}' has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
