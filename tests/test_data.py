@@ -7,6 +7,7 @@ from PIL import Image
 
 from common.config import DataConfig
 from common.data import ImageDataset, StepBatches, augment_batch, fit_image, list_dataset, load_split, to_mode
+from common.data.pixels import load_image
 from common.errors import DatasetError
 
 
@@ -152,6 +153,16 @@ def test_modes_and_fits():
     padded = np.asarray(fit_image(wide, 20, "pad"))
     assert padded.shape == (20, 20) and padded[0].max() == 0 and padded[10].min() == 255  # letterboxed
     assert np.asarray(fit_image(wide, 20, "crop")).min() == 255  # centre square of the white bar
+
+
+@pytest.mark.parametrize("name", ["a.gif", "a.png", "a.tiff"])
+def test_an_animated_or_multi_page_image_is_its_first_frame(tmp_path, name):
+    """Documented (README, load_image): the frame viewers show before playing; the test pins it."""
+    frames = [Image.new("L", (8, 8), 40), Image.new("L", (8, 8), 255)]
+    frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
+    with Image.open(tmp_path / name) as image:
+        assert image.n_frames == 2
+    assert load_image(str(tmp_path / name), 8, 1, "pad").tolist() == np.full((8, 8, 1), 40).tolist()
 
 
 def test_a_16_bit_png_with_a_transparent_grey_is_black_there_like_every_mode(tmp_path):

@@ -74,7 +74,9 @@ def fitted_arrays(pixels: np.ndarray, size: int, channels: int, fit: str) -> np.
 
 
 def load_image(path: str, size: int, channels: int, fit: str) -> np.ndarray:
-    """Read one file as a (H, W, C) uint8 array. Raises OSError/ValueError on a corrupt file."""
+    """Read one file as a (H, W, C) uint8 array. Raises OSError/ValueError on a corrupt file.
+
+    An animated GIF or PNG, or a multi-page TIFF, is its first frame (as viewers show it before playing)."""
     with Image.open(path) as image:
         image.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at reduced scale
         image.load()
