@@ -524,6 +524,19 @@ def test_the_fingerprint_sees_a_swapped_image_of_the_same_size_and_mtime(class_f
     assert ImageDataset(config, "all").fingerprint() != before
 
 
+def test_a_file_name_that_is_not_utf8_is_fingerprinted(class_folder):
+    """Before: str.encode refused the name (a Latin-1 'café' from an old archive, which Python holds with a
+    surrogate), so train-vae and encode-dataset crashed with UnicodeEncodeError after reading every image."""
+    config = DataConfig(name="", path=str(class_folder), image_size=16)
+    before = ImageDataset(config, "all").fingerprint()
+    latin1 = os.fsencode(class_folder / "circle") + b"/caf\xe9.png"
+    shutil.copy(class_folder / "circle" / "000.png", latin1)
+    with_it = ImageDataset(config, "all").fingerprint()
+    assert re.fullmatch(r"[0-9a-f]{64}", with_it) and with_it != before
+    shape_image("square", (16, 16)).save(os.fsdecode(latin1))
+    assert ImageDataset(config, "all").fingerprint() not in (before, with_it)
+
+
 # ---- writes: strict JSON, modes, full disks ---------------------------------------------------------
 
 
