@@ -489,6 +489,21 @@ def test_sub_folders_of_images_in_a_class_folder_are_refused_not_left_out(class_
         f"sub-folder a class folder of its own")
 
 
+def test_a_file_in_an_unlisted_format_under_an_image_name_is_unreadable(class_folder):
+    """Before: Pillow decoded whatever the content was, so a .png that is really a TGA (or an EPS, which Pillow
+    hands to Ghostscript) was read by a decoder outside the listed types. A JPEG named .png is still read."""
+    shape_image("circle", (16, 16)).save(class_folder / "circle" / "jpeg.png", "JPEG")
+    shape_image("circle", (16, 16)).save(class_folder / "circle" / "targa.png", "TGA")
+    config = DataConfig(name="", path=str(class_folder), image_size=16, holdout_fraction=0.0, on_bad_image="error")
+    with pytest.raises(DatasetError) as error:
+        load_split(config, "all")
+    assert str(error.value) == (f"1 image(s) cannot be read: targa.png (cannot identify image file "
+                                f"'{class_folder / 'circle' / 'targa.png'}'). Fix or remove them, or set "
+                                f"data.on_bad_image=skip to train without them")
+    (class_folder / "circle" / "targa.png").unlink()
+    assert len(load_split(config, "all")) == 19
+
+
 def test_float_images_with_nan_or_infinite_pixels_are_bad_images(class_folder):
     """np.uint8 of NaN is 0: a float TIFF of NaNs became an all-black training image, with only numpy's warning."""
     Image.fromarray(np.full((20, 20), np.nan, np.float32), "F").save(class_folder / "circle" / "nan.tif")

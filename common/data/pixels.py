@@ -6,7 +6,14 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image
 
+from common.data.listing import IMAGE_EXTENSIONS
+
 Image.MAX_IMAGE_PIXELS = 256_000_000  # huge scans are fine; decompression bombs beyond this are not
+
+# the decoders of the listed extensions (PNG, JPEG, ...), whatever the file's own extension says: a JPEG named .png
+# is read, but an EPS, PSD or FITS file named .png is unreadable, never handed to a decoder this toolkit does not
+# list (Pillow's EPS one runs Ghostscript on the file)
+FORMATS = sorted({name for extension, name in Image.registered_extensions().items() if extension in IMAGE_EXTENSIONS})
 
 # the transpose that shows an image upright, for each EXIF Orientation value (the table of ImageOps.exif_transpose)
 UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -77,7 +84,7 @@ def load_image(path: str, size: int, channels: int, fit: str) -> np.ndarray:
     """Read one file as a (H, W, C) uint8 array. Raises OSError/ValueError on a corrupt file.
 
     An animated GIF or PNG, or a multi-page TIFF, is its first frame (as viewers show it before playing)."""
-    with Image.open(path) as image:
+    with Image.open(path, formats=FORMATS) as image:
         image.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at reduced scale
         image.load()
         return fitted_array(upright(image), size, channels, fit)
