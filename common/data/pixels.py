@@ -8,7 +8,9 @@ from PIL import ExifTags, Image
 
 from common.data.listing import IMAGE_EXTENSIONS
 
-Image.MAX_IMAGE_PIXELS = 256_000_000  # huge scans are fine; decompression bombs beyond this are not
+# huge scans are fine: Pillow warns (DecompressionBombWarning) above this, and refuses an image above twice this
+# (DecompressionBombError: unreadable, skipped or refused as data.on_bad_image says)
+Image.MAX_IMAGE_PIXELS = 256_000_000
 
 # the decoders of the listed extensions (PNG, JPEG, ...), whatever the file's own extension says: a JPEG named .png
 # is read, but an EPS, PSD or FITS file named .png is unreadable, never handed to a decoder this toolkit does not
