@@ -552,6 +552,26 @@ def test_a_file_name_that_is_not_utf8_is_fingerprinted(class_folder):
     assert ImageDataset(config, "all").fingerprint() not in (before, with_it)
 
 
+def test_a_file_without_read_permission_is_skipped_and_fingerprinted(class_folder, monkeypatch):
+    """Before: the scan skipped it as unreadable, then the fingerprint opened it again and train-vae and
+    encode-dataset crashed with PermissionError. (Opening is refused by a patch: the tests may run as root.)"""
+    locked, real_open = class_folder / "circle" / "002.png", open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(locked):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    config = DataConfig(name="", path=str(class_folder), image_size=16, holdout_fraction=0.0)
+    readable = load_split(config, "all").fingerprint()
+    monkeypatch.setattr("builtins.open", refusing_open)
+    with pytest.warns(UserWarning, match=r"^skipping 1 unreadable image\(s\): 002.png$"):
+        dataset = load_split(config, "all")
+    assert len(dataset) == 17 and dataset.fingerprint() != readable
+    monkeypatch.undo()
+    assert load_split(config, "all").fingerprint() == readable
+
+
 # ---- writes: strict JSON, modes, full disks ---------------------------------------------------------
 
 
