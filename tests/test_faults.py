@@ -340,6 +340,19 @@ def test_metadata_jsonl_duplicates_limits_and_encoding(jsonl_folder):
         list_dataset(config)
 
 
+@pytest.mark.parametrize("name", ["metadata.csv", "metadata.parquet", "metadata.json"])
+def test_captions_in_a_metadata_file_other_than_jsonl_are_refused_not_lost(flowers_folder, name):
+    """Before: with no metadata.jsonl the folder was read as class_index files, its captions ignored: img_0001.png
+    files became one class 'img' captioned "Draw an img"."""
+    (flowers_folder / name).write_text("file_name,text\ntulips_0000.jpg,a red tulip\n")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(DataConfig(name="", path=str(flowers_folder)))
+    assert str(error.value) == (
+        f"'{flowers_folder / name}' is not read: captions come from metadata.jsonl only (one {{\"file_name\": "
+        f"\"a.png\", \"text\": \"a red circle\"}} per line), and without it the folder would be read as classes named "
+        f"by folders or file names. Convert it to metadata.jsonl, or remove it if the classes are meant")
+
+
 @pytest.mark.parametrize("text", [[], "", "  ", ["a red circle", " "]])
 def test_metadata_jsonl_lines_without_a_caption_are_refused(jsonl_folder, text):
     """An empty caption is the unconditional prompt: train-ldm would train the image with no caption, and an
