@@ -468,6 +468,15 @@ def test_image_files_beside_class_folders_are_refused_not_left_out(flowers_folde
     with pytest.raises(DatasetError, match=rf"^'{re.escape(str(class_folder / 'Train'))}' has sub-folders \(circle, "
                                            r"square\) and also 1 image file\(s\) directly in it \(stray.png\), which"):
         list_dataset(DataConfig(name="", path=str(class_folder)))
+    for split in ("Train", "Test"):  # train/ holding only files (Hugging Face's split folders)
+        for kind in ("circle", "square"):
+            shutil.rmtree(class_folder / split / kind)
+    with pytest.raises(DatasetError) as error:
+        list_dataset(DataConfig(name="", path=str(class_folder)))
+    assert str(error.value) == (
+        f"'{class_folder / 'Train'}' is a split folder but holds 1 image file(s) directly (stray.png), which would not "
+        f"be read: a split folder holds one sub-folder per class. Move the images into class folders in it, or set "
+        f"data.path to '{class_folder / 'Train'}' if it is a dataset of its own")
 
 
 def test_a_folder_of_images_beside_train_and_test_is_refused_not_left_out(tmp_path):

@@ -48,8 +48,13 @@ def check_no_loose_images(folder: Path) -> None:
     """Refuse image files beside class (or split) sub-folders: only the sub-folders are read, so those files would
     be left out without a word, all of a class_index dataset (tulips_0001.jpg) when one sub-folder is added."""
     loose = [p.name for p in images_in(folder)]
+    few = lambda names: ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")  # noqa: E731
+    if loose and not _subfolders(folder):  # a train/ or test/ folder of files (Hugging Face's split folders)
+        raise DatasetError(f"'{folder}' is a split folder but holds {len(loose)} image file(s) directly "
+                           f"({few(loose)}), which would not be read: a split folder holds one sub-folder per class. "
+                           f"Move the images into class folders in it, or set data.path to '{folder}' if it is a "
+                           f"dataset of its own")
     if loose:
-        few = lambda names: ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")  # noqa: E731
         raise DatasetError(f"'{folder}' has sub-folders ({few([p.name for p in _subfolders(folder)])}) and also "
                            f"{len(loose)} image file(s) directly in it ({few(loose)}), which would not be read: only "
                            f"the sub-folders are read (one per class, or train/ and test/ ones). Move the images into "
