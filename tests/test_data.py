@@ -7,6 +7,7 @@ from PIL import Image
 
 from common.config import DataConfig
 from common.data import ImageDataset, StepBatches, augment_batch, fit_image, list_dataset, load_split, to_mode
+from common.data.pixels import load_image
 from common.errors import DatasetError
 
 
@@ -107,6 +108,24 @@ def test_photos_are_read_upright_as_their_exif_orientation_says(tmp_path):
     for i in range(2):
         Image.fromarray(stored).save(root / "a" / f"{i}.jpg", exif=exif, quality=95)
     pixels = load_split(folder_config(root, image_size=16, fit="stretch", holdout_fraction=0.0), "all")[0]["pixel_values"][0]
+    assert pixels[:8].mean() > 0.9 and pixels[8:].mean() < -0.9  # white on top, black below
+
+
+def test_a_photo_with_a_malformed_exif_tag_is_read_upright(tmp_path):
+    """Before: ImageOps.exif_transpose rewrote the EXIF block and raised struct.error on a tag whose value has the
+    wrong type (here SMinSampleValue, a number, holding text), which no bad-image handling caught: the scan crashed."""
+    root = tmp_path / "photos"
+    (root / "a").mkdir(parents=True)
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x0131] = "sw"  # Software (text), renamed below to SMinSampleValue
+    raw = exif.tobytes().replace(b"\x01\x31\x00\x02", b"\x01\x55\x00\x02")
+    for i in range(2):
+        Image.fromarray(stored).save(root / "a" / f"{i}.jpg", exif=raw, quality=95)
+    config = folder_config(root, image_size=16, fit="stretch", holdout_fraction=0.0, on_bad_image="error")
+    pixels = load_split(config, "all")[0]["pixel_values"][0]
     assert pixels[:8].mean() > 0.9 and pixels[8:].mean() < -0.9  # white on top, black below
 
 
@@ -243,6 +262,29 @@ def test_modes_and_fits():
     padded = np.asarray(fit_image(wide, 20, "pad"))
     assert padded.shape == (20, 20) and padded[0].max() == 0 and padded[10].min() == 255  # letterboxed
     assert np.asarray(fit_image(wide, 20, "crop")).min() == 255  # centre square of the white bar
+
+
+@pytest.mark.parametrize("name", ["a.gif", "a.png", "a.tiff"])
+def test_an_animated_or_multi_page_image_is_its_first_frame(tmp_path, name):
+    """Documented (README, load_image): the frame viewers show before playing; the test pins it."""
+    frames = [Image.new("L", (8, 8), 40), Image.new("L", (8, 8), 255)]
+    frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
+    with Image.open(tmp_path / name) as image:
+        assert image.n_frames == 2
+    assert load_image(str(tmp_path / name), 8, 1, "pad").tolist() == np.full((8, 8, 1), 40).tolist()
+
+
+def test_a_16_bit_png_with_a_transparent_grey_is_black_there_like_every_mode(tmp_path):
+    """Before: the 16-bit conversion dropped the PNG's tRNS value, so its transparent pixels stayed white, while
+    transparency becomes black in L, RGB, palette, LA and RGBA images."""
+    array = np.full((4, 4), 65535, np.uint16)
+    array[0] = 30000
+    Image.fromarray(array).save(tmp_path / "a.png", transparency=65535)
+    with Image.open(tmp_path / "a.png") as image:
+        assert image.mode == "I;16" and image.info["transparency"] == 65535
+        for channels in (1, 3):
+            grey = np.asarray(to_mode(image, channels))
+            assert grey[1:].max() == 0 and grey[0].min() == 116  # transparent rows black; 30000 / 65535 of 255 kept
 
 
 def test_batch_augmentation_is_seeded_and_keeps_a_black_background():

@@ -340,6 +340,19 @@ def test_metadata_jsonl_duplicates_limits_and_encoding(jsonl_folder):
         list_dataset(config)
 
 
+@pytest.mark.parametrize("name", ["metadata.csv", "metadata.parquet", "metadata.json"])
+def test_captions_in_a_metadata_file_other_than_jsonl_are_refused_not_lost(flowers_folder, name):
+    """Before: with no metadata.jsonl the folder was read as class_index files, its captions ignored: img_0001.png
+    files became one class 'img' captioned "Draw an img"."""
+    (flowers_folder / name).write_text("file_name,text\ntulips_0000.jpg,a red tulip\n")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(DataConfig(name="", path=str(flowers_folder)))
+    assert str(error.value) == (
+        f"'{flowers_folder / name}' is not read: captions come from metadata.jsonl only (one {{\"file_name\": "
+        f"\"a.png\", \"text\": \"a red circle\"}} per line), and without it the folder would be read as classes named "
+        f"by folders or file names. Convert it to metadata.jsonl, or remove it if the classes are meant")
+
+
 @pytest.mark.parametrize("text", [[], "", "  ", ["a red circle", " "]])
 def test_metadata_jsonl_lines_without_a_caption_are_refused(jsonl_folder, text):
     """An empty caption is the unconditional prompt: train-ldm would train the image with no caption, and an
@@ -361,6 +374,25 @@ def test_a_class_name_with_a_newline_is_refused(tmp_path):
         (root / name).mkdir(parents=True)
         shape_image("square", (16, 16)).save(root / name / "0.png")
     with pytest.raises(DatasetError, match=r"class name 'two\\nlines' .* contains a control character"):
+        list_dataset(DataConfig(name="", path=str(root)))
+
+
+@pytest.mark.parametrize("layout, key", [("folders", "_-_"), ("folders", " "), ("class_index", "")])
+def test_a_class_name_of_separators_alone_is_refused(tmp_path, layout, key):
+    """Before: its name became "", so the "{name}" template captioned its images with the empty prompt (the
+    unconditional one) and generate/evaluate drew that class unconditionally."""
+    root = tmp_path / "classes"
+    root.mkdir()
+    for name in ("cat", key):
+        if layout == "folders":
+            (root / name).mkdir()
+            shape_image("square", (16, 16)).save(root / name / "0.png")
+        else:
+            shape_image("square", (16, 16)).save(root / f"{name}_0001.png")
+    with pytest.raises(DatasetError, match=rf"^class name {re.escape(repr(key))} in '{re.escape(str(root))}' is empty "
+                                           r"once '_' and '-' are read as spaces, so its caption would be the empty "
+                                           r"prompt \(no condition\); rename the folder \(or the files, in the "
+                                           r"class_index layout\) to what its images show$"):
         list_dataset(DataConfig(name="", path=str(root)))
 
 
@@ -414,6 +446,86 @@ def test_held_out_folders_without_training_folders_are_refused(tmp_path):
         f"in '{root / 'test'}'), or rename the folder if 'test' really is a class")
 
 
+def test_image_files_beside_class_folders_are_refused_not_left_out(flowers_folder, class_folder):
+    """Before: a folder with any sub-folder was read as class folders alone, so one sub-folder added to a class_index
+    folder made the dataset that one class, every tulips_0001.jpg left out without a word (stray files likewise)."""
+    (flowers_folder / "extra").mkdir()
+    shape_image("circle", (16, 16)).save(flowers_folder / "extra" / "a.png")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(DataConfig(name="", path=str(flowers_folder)))
+    assert str(error.value) == (
+        f"'{flowers_folder}' has sub-folders (extra) and also 10 image file(s) directly in it (orchids_0000.jpg, "
+        f"orchids_0001.jpg, orchids_0002.jpg ...), which would not be read: only the sub-folders are read (one per "
+        f"class, or train/ and test/ ones). Move the images into their class folders, or the sub-folders out if the "
+        f"files are the dataset (the class_index layout: tulips_0001.jpg)")
+    for split in ("Train", "Test"):  # a file beside the class folders of a split
+        for kind in ("circle", "square"):
+            (class_folder / split / kind).mkdir(parents=True)
+            shape_image(kind, (16, 16)).save(class_folder / split / kind / "0.png")
+    for kind in ("circle", "square", "triangle"):
+        shutil.rmtree(class_folder / kind)
+    shape_image("circle", (16, 16)).save(class_folder / "Train" / "stray.png")
+    with pytest.raises(DatasetError, match=rf"^'{re.escape(str(class_folder / 'Train'))}' has sub-folders \(circle, "
+                                           r"square\) and also 1 image file\(s\) directly in it \(stray.png\), which"):
+        list_dataset(DataConfig(name="", path=str(class_folder)))
+    for split in ("Train", "Test"):  # train/ holding only files (Hugging Face's split folders)
+        for kind in ("circle", "square"):
+            shutil.rmtree(class_folder / split / kind)
+    with pytest.raises(DatasetError) as error:
+        list_dataset(DataConfig(name="", path=str(class_folder)))
+    assert str(error.value) == (
+        f"'{class_folder / 'Train'}' is a split folder but holds 1 image file(s) directly (stray.png), which would not "
+        f"be read: a split folder holds one sub-folder per class. Move the images into class folders in it, or set "
+        f"data.path to '{class_folder / 'Train'}' if it is a dataset of its own")
+
+
+def test_a_folder_of_images_beside_train_and_test_is_refused_not_left_out(tmp_path):
+    """Before: with train/ and test/ present, any other sub-folder (a class put beside them) was never read."""
+    root = tmp_path / "split"
+    for folder in ("Train/cat", "Test/cat", "zebra", "docs"):
+        (root / folder).mkdir(parents=True)
+    for folder in ("Train/cat", "Test/cat", "zebra"):
+        shape_image("circle", (16, 16)).save(root / folder / "0.png")
+    (root / "docs" / "notes.txt").write_text("not images: no error")
+    with pytest.raises(DatasetError) as error:
+        list_dataset(DataConfig(name="", path=str(root)))
+    assert str(error.value) == (
+        f"'{root / 'zebra'}' holds images but would not be read: beside '{root / 'Train'}' only split folders (test, "
+        f"train, training, val, valid, validation) are read. Move it into '{root / 'Train'}' if it is a class (or its "
+        f"class folders, if it holds them), or move it out of '{root}'")
+    shutil.rmtree(root / "zebra")
+    assert [c.key for c in list_dataset(DataConfig(name="", path=str(root))).classes] == ["cat"]
+
+
+def test_sub_folders_of_images_in_a_class_folder_are_refused_not_left_out(class_folder):
+    """Before: only a class folder's own files were listed; circle/big/*.png was left out without a word (and a
+    class folder holding only sub-folders was said to have no images)."""
+    (class_folder / "circle" / "big").mkdir()
+    shape_image("circle", (64, 64)).save(class_folder / "circle" / "big" / "0.png")
+    (class_folder / "square" / ".ipynb_checkpoints").mkdir()  # hidden, and no images: not refused
+    with pytest.raises(DatasetError) as error:
+        list_dataset(DataConfig(name="", path=str(class_folder)))
+    assert str(error.value) == (
+        f"class folder '{class_folder / 'circle'}' has sub-folders of images (big), which would not be read: a class's "
+        f"images are the files directly in its folder. Move them up into '{class_folder / 'circle'}', or make each "
+        f"sub-folder a class folder of its own")
+
+
+def test_a_file_in_an_unlisted_format_under_an_image_name_is_unreadable(class_folder):
+    """Before: Pillow decoded whatever the content was, so a .png that is really a TGA (or an EPS, which Pillow
+    hands to Ghostscript) was read by a decoder outside the listed types. A JPEG named .png is still read."""
+    shape_image("circle", (16, 16)).save(class_folder / "circle" / "jpeg.png", "JPEG")
+    shape_image("circle", (16, 16)).save(class_folder / "circle" / "targa.png", "TGA")
+    config = DataConfig(name="", path=str(class_folder), image_size=16, holdout_fraction=0.0, on_bad_image="error")
+    with pytest.raises(DatasetError) as error:
+        load_split(config, "all")
+    assert str(error.value) == (f"1 image(s) cannot be read: targa.png (cannot identify image file "
+                                f"'{class_folder / 'circle' / 'targa.png'}'). Fix or remove them, or set "
+                                f"data.on_bad_image=skip to train without them")
+    (class_folder / "circle" / "targa.png").unlink()
+    assert len(load_split(config, "all")) == 19
+
+
 def test_float_images_with_nan_or_infinite_pixels_are_bad_images(class_folder):
     """np.uint8 of NaN is 0: a float TIFF of NaNs became an all-black training image, with only numpy's warning."""
     Image.fromarray(np.full((20, 20), np.nan, np.float32), "F").save(class_folder / "circle" / "nan.tif")
@@ -447,6 +559,39 @@ def test_the_fingerprint_sees_a_swapped_image_of_the_same_size_and_mtime(class_f
     Image.fromarray(swapped).save(a)
     os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert ImageDataset(config, "all").fingerprint() != before
+
+
+def test_a_file_name_that_is_not_utf8_is_fingerprinted(class_folder):
+    """Before: str.encode refused the name (a Latin-1 'café' from an old archive, which Python holds with a
+    surrogate), so train-vae and encode-dataset crashed with UnicodeEncodeError after reading every image."""
+    config = DataConfig(name="", path=str(class_folder), image_size=16)
+    before = ImageDataset(config, "all").fingerprint()
+    latin1 = os.fsencode(class_folder / "circle") + b"/caf\xe9.png"
+    shutil.copy(class_folder / "circle" / "000.png", latin1)
+    with_it = ImageDataset(config, "all").fingerprint()
+    assert re.fullmatch(r"[0-9a-f]{64}", with_it) and with_it != before
+    shape_image("square", (16, 16)).save(os.fsdecode(latin1))
+    assert ImageDataset(config, "all").fingerprint() not in (before, with_it)
+
+
+def test_a_file_without_read_permission_is_skipped_and_fingerprinted(class_folder, monkeypatch):
+    """Before: the scan skipped it as unreadable, then the fingerprint opened it again and train-vae and
+    encode-dataset crashed with PermissionError. (Opening is refused by a patch: the tests may run as root.)"""
+    locked, real_open = class_folder / "circle" / "002.png", open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(locked):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    config = DataConfig(name="", path=str(class_folder), image_size=16, holdout_fraction=0.0)
+    readable = load_split(config, "all").fingerprint()
+    monkeypatch.setattr("builtins.open", refusing_open)
+    with pytest.warns(UserWarning, match=r"^skipping 1 unreadable image\(s\): 002.png$"):
+        dataset = load_split(config, "all")
+    assert len(dataset) == 17 and dataset.fingerprint() != readable
+    monkeypatch.undo()
+    assert load_split(config, "all").fingerprint() == readable
 
 
 # ---- writes: strict JSON, modes, full disks ---------------------------------------------------------

@@ -341,6 +341,11 @@ def test_malformed_metadata_lines_name_the_line(jsonl_folder):
     path.write_text("\n".join(lines[:2] + ['{"file_name": "images/missing.png", "text": "x"}']) + "\n")
     with pytest.raises(DatasetError, match="line 3: file 'images/missing.png' does not exist"):
         list_dataset(DataConfig(name="", path=str(jsonl_folder)))
+    (jsonl_folder / "images" / "album.png").mkdir()  # before: "file 'images/album.png' does not exist"
+    path.write_text(json.dumps({"file_name": "images/album.png", "text": "x"}) + "\n")
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(path))}: line 1: 'images/album.png' is a folder, not an "
+                                           r"image file; name the image in it$"):
+        list_dataset(DataConfig(name="", path=str(jsonl_folder)))
     outside = jsonl_folder.parent / "outside.png"
     outside.write_bytes((jsonl_folder / "images" / "0.png").read_bytes())
     (jsonl_folder / "images" / "link.png").symlink_to(outside)

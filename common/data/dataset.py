@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -81,8 +82,14 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.listing.pixels is None:  # the files' content: a swapped image with its old size and mtime counts
             h.update(b"files read upright (EXIF Orientation applied)\n")  # caches from before read photos sideways
             for source in self.listing.sources:
-                with open(source, "rb") as f:
-                    h.update(f"{source}|{hashlib.blake2b(f.read(), digest_size=16).hexdigest()}\n".encode())
+                try:
+                    with open(source, "rb") as f:
+                        digest = hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+                except OSError as error:  # no permission: the scan left it out; made readable, it changes the key
+                    digest = f"unreadable: {type(error).__name__}"
+                # the name as the file system has it: os.fsencode takes a name that is not UTF-8 (a Latin-1 'café'
+                # from an old archive) back to its bytes, where str.encode refused it
+                h.update(os.fsencode(source) + f"|{digest}\n".encode())
         return h.hexdigest()
 
 

@@ -24,9 +24,14 @@ def class_fields(key: str) -> dict:
 
 
 def check_class_name(key: str, where: Path) -> str:
-    """A class name becomes captions, labels and JSON: refuse control characters (a newline in a folder name)."""
+    """A class name becomes captions, labels and JSON: refuse control characters (a newline in a folder name) and a
+    name of separators alone (`___`, or `_0001.jpg` in the class_index layout)."""
     if not key.isprintable():
         raise DatasetError(f"class name {key!r} in '{where}' contains a control character (e.g. a newline); rename it")
+    if not class_fields(key)["name"]:  # "{name}" would caption its images "", the unconditional prompt
+        raise DatasetError(f"class name {key!r} in '{where}' is empty once '_' and '-' are read as spaces, so its "
+                           f"caption would be the empty prompt (no condition); rename the folder (or the files, in the "
+                           f"class_index layout) to what its images show")
     return key
 
 
@@ -37,6 +42,24 @@ def templates_for(classes: list[ImageClass]) -> list[str]:
 
 def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def check_no_loose_images(folder: Path) -> None:
+    """Refuse image files beside class (or split) sub-folders: only the sub-folders are read, so those files would
+    be left out without a word, all of a class_index dataset (tulips_0001.jpg) when one sub-folder is added."""
+    loose = [p.name for p in images_in(folder)]
+    few = lambda names: ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")  # noqa: E731
+    if loose and not _subfolders(folder):  # a train/ or test/ folder of files (Hugging Face's split folders)
+        raise DatasetError(f"'{folder}' is a split folder but holds {len(loose)} image file(s) directly "
+                           f"({few(loose)}), which would not be read: a split folder holds one sub-folder per class. "
+                           f"Move the images into class folders in it, or set data.path to '{folder}' if it is a "
+                           f"dataset of its own")
+    if loose:
+        raise DatasetError(f"'{folder}' has sub-folders ({few([p.name for p in _subfolders(folder)])}) and also "
+                           f"{len(loose)} image file(s) directly in it ({few(loose)}), which would not be read: only "
+                           f"the sub-folders are read (one per class, or train/ and test/ ones). Move the images into "
+                           f"their class folders, or the sub-folders out if the files are the dataset (the class_index "
+                           f"layout: tulips_0001.jpg)")
 
 
 def list_class_folders(root: Path, config: DataConfig) -> Listing:
@@ -58,12 +81,26 @@ def list_class_folders(root: Path, config: DataConfig) -> Listing:
                                    f"learn class '{class_dir.name}'; add its training images there, or remove the "
                                    f"held-out folder")
     groups = [(d, False) for d in train_dirs] + [(d, True) for d in test_dirs] if train_dirs else [(root, None)]
+    for folder in dict.fromkeys([root, *(group for group, _ in groups)]):
+        check_no_loose_images(folder)
+    for other in _subfolders(root) if train_dirs else []:  # a class folder beside train/ would never be read
+        if other not in train_dirs + test_dirs and (images_in(other) or any(images_in(d) for d in _subfolders(other))):
+            raise DatasetError(f"'{other}' holds images but would not be read: beside '{train_dirs[0]}' only split "
+                               f"folders ({', '.join(sorted(TRAIN_FOLDERS | HOLDOUT_FOLDERS))}) are read. Move it into "
+                               f"'{train_dirs[0]}' if it is a class (or its class folders, if it holds them), or move "
+                               f"it out of '{root}'")
     keys = sorted({c.name for group, _ in groups for c in _subfolders(group)})
     classes = [ImageClass(check_class_name(key, root), class_fields(key)) for key in keys]
     index = {key: i for i, key in enumerate(keys)}
     sources, labels, holdout = [], [], []
     for group, is_holdout in groups:
         for class_dir in _subfolders(group):
+            nested = [d.name for d in _subfolders(class_dir) if images_in(d)]
+            if nested:  # only a class folder's own files are its images
+                raise DatasetError(f"class folder '{class_dir}' has sub-folders of images ({', '.join(nested[:3])}"
+                                   f"{' ...' if len(nested) > 3 else ''}), which would not be read: a class's images "
+                                   f"are the files directly in its folder. Move them up into '{class_dir}', or make "
+                                   f"each sub-folder a class folder of its own")
             files = images_in(class_dir)
             if not files and is_holdout is not True:
                 raise DatasetError(f"class folder '{class_dir}' has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "

@@ -74,6 +74,8 @@ def list_metadata_jsonl(root: Path, config: DataConfig) -> Listing:
         if Path(name).is_absolute() or not file.resolve().is_relative_to(root_resolved):
             raise DatasetError(f"{path}: line {number}: file_name '{name}' points outside the dataset folder; "
                                f"only paths inside '{root}' are read")
+        if file.is_dir():  # "does not exist" would send one looking for a file that is there
+            raise DatasetError(f"{path}: line {number}: '{name}' is a folder, not an image file; name the image in it")
         if not file.is_file():
             raise DatasetError(f"{path}: line {number}: file '{name}' does not exist")
         resolved = file.resolve()

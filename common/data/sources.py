@@ -17,10 +17,19 @@ BUILT_IN: dict[str, Callable[[DataConfig], Listing]] = {
 }
 
 
+OTHER_METADATA = ("metadata.csv", "metadata.parquet", "metadata.json")
+
+
 def folder_source(root: Path) -> Callable[[Path, DataConfig], Listing]:
     """The layout of a folder: metadata.jsonl, class sub-folders, or flat class_index files."""
     if (root / "metadata.jsonl").is_file():
         return metadata.list_metadata_jsonl
+    for other in OTHER_METADATA:  # Hugging Face's imagefolder reads these too; here the captions would be lost
+        if (root / other).is_file():
+            raise DatasetError(f"'{root / other}' is not read: captions come from metadata.jsonl only (one "
+                               f"{{\"file_name\": \"a.png\", \"text\": \"a red circle\"}} per line), and without it "
+                               f"the folder would be read as classes named by folders or file names. Convert it to "
+                               f"metadata.jsonl, or remove it if the classes are meant")
     # captions one or two folders down (Hugging Face's train/metadata.jsonl) would be ignored without a word: the
     # folder read as a class of a class dataset, or as holding no images
     nested = sorted((p for pattern in ("*/metadata.jsonl", "*/*/metadata.jsonl") for p in root.glob(pattern)
