@@ -154,7 +154,8 @@ def relative_diversity(features: torch.Tensor, labels: torch.Tensor, real_featur
     {"relative", "generated", "heldout"} (the latter two per class on average)."""
     generated = [mean_pairwise_distance(features[labels == k]) for k in range(num_classes)]
     real = [mean_pairwise_distance(real_features[real_labels == k]) for k in range(num_classes)]
-    return {"relative": sum(generated) / sum(real), "generated": sum(generated) / num_classes,
+    spread = sum(real)  # 0 where every held-out image of each class is the same: no spread to compare with
+    return {"relative": sum(generated) / spread if spread > 0 else float("nan"), "generated": sum(generated) / num_classes,
             "heldout": sum(real) / num_classes}
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.metrics import psnr, ssim
-from pipelines.quality import frechet_distance, mean_pairwise_distance, near_copy_rate
+from pipelines.quality import frechet_distance, mean_pairwise_distance, near_copy_rate, relative_diversity
 
 
 def test_psnr_of_a_known_error_and_ssim_of_identical_images():
@@ -37,3 +37,13 @@ def test_mean_pairwise_distance_and_near_copies():
     assert near_copy_rate(train[:10].clone(), train) == 1.0  # exact copies
     fresh = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     assert near_copy_rate(fresh, train) == 0.0
+
+
+def test_relative_diversity_of_held_out_images_all_alike_is_nan_not_a_crash():
+    """Before: ZeroDivisionError from evaluate when each class's held-out images were identical."""
+    generated = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    alike = relative_diversity(generated, labels, torch.ones(4, 2), labels, num_classes=2)
+    assert math.isnan(alike["relative"]) and alike["generated"] == 2.5 and alike["heldout"] == 0.0
+    spread = relative_diversity(generated, labels, torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 1.0]]), labels, 2)
+    assert spread == {"relative": 2.5, "generated": 2.5, "heldout": 1.0}
