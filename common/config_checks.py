@@ -165,8 +165,10 @@ def validate(config: Config) -> None:
             f"has {len(ldm.block_out_channels)} levels, so the latent size ({latent_size} = data.image_size "
             f"{data.image_size} / the VAE factor {factor} of vae.block_out_channels) must be divisible by {ldm_factor}; use fewer levels or a larger image")
     sample = config.sample
-    require(1 <= sample.num_inference_steps <= ldm.num_train_timesteps, "sample.num_inference_steps",
-            f"must be in [1, ldm.num_train_timesteps = {ldm.num_train_timesteps}], got {sample.num_inference_steps}")
+    # DPM-Solver++ at as many steps as training timesteps repeats the last one and divides by a zero step
+    most_steps = ldm.num_train_timesteps - 1
+    require(1 <= sample.num_inference_steps <= most_steps, "sample.num_inference_steps",
+            f"must be in [1, ldm.num_train_timesteps - 1 = {most_steps}], got {sample.num_inference_steps}")
     require(sample.guidance_scale >= 0, "sample.guidance_scale", f"must be >= 0, got {sample.guidance_scale}")
     for key, interval in [("sample.guidance_interval", sample.guidance_interval)] + [
             (f"evaluate.tune_guidance_intervals[{i}]", v) for i, v in enumerate(config.evaluate.tune_guidance_intervals)]:
@@ -178,8 +180,8 @@ def validate(config: Config) -> None:
             f"got {evaluation.tune_guidance_intervals}")
     require(bool(evaluation.tune_guidance) and all(g >= 0 for g in evaluation.tune_guidance), "evaluate.tune_guidance",
             f"must be a non-empty list of numbers >= 0, got {evaluation.tune_guidance}")
-    require(bool(evaluation.tune_steps) and all(1 <= n <= ldm.num_train_timesteps for n in evaluation.tune_steps),
-            "evaluate.tune_steps", f"must be a non-empty list of steps in [1, ldm.num_train_timesteps = {ldm.num_train_timesteps}], "
+    require(bool(evaluation.tune_steps) and all(1 <= n <= most_steps for n in evaluation.tune_steps),
+            "evaluate.tune_steps", f"must be a non-empty list of steps in [1, ldm.num_train_timesteps - 1 = {most_steps}], "
             f"got {evaluation.tune_steps}")
     for key in ("tune_min_recognition", "tune_min_class"):
         require(0 <= getattr(evaluation, key) <= 1, f"evaluate.{key}", f"must be in [0, 1], got {getattr(evaluation, key)}")
