@@ -101,13 +101,23 @@ def guided_steps(num_steps: int, guidance_interval: tuple[float, float] = NO_INT
     return range(int(start * num_steps), int(stop * num_steps))
 
 
+def schedule_steps(scheduler) -> list[float]:
+    """The timesteps of the steps the scheduler was set to (one per `num_inference_steps`), without the extra
+    model calls some schedulers list by design: second-order ones (Heun, KDPM2) a second stage after every step
+    but the first (Heun at the same timestep, KDPM2 at one between two steps), PNDM its Runge-Kutta warm-up."""
+    if hasattr(scheduler, "prk_timesteps"):  # PNDM: its own steps, before the warm-up's repeats are added
+        return list(scheduler._timesteps)
+    timesteps = scheduler.timesteps.tolist()
+    return timesteps[0::2] if hasattr(scheduler, "state_in_first_order") else timesteps
+
+
 def check_distinct_timesteps(scheduler) -> None:
-    """Raise ValueError when the scheduler's timesteps (set with `set_timesteps`) repeat one: more steps than the
-    model was trained on, where multistep solvers divide by a zero step. Second-order schedulers (Heun, KDPM2)
-    list every timestep after the first twice by design, one model call per stage; those repeats are theirs."""
-    timesteps = scheduler.timesteps
-    steps = (len(timesteps) + 1) // 2 if hasattr(scheduler, "state_in_first_order") else len(timesteps)
-    repeated = steps - len(set(timesteps.tolist()))
+    """Raise ValueError when the scheduler's steps (set with `set_timesteps`) repeat a timestep: more steps than the
+    model was trained on, where multistep solvers divide by a zero step. The extra model calls that second-order
+    schedulers and PNDM list by design are not counted (`schedule_steps`)."""
+    steps_taken = schedule_steps(scheduler)
+    steps = len(steps_taken)
+    repeated = steps - len(set(steps_taken))
     if repeated:
         raise ValueError(f"{type(scheduler).__name__} with {steps} steps repeats {repeated} timestep(s) "
                          f"(the model was trained on {scheduler.config.num_train_timesteps}), which breaks the "

@@ -5,7 +5,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, StableDiffusionPipeline
+from diffusers import (DDIMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+                       KDPM2DiscreteScheduler, PNDMScheduler, StableDiffusionPipeline)
 
 from common.errors import RunFolderError
 from conftest import tiny_config
@@ -62,10 +63,13 @@ def test_save_and_reload_gives_identical_images(pipe, tmp_path):
     assert np.array_equal(run_pipe(pipe, output_type="np"), run_pipe(again, output_type="np"))
 
 
-@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler])
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+                                             KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, PNDMScheduler])
 def test_a_swapped_scheduler_runs(pipe, scheduler_class):
     """Heun before: "HeunDiscreteScheduler with 7 steps repeats 3 timestep(s) ... use fewer steps", at any steps > 1
-    (a second-order scheduler lists its timesteps twice by design), so `generate --scheduler heun` never worked."""
+    (a second-order scheduler lists its timesteps twice by design), so `generate --scheduler heun` never worked.
+    KDPM2 before: "KDPM2DiscreteScheduler with 4 steps repeats -3 timestep(s) ... use fewer steps (e.g. 6)" (its second
+    stages sit between two steps), PNDM: "PNDMScheduler with 13 steps repeats 6 timestep(s)" (its warm-up's repeats)."""
     original = pipe.scheduler
     try:
         pipe.scheduler = scheduler_class.from_config(original.config)
