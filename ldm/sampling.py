@@ -101,6 +101,22 @@ def guided_steps(num_steps: int, guidance_interval: tuple[float, float] = NO_INT
     return range(int(start * num_steps), int(stop * num_steps))
 
 
+def check_scheduler(scheduler) -> None:
+    """Raise ValueError for a scheduler that cannot sample this model. An inverse scheduler runs from an image to
+    noise, and one without the discrete-time noise schedule (`alphas_cumprod`) the model was trained on is made for
+    other models (flow matching, EDM): the first and EDM's draw noise without a word, flow matching fails deep inside
+    (no `init_noise_sigma`)."""
+    name = type(scheduler).__name__
+    if "Inverse" in name:
+        raise ValueError(f"{name} runs from an image to noise (to invert an image), not from noise to an image; to "
+                         f"sample, use the scheduler it inverts: pipe.scheduler = "
+                         f"{name.replace('Inverse', '')}.from_config(pipe.scheduler.config)")
+    if not hasattr(scheduler, "alphas_cumprod"):
+        raise ValueError(f"{name} is made for models trained on another noise schedule (flow matching, EDM), not "
+                         f"this model's discrete-time one; use a scheduler that has it, e.g. pipe.scheduler = "
+                         f"EulerDiscreteScheduler.from_config(pipe.scheduler.config) (or DDIM, UniPC, DPM-Solver++)")
+
+
 def schedule_steps(scheduler) -> list[float]:
     """The timesteps of the steps the scheduler was set to (one per `num_inference_steps`), without the extra
     model calls some schedulers list by design: second-order ones (Heun, KDPM2) a second stage after every step

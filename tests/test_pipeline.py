@@ -79,6 +79,33 @@ def test_a_swapped_scheduler_runs(pipe, scheduler_class):
         pipe.scheduler = original
 
 
+@pytest.mark.parametrize("name, message", [
+    ("DDIMInverseScheduler", r"DDIMInverseScheduler runs from an image to noise \(to invert an image\), not from noise to an "
+                             r"image; to sample, use the scheduler it inverts: pipe.scheduler = "
+                             r"DDIMScheduler.from_config\(pipe.scheduler.config\)"),
+    ("DPMSolverMultistepInverseScheduler", r"DPMSolverMultistepInverseScheduler runs from an image to noise .* "
+                                           r"DPMSolverMultistepScheduler.from_config\(pipe.scheduler.config\)"),
+    ("EDMEulerScheduler", r"EDMEulerScheduler is made for models trained on another noise schedule \(flow matching, "
+                          r"EDM\), not this model's discrete-time one; use a scheduler that has it, e.g. pipe.scheduler "
+                          r"= EulerDiscreteScheduler.from_config\(pipe.scheduler.config\) \(or DDIM, UniPC, DPM-Solver\+\+\)"),
+    ("FlowMatchEulerDiscreteScheduler", r"FlowMatchEulerDiscreteScheduler is made for models trained on another noise "
+                                        r"schedule .*"),
+])
+def test_a_scheduler_that_cannot_sample_the_model_is_refused(pipe, name, message):
+    """Before: the inverse DPM-Solver and EDM Euler drew noise without a word, DDIM inverse said "linspace is not
+    supported. Please make sure to choose one of 'leading' or 'trailing'" and flow matching "AttributeError:
+    'FlowMatchEulerDiscreteScheduler' object has no attribute 'init_noise_sigma'"."""
+    import diffusers
+
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = getattr(diffusers, name).from_config(original.config)
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            run_pipe(pipe, num_inference_steps=2)
+    finally:
+        pipe.scheduler = original
+
+
 def test_stock_stable_diffusion_pipeline_loads_the_run(tiny_run, pipe):
     stock = StableDiffusionPipeline.from_pretrained(tiny_run, safety_checker=None, requires_safety_checker=False)
     stock.set_progress_bar_config(disable=True)
