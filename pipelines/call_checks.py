@@ -58,6 +58,9 @@ def check_call_inputs(pipe, prompts: list, negative_prompt: Any, num_inference_s
                       guidance_interval: Any = NO_INTERVAL, latents: torch.Tensor | None = None, eta: Any = 0.0,
                       guidance_rescale: Any = 0.0, timesteps: list | None = None, sigmas: list | None = None) -> None:
     """Refuse arguments that cannot work, saying what to pass instead (see the module's docstring)."""
+    if device.type == "meta":  # else torch's "Cannot copy out of meta tensor; no data!" from deep inside the sampler
+        raise ValueError("the pipeline is on the meta device (its weights have shapes but no data, e.g. after "
+                         "pipe.to('meta')), so it cannot sample; load it again, e.g. LatentPipeline.from_pretrained(run)")
     if prompt_embeds is not None:
         if prompts:
             raise ValueError("pass either prompt or prompt_embeds, not both")

@@ -106,6 +106,15 @@ def test_a_scheduler_that_cannot_sample_the_model_is_refused(pipe, name, message
         pipe.scheduler = original
 
 
+def test_a_pipeline_moved_to_the_meta_device_is_refused_before_sampling(tiny_run):
+    """Before: NotImplementedError "Cannot copy out of meta tensor; no data!" from the sampler's timestep check."""
+    weightless = LatentPipeline.from_pretrained(tiny_run).to("meta")
+    with pytest.raises(ValueError, match=r"^the pipeline is on the meta device \(its weights have shapes but no data, "
+                                         r"e.g. after pipe.to\('meta'\)\), so it cannot sample; load it again, e.g. "
+                                         r"LatentPipeline.from_pretrained\(run\)$"):
+        run_pipe(weightless, num_inference_steps=2)
+
+
 def test_stock_stable_diffusion_pipeline_loads_the_run(tiny_run, pipe):
     stock = StableDiffusionPipeline.from_pretrained(tiny_run, safety_checker=None, requires_safety_checker=False)
     stock.set_progress_bar_config(disable=True)
