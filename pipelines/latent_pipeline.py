@@ -167,7 +167,11 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                        **safetensors_only(pretrained_model_name_or_path_or_dict, kwargs))
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
-        """diffusers' save_pretrained; `built_from` is then re-measured on the files just written."""
+        """diffusers' save_pretrained, in safetensors only; `built_from` is then re-measured on the files just written."""
+        if kwargs.get("safe_serialization") is False:  # a folder of pickles, which from_pretrained refuses to read
+            raise ValueError("LatentPipeline saves its weights as safetensors only (from_pretrained never unpickles "
+                             ".bin files, so it could not load what safe_serialization=False writes); leave "
+                             "safe_serialization out")
         super().save_pretrained(save_directory, **kwargs)
         if self.config.built_from:
             self.register_to_config(built_from={name: folder_fingerprint(Path(save_directory) / name)

@@ -63,6 +63,17 @@ def test_save_and_reload_gives_identical_images(pipe, tmp_path):
     assert np.array_equal(run_pipe(pipe, output_type="np"), run_pipe(again, output_type="np"))
 
 
+def test_saving_pickles_is_refused_before_anything_is_written(pipe, tmp_path):
+    """Before: every component was written as a pickled .bin, then folder_fingerprint failed with "no weights
+    (*.safetensors) in .../unet; train that stage first", leaving a model_index.json with the source's hashes and a
+    folder that from_pretrained refuses."""
+    with pytest.raises(ValueError, match=r"^LatentPipeline saves its weights as safetensors only \(from_pretrained never "
+                                         r"unpickles .bin files, so it could not load what safe_serialization=False "
+                                         r"writes\); leave safe_serialization out$"):
+        pipe.save_pretrained(tmp_path / "copy", safe_serialization=False)
+    assert not (tmp_path / "copy").exists()
+
+
 @pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
                                              KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, PNDMScheduler])
 def test_a_swapped_scheduler_runs(pipe, scheduler_class):
