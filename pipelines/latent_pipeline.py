@@ -29,7 +29,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from common.checkpoint import check_weights, folder_fingerprint
+from common.checkpoint import check_weights, folder_fingerprint, writable_folder
 from common.errors import RunFolderError
 from common.run import WRITTEN_BY, RunFolder
 from ldm.lora import (adapted_layers, check_adapter_base, keep_unfused, local_source, missing_source,
@@ -172,7 +172,10 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError("LatentPipeline saves its weights as safetensors only (from_pretrained never unpickles "
                              ".bin files, so it could not load what safe_serialization=False writes); leave "
                              "safe_serialization out")
-        super().save_pretrained(save_directory, **kwargs)
+        # `~` expanded as from_pretrained expands it (diffusers would make a folder named '~' in the working
+        # directory); a file or read-only path is named before any component is written
+        save_directory = writable_folder(Path(save_directory).expanduser(), "save_directory")
+        super().save_pretrained(str(save_directory), **kwargs)
         if self.config.built_from:
             self.register_to_config(built_from={name: folder_fingerprint(Path(save_directory) / name)
                                                 for name in self.config.built_from})

@@ -8,7 +8,7 @@ import torch
 from diffusers import (DDIMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,
                        KDPM2DiscreteScheduler, PNDMScheduler, StableDiffusionPipeline)
 
-from common.errors import RunFolderError
+from common.errors import RunFolderError, UserError
 from conftest import tiny_config
 from pipelines import LatentPipeline
 from pipelines.generate import cli as generate_cli, slug
@@ -72,6 +72,19 @@ def test_saving_pickles_is_refused_before_anything_is_written(pipe, tmp_path):
                                          r"writes\); leave safe_serialization out$"):
         pipe.save_pretrained(tmp_path / "copy", safe_serialization=False)
     assert not (tmp_path / "copy").exists()
+
+
+def test_save_pretrained_expands_home_and_names_a_file_in_the_way(pipe, tmp_path, monkeypatch):
+    """Before: save_pretrained("~/copy") wrote a folder named '~' in the working directory, and a file in the way gave
+    NotADirectoryError on its vae/."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    pipe.save_pretrained("~/copy")
+    assert (tmp_path / "copy" / "model_index.json").is_file() and not (tmp_path / "~").exists()
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UserError, match=f"^save_directory '{tmp_path / 'file'}' is a file, not a folder; choose another path$"):
+        pipe.save_pretrained(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
 
 
 @pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
