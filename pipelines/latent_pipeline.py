@@ -113,8 +113,9 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         unpickled (pass use_safetensors=False explicitly to allow .bin files you trust)."""
         kwargs.setdefault("use_safetensors", True)
         if Path(pretrained_model_name_or_path).expanduser().exists():  # else a name in the Hugging Face cache
-            RunFolder(Path(pretrained_model_name_or_path).expanduser()).check_loadable(
-                tuple(cls._get_signature_keys(cls)[0]))
+            # `~` expanded here: diffusers would read '~/run' as a Hub repo id and refuse its characters
+            pretrained_model_name_or_path = Path(pretrained_model_name_or_path).expanduser()
+            RunFolder(pretrained_model_name_or_path).check_loadable(tuple(cls._get_signature_keys(cls)[0]))
             for name, command in WRITTEN_BY.items():
                 check_weights(Path(pretrained_model_name_or_path) / name, command)
         try:

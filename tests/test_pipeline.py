@@ -74,13 +74,15 @@ def test_saving_pickles_is_refused_before_anything_is_written(pipe, tmp_path):
     assert not (tmp_path / "copy").exists()
 
 
-def test_save_pretrained_expands_home_and_names_a_file_in_the_way(pipe, tmp_path, monkeypatch):
+def test_save_and_from_pretrained_expand_home_and_a_file_in_the_way_is_named(pipe, tmp_path, monkeypatch):
     """Before: save_pretrained("~/copy") wrote a folder named '~' in the working directory, and a file in the way gave
     NotADirectoryError on its vae/."""
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     pipe.save_pretrained("~/copy")
     assert (tmp_path / "copy" / "model_index.json").is_file() and not (tmp_path / "~").exists()
+    # and read back from there: before, HFValidationError "Repo id must use alphanumeric chars ... '~/copy'"
+    assert LatentPipeline.from_pretrained("~/copy").config.sampling == pipe.config.sampling
     (tmp_path / "file").write_text("mine")
     with pytest.raises(UserError, match=f"^save_directory '{tmp_path / 'file'}' is a file, not a folder; choose another path$"):
         pipe.save_pretrained(tmp_path / "file")
