@@ -173,6 +173,12 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError("LatentPipeline saves its weights as safetensors only (from_pretrained never unpickles "
                              ".bin files, so it could not load what safe_serialization=False writes); leave "
                              "safe_serialization out")
+        if adapted_layers({"unet": self.unet, "text_encoder": self.text_encoder}):
+            # diffusers would write peft's layers (base_layer, lora_A, ...) into unet/, whose attention weights
+            # from_pretrained then leaves uninitialized: the saved folder loads but cannot sample
+            raise ValueError("LoRA adapters are loaded in this pipeline, and unet/ saved with them could not be loaded "
+                             "again; to save the model with the LoRA merged in, call pipe.fuse_lora() and then "
+                             "pipe.unload_lora_weights() first; to save the base, pipe.unload_lora_weights() alone")
         # `~` expanded as from_pretrained expands it (diffusers would make a folder named '~' in the working
         # directory); a file or read-only path is named before any component is written
         save_directory = writable_folder(Path(save_directory).expanduser(), "save_directory")
