@@ -29,7 +29,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from common.checkpoint import check_weights, folder_fingerprint, writable_folder
+from common.checkpoint import check_safetensors, check_weights, folder_fingerprint, writable_folder
 from common.errors import RunFolderError
 from common.run import WRITTEN_BY, RunFolder
 from ldm.lora import (adapted_layers, check_adapter_base, keep_unfused, local_source, missing_source,
@@ -128,6 +128,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 f"cache): pass the folder train-ldm wrote (it holds model_index.json), e.g. "
                 f"LatentPipeline.from_pretrained('checkpoints/mnist')") from error
         check_built_from(Path(pretrained_model_name_or_path), pipe.config.built_from)
+        check_all_weights_saved(Path(pretrained_model_name_or_path), pipe, exclude=kwargs)
         legacy = Path(pretrained_model_name_or_path) / LEGACY_CLASSES_FILE
         if not pipe.classes and legacy.is_file():
             pipe.classes = json.loads(legacy.read_text(encoding="utf-8"))
@@ -386,6 +387,26 @@ def check_built_from(folder: Path, built_from: dict) -> None:
         raise RunFolderError(f"{' and '.join(f'{name}/' for name in changed)} in {folder} changed after unet/ was trained "
                              f"on {'them' if len(changed) > 1 else 'it'}: the UNet no longer matches. Re-run "
                              f"`encode-dataset` and `train-ldm` (or restore the old {changed[0]}/)")
+
+
+def check_all_weights_saved(folder: Path, pipe: LatentPipeline, exclude: dict) -> None:
+    """Refuse a run folder whose vae/, text_encoder/ or unet/ safetensors lack some of their model's weights (a
+    pipeline saved with LoRA adapters loaded, a hand-edited file): diffusers and transformers load such a folder
+    with those weights newly initialized, random or left on the meta device, saying so only in a warning.
+    Components passed to from_pretrained (`exclude`) are the caller's own."""
+    if not folder.is_dir():
+        return  # loaded from elsewhere (a hub cache)
+    for name, command in WRITTEN_BY.items():
+        files = sorted((folder / name).glob("*.safetensors"))
+        if name in exclude or not files:
+            continue
+        saved = {key for path in files for key in check_safetensors(path, command)[1]}
+        missing = sorted(set(getattr(pipe, name).state_dict()) - saved)
+        if missing:
+            raise RunFolderError(f"{name}/ in {folder} lacks {len(missing)} of its model's weights ("
+                                 f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which would be "
+                                 f"random: it was saved incomplete (e.g. with LoRA adapters loaded). Re-run "
+                                 f"`{command} --config ...` into this run folder, or restore {name}/ from a copy of the run")
 
 
 def check_components(vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel) -> None:

@@ -9,7 +9,7 @@ from diffusers import (DDIMScheduler, EulerAncestralDiscreteScheduler, HeunDiscr
                        KDPM2DiscreteScheduler, PNDMScheduler, StableDiffusionPipeline)
 
 from common.errors import RunFolderError, UserError
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from pipelines import LatentPipeline
 from pipelines.generate import cli as generate_cli, slug
 
@@ -488,3 +488,22 @@ def test_a_path_that_is_not_a_whole_run_folder_is_refused_naming_what_is_missing
     shutil.rmtree(run / "vae")
     with pytest.raises(RunFolderError, match=f"^vae/ is missing in {run}; re-run `train-vae --config ...`"):
         LatentPipeline.from_pretrained(run)
+
+
+def test_a_unet_missing_some_weights_is_refused_not_filled_with_random_ones(tmp_path):
+    """Before: a unet/ whose safetensors lacked a weight (here conv_out.weight; a pipeline saved with LoRA adapters
+    loaded lacks 40) loaded with a warning only ("newly initialized"): left on the meta device, or random with
+    low_cpu_mem_usage=False, and then sampled noise. checkpoints/mnist's model_index.json has no unet hash to catch it."""
+    from safetensors.torch import load_file, save_file
+
+    run = shutil.copytree(ROOT / "checkpoints" / "mnist", tmp_path / "run")
+    weights = run / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["conv_out.weight"]
+    save_file(tensors, weights)
+    for kwargs in ({}, {"low_cpu_mem_usage": False}):
+        with pytest.raises(RunFolderError, match=f"^unet/ in {run} lacks 1 of its model's weights \\(conv_out.weight\\), "
+                                                 f"which would be random: it was saved incomplete \\(e.g. with LoRA "
+                                                 f"adapters loaded\\). Re-run `train-ldm --config ...` into this run "
+                                                 f"folder, or restore unet/ from a copy of the run$"):
+            LatentPipeline.from_pretrained(run, **kwargs)
