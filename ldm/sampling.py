@@ -101,11 +101,23 @@ def guided_steps(num_steps: int, guidance_interval: tuple[float, float] = NO_INT
     return range(int(start * num_steps), int(stop * num_steps))
 
 
-def check_scheduler(scheduler) -> None:
+# what of a scheduler's config the UNet was trained with: its noise schedule and what it predicts
+TRAINED_SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
+                         "prediction_type")
+
+
+def trained_schedule(scheduler) -> dict:
+    """The `TRAINED_SCHEDULE_KEYS` of `scheduler`'s config (those it has)."""
+    return {key: scheduler.config[key] for key in TRAINED_SCHEDULE_KEYS if key in scheduler.config}
+
+
+def check_scheduler(scheduler, trained: dict | None = None) -> None:
     """Raise ValueError for a scheduler that cannot sample this model. An inverse scheduler runs from an image to
     noise, and one without the discrete-time noise schedule (`alphas_cumprod`) the model was trained on is made for
     other models (flow matching, EDM): the first and EDM's draw noise without a word, flow matching fails deep inside
-    (no `init_noise_sigma`)."""
+    (no `init_noise_sigma`). With `trained` (`trained_schedule` of the scheduler the model came with), one made with
+    another noise schedule or prediction type (`EulerDiscreteScheduler()` instead of `.from_config(...)`) draws
+    noise too."""
     name = type(scheduler).__name__
     if "Inverse" in name:
         raise ValueError(f"{name} runs from an image to noise (to invert an image), not from noise to an image; to "
@@ -115,6 +127,13 @@ def check_scheduler(scheduler) -> None:
         raise ValueError(f"{name} is made for models trained on another noise schedule (flow matching, EDM), not "
                          f"this model's discrete-time one; use a scheduler that has it, e.g. pipe.scheduler = "
                          f"EulerDiscreteScheduler.from_config(pipe.scheduler.config) (or DDIM, UniPC, DPM-Solver++)")
+    differ = {key: value for key, value in trained_schedule(scheduler).items()
+              if key in (trained or {}) and value != trained[key]}
+    if differ:
+        raise ValueError(f"{name} has {', '.join(f'{k}={v!r}' for k, v in differ.items())}, but this model was "
+                         f"trained with {', '.join(f'{k}={trained[k]!r}' for k in differ)}: sampling on another noise schedule "
+                         f"or prediction type gives degraded images or noise; make it from the model's scheduler config (pipe.scheduler = {name}.from_config("
+                         f"pipe.scheduler.config), before replacing it) or pass those values")
 
 
 def schedule_steps(scheduler) -> list[float]:

@@ -106,7 +106,7 @@ def check_call_inputs(pipe, prompts: list, negative_prompt: Any, num_inference_s
                          f"bytes that are not UTF-8); pass the text in UTF-8")
     if timesteps is None and sigmas is None and not (_count(num_inference_steps) and num_inference_steps >= 1):
         raise ValueError(f"num_inference_steps must be a whole number >= 1 (e.g. 20), got {num_inference_steps!r}")
-    check_scheduler(pipe.scheduler)
+    check_scheduler(pipe.scheduler, getattr(pipe, "trained_schedule", None))
     check_schedule(timesteps, sigmas, pipe.scheduler.config.num_train_timesteps)
     if not (_count(num_images_per_prompt) and num_images_per_prompt >= 1):
         raise ValueError(f"num_images_per_prompt must be a whole number >= 1, got {num_images_per_prompt!r}")

@@ -36,7 +36,7 @@ from ldm.lora import (adapted_layers, check_adapter_base, keep_unfused, local_so
                        restore_unfused, safetensors_only)
 from ldm.text import check_tokenizer
 from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
-                          initial_latents, predicted_clean_latents)
+                          initial_latents, predicted_clean_latents, trained_schedule)
 from pipelines.call_checks import check_call_inputs
 from pipelines.glyphs import LineLayout, lay_out_line, segment
 
@@ -86,6 +86,9 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             check_components(vae, text_encoder, unet)
         if tokenizer is not None and text_encoder is not None:
             check_tokenizer(tokenizer, text_encoder)
+        # the noise schedule and prediction type the UNet was trained with, as its scheduler has them: a scheduler
+        # swapped in later with others (made without from_config) is refused at sampling (ldm.sampling.check_scheduler)
+        self.trained_schedule = trained_schedule(scheduler) if scheduler is not None else None
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=True)
 

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import numpy as np
@@ -128,6 +129,31 @@ def test_a_scheduler_that_cannot_sample_the_model_is_refused(pipe, name, message
         pipe.scheduler = getattr(diffusers, name).from_config(original.config)
         with pytest.raises(ValueError, match=f"^{message}$"):
             run_pipe(pipe, num_inference_steps=2)
+    finally:
+        pipe.scheduler = original
+
+
+def test_a_scheduler_made_without_the_models_config_is_refused(pipe):
+    """Before: pipe.scheduler = EulerDiscreteScheduler() (diffusers' defaults: linear betas 1e-4..0.02, epsilon) on a
+    model trained with others sampled noise without a word (checkpoints/mnist: v_prediction, scaled_linear)."""
+    from diffusers import EulerDiscreteScheduler
+
+    original = pipe.scheduler
+    trained = {key: original.config[key] for key in ("beta_schedule", "beta_start", "beta_end", "prediction_type")}
+    default = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon"}
+    differ = [key for key in trained if trained[key] != default[key]]
+    assert differ  # the tiny run is trained on another schedule than diffusers' defaults
+    try:
+        pipe.scheduler = EulerDiscreteScheduler()
+        with pytest.raises(ValueError, match="^" + re.escape(
+                f"EulerDiscreteScheduler has {', '.join(f'{k}={default[k]!r}' for k in differ)}, but this model was "
+                f"trained with {', '.join(f'{k}={trained[k]!r}' for k in differ)}: sampling on another noise schedule "
+                f"or prediction type gives degraded images or noise; make it from the model's scheduler config "
+                f"(pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config), before replacing it) "
+                f"or pass those values") + "$"):
+            run_pipe(pipe, num_inference_steps=2)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(original.config, timestep_spacing="trailing")
+        assert np.isfinite(run_pipe(pipe, output_type="np", num_inference_steps=2)).all()  # sampling choices are free
     finally:
         pipe.scheduler = original
 
