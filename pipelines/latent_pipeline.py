@@ -345,6 +345,10 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         prompt_embeds, negative_embeds = self.encode_prompt(prompts, device, num_images_per_prompt, guided,
                                                             negative_prompt, prompt_embeds, negative_prompt_embeds)
+        # text states (and so the noise) in the UNet's dtype: the text encoder may hold another, e.g. a pipeline
+        # saved in fp16 loads with transformers' text encoder in fp16 but diffusers' UNet in fp32
+        prompt_embeds = prompt_embeds.to(self.unet.dtype)
+        negative_embeds = negative_embeds.to(self.unet.dtype) if negative_embeds is not None else None
         retrieve_timesteps(self.scheduler, None if timesteps or sigmas else num_inference_steps, device, timesteps, sigmas)
         latents = self.prepare_latents(len(prompt_embeds), height, width, prompt_embeds.dtype, device, generator, latents)
 

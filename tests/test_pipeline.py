@@ -90,6 +90,19 @@ def test_save_and_from_pretrained_expand_home_and_a_file_in_the_way_is_named(pip
     assert (tmp_path / "file").read_text() == "mine"
 
 
+def test_a_pipeline_saved_in_half_precision_loads_and_samples(tiny_run, tmp_path):
+    """Before: a pipeline saved in fp16 loaded with its text encoder in fp16 (transformers keeps the saved dtype)
+    and its UNet in fp32 (diffusers' default), and sampling failed with "RuntimeError: mat1 and mat2 must have the
+    same dtype, but got Half and Float"; so did from_pretrained(run, torch_dtype={"unet": torch.float16, ...})."""
+    LatentPipeline.from_pretrained(tiny_run, torch_dtype=torch.float16).save_pretrained(tmp_path / "half")
+    again = LatentPipeline.from_pretrained(tmp_path / "half")
+    assert (again.text_encoder.dtype, again.unet.dtype) == (torch.float16, torch.float32)
+    mixed = LatentPipeline.from_pretrained(tiny_run, torch_dtype={"unet": torch.float16, "default": torch.float32})
+    for loaded in (again, mixed):
+        loaded.set_progress_bar_config(disable=True)
+        assert np.isfinite(run_pipe(loaded, output_type="np", num_inference_steps=2)).all()
+
+
 @pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
                                              KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, PNDMScheduler])
 def test_a_swapped_scheduler_runs(pipe, scheduler_class):
