@@ -37,7 +37,7 @@ from ldm.lora import (adapted_layers, check_adapter_base, keep_unfused, local_so
 from ldm.text import check_tokenizer
 from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
                           initial_latents, predicted_clean_latents, trained_schedule)
-from pipelines.call_checks import check_call_inputs
+from pipelines.call_checks import check_call_inputs, check_sampling_defaults
 from pipelines.glyphs import LineLayout, lay_out_line, segment
 
 LEGACY_CLASSES_FILE = "classes.json"  # where runs before the class table moved into model_index.json kept it
@@ -82,6 +82,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.register_to_config(classes=list(classes or []), built_from=dict(built_from or {}),
                                 sampling={**FALLBACK_SAMPLING, **(sampling or {})})
+        check_sampling_defaults(self.config.sampling)
         if vae is not None and text_encoder is not None and unet is not None:
             check_components(vae, text_encoder, unet)
         if tokenizer is not None and text_encoder is not None:

@@ -358,6 +358,26 @@ def test_the_run_samples_with_its_own_defaults_unless_told(tiny_run, pipe, tmp_p
     assert LatentPipeline.from_pretrained(old).config.sampling == {"num_inference_steps": 20, "guidance_scale": 4.0}
 
 
+@pytest.mark.parametrize("edit, problem", [
+    ({"guidance_scale": "2.5"}, "guidance_scale must be a finite number (e.g. 1.75), got '2.5'"),
+    ({"num_inference_steps": 0}, "num_inference_steps must be a whole number >= 1 (e.g. 20), got 0"),
+    ({"guidance_interval": [1, 0]}, "guidance_interval must be (start, stop) with 0 <= start < stop <= 1, the fraction "
+                                    "of the steps that are guided (e.g. (0.2, 1.0)), got (1, 0)"),
+    ({"steps": 5}, "'steps' is not a key of it (its keys: num_inference_steps, guidance_scale, guidance_interval)"),
+], ids=["guidance-text", "steps-zero", "interval-reversed", "misspelt-key"])
+def test_a_runs_bad_sampling_defaults_are_refused_at_load_naming_model_index(tiny_run, tmp_path, edit, problem):
+    """Before: a value edited into model_index.json "sampling" loaded, then every call was refused as if the caller had
+    passed it ("guidance_scale must be a finite number ..., got '2.5'"); a misspelt key was ignored without a word."""
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    index = json.loads((run / "model_index.json").read_text(encoding="utf-8"))
+    index["sampling"].update(edit)
+    (run / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
+    with pytest.raises(ValueError, match="^" + re.escape(
+            f"the run's sampling defaults (model_index.json \"sampling\") are wrong: {problem}; correct them there "
+            f"(evaluate with evaluate.tune: true measures and writes them)") + "$"):
+        LatentPipeline.from_pretrained(run)
+
+
 def test_evaluate_tunes_the_runs_sampling_defaults_by_its_rule(tiny_run, tmp_path):
     from pipelines.evaluate import main as evaluate_main
 
