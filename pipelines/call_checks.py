@@ -84,6 +84,19 @@ def check_sampling_defaults(sampling: dict) -> None:
                          f"them there (evaluate with evaluate.tune: true measures and writes them)") from None
 
 
+def check_class_table(classes: Any) -> None:
+    """A run's class table (model_index.json "classes"), checked when the pipeline is built: an entry without its
+    prompt or fields would otherwise stop `write()` and `generate --all-classes` with a bare KeyError or TypeError."""
+    wrong = None if isinstance(classes, list) else f"it is {classes!r}"
+    for i, entry in enumerate(classes if wrong is None else []):
+        if not (isinstance(entry, dict) and isinstance(entry.get("prompt"), str) and isinstance(entry.get("fields"), dict)):
+            wrong = wrong or f"entry {i} is {entry!r}"
+    if wrong:
+        raise ValueError(f"the run's class table (model_index.json \"classes\") is wrong: {wrong}, where it needs a list "
+                         f"of {{\"key\", \"fields\", \"prompt\"}} entries as train-ldm writes them; re-run train-ldm, "
+                         f"or restore model_index.json")
+
+
 def check_call_inputs(pipe, prompts: list, negative_prompt: Any, num_inference_steps: Any, num_images_per_prompt: Any,
                       output_type: Any, callback_tensor_inputs: list[str], generator: Any, device: torch.device,
                       guidance_scale: Any = 1.0, height: Any = None, width: Any = None,

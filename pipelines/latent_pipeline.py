@@ -37,7 +37,7 @@ from ldm.lora import (adapted_layers, check_adapter_base, keep_unfused, local_so
 from ldm.text import check_tokenizer
 from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
                           initial_latents, predicted_clean_latents, trained_schedule)
-from pipelines.call_checks import check_call_inputs, check_sampling_defaults
+from pipelines.call_checks import check_call_inputs, check_class_table, check_sampling_defaults
 from pipelines.glyphs import LineLayout, lay_out_line, segment
 
 LEGACY_CLASSES_FILE = "classes.json"  # where runs before the class table moved into model_index.json kept it
@@ -80,6 +80,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  built_from: dict | None = None, sampling: dict | None = None):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        check_class_table(classes if classes is not None else [])
         self.register_to_config(classes=list(classes or []), built_from=dict(built_from or {}),
                                 sampling={**FALLBACK_SAMPLING, **(sampling or {})})
         check_sampling_defaults(self.config.sampling)

@@ -378,6 +378,24 @@ def test_a_runs_bad_sampling_defaults_are_refused_at_load_naming_model_index(tin
         LatentPipeline.from_pretrained(run)
 
 
+@pytest.mark.parametrize("classes, wrong", [
+    ("0123456789", "it is '0123456789'"),
+    ([{"key": "0", "prompt": "Draw a zero"}], "entry 0 is {'key': '0', 'prompt': 'Draw a zero'}"),
+], ids=["text", "no-fields"])
+def test_a_runs_bad_class_table_is_refused_at_load_naming_model_index(tiny_run, tmp_path, classes, wrong):
+    """Before: it loaded, then write("26") stopped with "TypeError: string indices must be integers, not 'str'" or
+    "KeyError: 'fields'"."""
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    index = json.loads((run / "model_index.json").read_text(encoding="utf-8"))
+    index["classes"] = classes
+    (run / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
+    with pytest.raises(ValueError, match="^" + re.escape(
+            f"the run's class table (model_index.json \"classes\") is wrong: {wrong}, where it needs a list of "
+            f"{{\"key\", \"fields\", \"prompt\"}} entries as train-ldm writes them; re-run train-ldm, or restore "
+            f"model_index.json") + "$"):
+        LatentPipeline.from_pretrained(run)
+
+
 def test_evaluate_tunes_the_runs_sampling_defaults_by_its_rule(tiny_run, tmp_path):
     from pipelines.evaluate import main as evaluate_main
 
