@@ -35,8 +35,8 @@ from common.run import WRITTEN_BY, RunFolder
 from ldm.lora import (adapted_layers, check_adapter_base, keep_unfused, local_source, missing_source,
                        restore_unfused, safetensors_only)
 from ldm.text import check_tokenizer
-from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
-                          initial_latents, predicted_clean_latents, trained_schedule)
+from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, check_scheduler, decode_latents, denoise, encode_prompts,
+                          guided_prediction, initial_latents, predicted_clean_latents, trained_schedule)
 from pipelines.call_checks import check_call_inputs, check_class_table, check_sampling_defaults
 from pipelines.glyphs import LineLayout, lay_out_line, segment
 
@@ -185,6 +185,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError("LoRA adapters are loaded in this pipeline, and unet/ saved with them could not be loaded "
                              "again; to save the model with the LoRA merged in, call pipe.fuse_lora() and then "
                              "pipe.unload_lora_weights() first; to save the base, pipe.unload_lora_weights() alone")
+        # a scheduler this model cannot sample with, saved, would be the folder's own and so pass the check at sampling
+        check_scheduler(self.scheduler, self.trained_schedule)
         # `~` expanded as from_pretrained expands it (diffusers would make a folder named '~' in the working
         # directory); a file or read-only path is named before any component is written
         save_directory = writable_folder(Path(save_directory).expanduser(), "save_directory")

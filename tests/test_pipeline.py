@@ -146,7 +146,7 @@ def test_a_scheduler_that_cannot_sample_the_model_is_refused(pipe, name, message
         pipe.scheduler = original
 
 
-def test_a_scheduler_made_without_the_models_config_is_refused(pipe):
+def test_a_scheduler_made_without_the_models_config_is_refused(pipe, tmp_path):
     """Before: pipe.scheduler = EulerDiscreteScheduler() (diffusers' defaults: linear betas 1e-4..0.02, epsilon) on a
     model trained with others sampled noise without a word (checkpoints/mnist: v_prediction, scaled_linear)."""
     from diffusers import EulerDiscreteScheduler
@@ -158,13 +158,18 @@ def test_a_scheduler_made_without_the_models_config_is_refused(pipe):
     assert differ  # the tiny run is trained on another schedule than diffusers' defaults
     try:
         pipe.scheduler = EulerDiscreteScheduler()
-        with pytest.raises(ValueError, match="^" + re.escape(
-                f"EulerDiscreteScheduler has {', '.join(f'{k}={default[k]!r}' for k in differ)}, but this model was "
-                f"trained with {', '.join(f'{k}={trained[k]!r}' for k in differ)}: sampling on another noise schedule "
-                f"or prediction type gives degraded images or noise; make it from the model's scheduler config "
-                f"(pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config), before replacing it) "
-                f"or pass those values") + "$"):
+        message = "^" + re.escape(
+            f"EulerDiscreteScheduler has {', '.join(f'{k}={default[k]!r}' for k in differ)}, but this model was "
+            f"trained with {', '.join(f'{k}={trained[k]!r}' for k in differ)}: sampling on another noise schedule "
+            f"or prediction type gives degraded images or noise; make it from the model's scheduler config "
+            f"(pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config), before replacing it) "
+            f"or pass those values") + "$"
+        with pytest.raises(ValueError, match=message):
             run_pipe(pipe, num_inference_steps=2)
+        # nor saved: reloaded, it would be the folder's own scheduler, and sampled noise without a word (before)
+        with pytest.raises(ValueError, match=message):
+            pipe.save_pretrained(tmp_path / "copy")
+        assert not (tmp_path / "copy").exists()
         pipe.scheduler = EulerDiscreteScheduler.from_config(original.config, timestep_spacing="trailing")
         assert np.isfinite(run_pipe(pipe, output_type="np", num_inference_steps=2)).all()  # sampling choices are free
     finally:
