@@ -35,8 +35,8 @@ from common.run import WRITTEN_BY, RunFolder
 from ldm.lora import (adapted_layers, check_adapter_base, keep_unfused, local_source, missing_source,
                        restore_unfused, safetensors_only)
 from ldm.text import check_tokenizer
-from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, check_scheduler, decode_latents, denoise, encode_prompts,
-                          guided_prediction, initial_latents, predicted_clean_latents, trained_schedule)
+from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, TRAINED_SCHEDULE_KEYS, check_scheduler, decode_latents, denoise,
+                          encode_prompts, guided_prediction, initial_latents, predicted_clean_latents, trained_schedule)
 from pipelines.call_checks import check_call_inputs, check_class_table, check_sampling_defaults
 from pipelines.glyphs import LineLayout, lay_out_line, segment
 
@@ -134,6 +134,10 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 f"LatentPipeline.from_pretrained('checkpoints/mnist')") from error
         check_built_from(Path(pretrained_model_name_or_path), pipe.config.built_from)
         check_all_weights_saved(Path(pretrained_model_name_or_path), pipe, exclude=kwargs)
+        trained = Path(pretrained_model_name_or_path) / "scheduler" / "scheduler_config.json"
+        if "scheduler" in kwargs and trained.is_file():  # the caller's scheduler is checked against the run's own
+            pipe.trained_schedule = {key: value for key, value in json.loads(trained.read_text(encoding="utf-8")).items()
+                                     if key in TRAINED_SCHEDULE_KEYS}
         legacy = Path(pretrained_model_name_or_path) / LEGACY_CLASSES_FILE
         if not pipe.classes and legacy.is_file():
             pipe.classes = json.loads(legacy.read_text(encoding="utf-8"))

@@ -146,7 +146,7 @@ def test_a_scheduler_that_cannot_sample_the_model_is_refused(pipe, name, message
         pipe.scheduler = original
 
 
-def test_a_scheduler_made_without_the_models_config_is_refused(pipe, tmp_path):
+def test_a_scheduler_made_without_the_models_config_is_refused(tiny_run, pipe, tmp_path):
     """Before: pipe.scheduler = EulerDiscreteScheduler() (diffusers' defaults: linear betas 1e-4..0.02, epsilon) on a
     model trained with others sampled noise without a word (checkpoints/mnist: v_prediction, scaled_linear)."""
     from diffusers import EulerDiscreteScheduler
@@ -170,6 +170,10 @@ def test_a_scheduler_made_without_the_models_config_is_refused(pipe, tmp_path):
         with pytest.raises(ValueError, match=message):
             pipe.save_pretrained(tmp_path / "copy")
         assert not (tmp_path / "copy").exists()
+        # nor passed to from_pretrained: it was taken as the run's own (before)
+        given = LatentPipeline.from_pretrained(tiny_run, scheduler=EulerDiscreteScheduler())
+        with pytest.raises(ValueError, match=message):
+            run_pipe(given, num_inference_steps=2)
         pipe.scheduler = EulerDiscreteScheduler.from_config(original.config, timestep_spacing="trailing")
         assert np.isfinite(run_pipe(pipe, output_type="np", num_inference_steps=2)).all()  # sampling choices are free
     finally:
