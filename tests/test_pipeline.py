@@ -49,6 +49,25 @@ def test_guidance_scale_one_is_the_conditional_prediction_alone(pipe):
     assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("scheduler_class", [None, EulerAncestralDiscreteScheduler])
+def test_a_list_of_generators_makes_each_image_what_its_seed_gives_alone(pipe, scheduler_class):
+    """diffusers' convention, documented in README: in a batch or with num_images_per_prompt, image i comes from
+    generator i as it would alone (stochastic schedulers draw their step noise per image too), up to rounding."""
+    original = pipe.scheduler
+    try:
+        if scheduler_class is not None:
+            pipe.scheduler = scheduler_class.from_config(original.config)
+        gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+        kwargs = {"output_type": "np", "num_inference_steps": 3, "guidance_scale": 2.0}
+        six, seven = pipe("Draw a six", generator=gen(3), **kwargs).images, pipe("Draw a 7", generator=gen(4), **kwargs).images
+        batch = pipe(["Draw a 7", "Draw a six"], generator=[gen(4), gen(3)], **kwargs).images
+        per_prompt = pipe("Draw a six", num_images_per_prompt=2, generator=[gen(5), gen(3)], **kwargs).images
+        assert np.allclose(batch[0], seven[0], atol=1e-5) and np.allclose(batch[1], six[0], atol=1e-5)
+        assert np.allclose(per_prompt[1], six[0], atol=1e-5) and not np.allclose(per_prompt[0], six[0], atol=1e-2)
+    finally:
+        pipe.scheduler = original
+
+
 def test_a_list_of_prompts_and_several_images_each(pipe):
     images = run_pipe(pipe, ["Draw a six", "Draw a 7", ""], num_images_per_prompt=2, output_type="pt")
     assert images.shape == (6, 1, 16, 16)
