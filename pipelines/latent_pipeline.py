@@ -195,6 +195,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # directory); a file or read-only path is named before any component is written
         save_directory = writable_folder(Path(save_directory).expanduser(), "save_directory")
         super().save_pretrained(str(save_directory), **kwargs)
+        for component in save_directory.iterdir():
+            remove_stale_shard_index(component)
         if self.config.built_from:
             self.register_to_config(built_from={name: folder_fingerprint(Path(save_directory) / name)
                                                 for name in self.config.built_from})
@@ -385,6 +387,16 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not return_dict:
             return (images,)
         return LatentPipelineOutput(images=images)
+
+
+def remove_stale_shard_index(folder: Path) -> None:
+    """Remove the index of an earlier sharded save in `folder` whose shards are gone: diffusers and transformers
+    delete the old shards when they save unsharded over a sharded save, but keep its index, and loaders then look for
+    the shards it lists ("does not appear to have a file named ...-00001-of-00006.safetensors")."""
+    for index in sorted(folder.glob("*.index*.json")) if folder.is_dir() else []:
+        shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        if any(not (folder / shard).is_file() for shard in shards):
+            index.unlink()
 
 
 def check_built_from(folder: Path, built_from: dict) -> None:

@@ -122,6 +122,19 @@ def test_a_pipeline_saved_in_half_precision_loads_and_samples(tiny_run, tmp_path
         assert np.isfinite(run_pipe(loaded, output_type="np", num_inference_steps=2)).all()
 
 
+def test_saving_unsharded_over_a_sharded_save_loads(pipe, tmp_path):
+    """Before: the sharded save's index stayed beside the new unsharded weights, and from_pretrained failed with
+    "FileNotFoundError: .../unet/ does not appear to have a file named ...-00001-of-0000N.safetensors which is required
+    according to the checkpoint index"."""
+    pipe.save_pretrained(tmp_path / "copy", max_shard_size="20KB")
+    assert (tmp_path / "copy" / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    pipe.save_pretrained(tmp_path / "copy")
+    assert not list((tmp_path / "copy").glob("*/*.index.json"))
+    again = LatentPipeline.from_pretrained(tmp_path / "copy")
+    again.set_progress_bar_config(disable=True)
+    assert np.array_equal(run_pipe(pipe, output_type="np"), run_pipe(again, output_type="np"))
+
+
 @pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
                                              KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, PNDMScheduler])
 def test_a_swapped_scheduler_runs(pipe, scheduler_class):
