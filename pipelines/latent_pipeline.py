@@ -143,6 +143,15 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             pipe.classes = json.loads(legacy.read_text(encoding="utf-8"))
         return pipe
 
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> "LatentPipeline":
+        """diffusers' from_pipe, keeping the trained schedule of `pipeline`'s UNet, so that a scheduler passed in is
+        checked against it (not taken for it)."""
+        pipe = super().from_pipe(pipeline, **kwargs)
+        if getattr(pipeline, "trained_schedule", None) and "unet" not in kwargs:
+            pipe.trained_schedule = pipeline.trained_schedule
+        return pipe
+
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, check_base: bool = True,
                           **kwargs) -> None:
         """diffusers' load_lora_weights, refusing adapters that train-ldm trained on another UNet than this

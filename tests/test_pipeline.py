@@ -206,6 +206,8 @@ def test_a_scheduler_made_without_the_models_config_is_refused(tiny_run, pipe, t
         given = LatentPipeline.from_pretrained(tiny_run, scheduler=EulerDiscreteScheduler())
         with pytest.raises(ValueError, match=message):
             run_pipe(given, num_inference_steps=2)
+        with pytest.raises(ValueError, match=message):  # nor to from_pipe (before: taken as the UNet's own too)
+            run_pipe(LatentPipeline.from_pipe(pipe, scheduler=EulerDiscreteScheduler()), num_inference_steps=2)
         pipe.scheduler = EulerDiscreteScheduler.from_config(original.config, timestep_spacing="trailing")
         assert np.isfinite(run_pipe(pipe, output_type="np", num_inference_steps=2)).all()  # sampling choices are free
     finally:
