@@ -31,6 +31,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from common.checkpoint import check_safetensors, check_weights, folder_fingerprint, writable_folder
 from common.errors import RunFolderError
+from common.pretrained import forget_source_path
 from common.run import WRITTEN_BY, RunFolder
 from ldm.lora import (adapted_layers, check_adapter_base, keep_unfused, local_source, missing_source,
                        restore_unfused, safetensors_only)
@@ -133,6 +134,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 f"cache): pass the folder train-ldm wrote (it holds model_index.json), e.g. "
                 f"LatentPipeline.from_pretrained('checkpoints/mnist')") from error
         check_built_from(Path(pretrained_model_name_or_path), pipe.config.built_from)
+        for model in (pipe.vae, pipe.unet):  # else save_pretrained writes the source's path into their config.json
+            forget_source_path(model)
         check_all_weights_saved(Path(pretrained_model_name_or_path), pipe, exclude=kwargs)
         trained = Path(pretrained_model_name_or_path) / "scheduler" / "scheduler_config.json"
         if "scheduler" in kwargs and trained.is_file():  # the caller's scheduler is checked against the run's own

@@ -122,6 +122,18 @@ def test_a_pipeline_saved_in_half_precision_loads_and_samples(tiny_run, tmp_path
         assert np.isfinite(run_pipe(loaded, output_type="np", num_inference_steps=2)).all()
 
 
+def test_saving_a_loaded_pipeline_over_its_run_leaves_its_models_as_they_were(tiny_run, tmp_path):
+    """Before: save_pretrained wrote the source's path ("_name_or_path") into vae/ and unet/ config.json, so saving an
+    unchanged pipeline over its own run changed the VAE's hash, and train-ldm then refused the run's latent cache:
+    "the latent cache ... was made with a different VAE (the VAE was retrained since)"."""
+    from common.checkpoint import folder_fingerprint
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    before = {name: folder_fingerprint(run / name) for name in ("vae", "unet", "text_encoder")}
+    LatentPipeline.from_pretrained(run).save_pretrained(run)
+    assert {name: folder_fingerprint(run / name) for name in before} == before
+
+
 def test_saving_unsharded_over_a_sharded_save_loads(pipe, tmp_path):
     """Before: the sharded save's index stayed beside the new unsharded weights, and from_pretrained failed with
     "FileNotFoundError: .../unet/ does not appear to have a file named ...-00001-of-0000N.safetensors which is required
@@ -348,7 +360,7 @@ def test_model_index_written_by_train_ldm_is_what_save_pretrained_writes(tiny_ru
     written = json.loads((tiny_run / "model_index.json").read_text(encoding="utf-8"))
     saved = json.loads((tmp_path / "copy" / "model_index.json").read_text(encoding="utf-8"))
     assert saved.pop("_name_or_path") == str(tiny_run)  # where a loaded pipeline came from
-    # built_from hashes the files of each folder: the copy's (whose config.json names its origin) are its own
+    # built_from hashes the files of each folder: the copy's are its own (transformers adds settings to tokenizer_config.json)
     from common.checkpoint import folder_fingerprint
 
     recorded = ("vae", "text_encoder", "tokenizer", "unet")
