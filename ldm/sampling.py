@@ -131,9 +131,10 @@ def check_scheduler(scheduler, trained: dict | None = None) -> None:
               if key in (trained or {}) and value != trained[key]}
     if differ:
         raise ValueError(f"{name} has {', '.join(f'{k}={v!r}' for k, v in differ.items())}, but this model was "
-                         f"trained with {', '.join(f'{k}={trained[k]!r}' for k in differ)}: sampling on another noise schedule "
-                         f"or prediction type gives degraded images or noise; make it from the model's scheduler config (pipe.scheduler = {name}.from_config("
-                         f"pipe.scheduler.config), before replacing it) or pass those values")
+                         f"trained with {', '.join(f'{k}={trained[k]!r}' for k in differ)}: sampling on another "
+                         f"noise schedule or prediction type gives degraded images or noise; make it from the model's "
+                         f"scheduler config (pipe.scheduler = {name}.from_config(pipe.scheduler.config), before "
+                         f"replacing it) or pass those values")
 
 
 def schedule_steps(scheduler) -> list[float]:
