@@ -23,6 +23,11 @@ from ldm.sampling import TRAINED_SCHEDULE_KEYS, check_scheduler
 
 def check_savable(pipe: Any, kwargs: dict) -> None:
     """Refuse a `save_pretrained` whose folder could not be loaded again or would sample noise."""
+    weightless = [name for name in WRITTEN_BY if any(p.is_meta for p in getattr(pipe, name).parameters())]
+    if weightless:  # else torch's "Cannot copy out of meta tensor" after the first component's config is written
+        raise ValueError(f"the pipeline's {', '.join(weightless)} {'is' if len(weightless) == 1 else 'are'} on the meta "
+                         f"device (weights with shapes but no data, e.g. after pipe.to('meta')), so there is nothing to "
+                         f"save; load it again, e.g. LatentPipeline.from_pretrained(run), and save that")
     if kwargs.get("safe_serialization") is False:  # a folder of pickles, which from_pretrained refuses to read
         raise ValueError("LatentPipeline saves its weights as safetensors only (from_pretrained never unpickles "
                          ".bin files, so it could not load what safe_serialization=False writes); leave "

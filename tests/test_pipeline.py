@@ -226,13 +226,19 @@ def test_a_scheduler_made_without_the_models_config_is_refused(tiny_run, pipe, t
         pipe.scheduler = original
 
 
-def test_a_pipeline_moved_to_the_meta_device_is_refused_before_sampling(tiny_run):
+def test_a_pipeline_moved_to_the_meta_device_is_refused_before_sampling_or_saving(tiny_run, tmp_path):
     """Before: NotImplementedError "Cannot copy out of meta tensor; no data!" from the sampler's timestep check."""
     weightless = LatentPipeline.from_pretrained(tiny_run).to("meta")
     with pytest.raises(ValueError, match=r"^the pipeline is on the meta device \(its weights have shapes but no data, "
                                          r"e.g. after pipe.to\('meta'\)\), so it cannot sample; load it again, e.g. "
                                          r"LatentPipeline.from_pretrained\(run\)$"):
         run_pipe(weightless, num_inference_steps=2)
+    # nor saved: before, vae/config.json was written, then "NotImplementedError: Cannot copy out of meta tensor"
+    with pytest.raises(ValueError, match=r"^the pipeline's vae, text_encoder, unet are on the meta device \(weights with "
+                                         r"shapes but no data, e.g. after pipe.to\('meta'\)\), so there is nothing to "
+                                         r"save; load it again, e.g. LatentPipeline.from_pretrained\(run\), and save that$"):
+        weightless.save_pretrained(tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
 
 
 def test_stock_stable_diffusion_pipeline_loads_the_run(tiny_run, pipe):
