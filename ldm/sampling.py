@@ -101,13 +101,59 @@ def guided_steps(num_steps: int, guidance_interval: tuple[float, float] = NO_INT
     return range(int(start * num_steps), int(stop * num_steps))
 
 
+# what of a scheduler's config the UNet was trained with: its noise schedule and what it predicts
+TRAINED_SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
+                         "prediction_type")
+
+
+def trained_schedule(scheduler) -> dict:
+    """The `TRAINED_SCHEDULE_KEYS` of `scheduler`'s config (those it has)."""
+    return {key: scheduler.config[key] for key in TRAINED_SCHEDULE_KEYS if key in scheduler.config}
+
+
+def check_scheduler(scheduler, trained: dict | None = None) -> None:
+    """Raise ValueError for a scheduler that cannot sample this model. An inverse scheduler runs from an image to
+    noise, and one without the discrete-time noise schedule (`alphas_cumprod`) the model was trained on is made for
+    other models (flow matching, EDM): the first and EDM's draw noise without a word, flow matching fails deep inside
+    (no `init_noise_sigma`). With `trained` (`trained_schedule` of the scheduler the model came with), one made with
+    another noise schedule or prediction type (`EulerDiscreteScheduler()` instead of `.from_config(...)`) draws
+    noise too."""
+    name = type(scheduler).__name__
+    if "Inverse" in name:
+        raise ValueError(f"{name} runs from an image to noise (to invert an image), not from noise to an image; to "
+                         f"sample, use the scheduler it inverts: pipe.scheduler = "
+                         f"{name.replace('Inverse', '')}.from_config(pipe.scheduler.config)")
+    if not hasattr(scheduler, "alphas_cumprod"):
+        raise ValueError(f"{name} is made for models trained on another noise schedule (flow matching, EDM), not "
+                         f"this model's discrete-time one; use a scheduler that has it, e.g. pipe.scheduler = "
+                         f"EulerDiscreteScheduler.from_config(pipe.scheduler.config) (or DDIM, UniPC, DPM-Solver++)")
+    differ = {key: value for key, value in trained_schedule(scheduler).items()
+              if key in (trained or {}) and value != trained[key]}
+    if differ:
+        raise ValueError(f"{name} has {', '.join(f'{k}={v!r}' for k, v in differ.items())}, but this model was "
+                         f"trained with {', '.join(f'{k}={trained[k]!r}' for k in differ)}: sampling on another "
+                         f"noise schedule or prediction type gives degraded images or noise; make it from the model's "
+                         f"scheduler config (pipe.scheduler = {name}.from_config(pipe.scheduler.config), before "
+                         f"replacing it) or pass those values")
+
+
+def schedule_steps(scheduler) -> list[float]:
+    """The timesteps of the steps the scheduler was set to (one per `num_inference_steps`), without the extra
+    model calls some schedulers list by design: second-order ones (Heun, KDPM2) a second stage after every step
+    but the first (Heun at the same timestep, KDPM2 at one between two steps), PNDM its Runge-Kutta warm-up."""
+    if hasattr(scheduler, "prk_timesteps"):  # PNDM: its own steps, before the warm-up's repeats are added
+        return list(scheduler._timesteps)
+    timesteps = scheduler.timesteps.tolist()
+    return timesteps[0::2] if hasattr(scheduler, "state_in_first_order") else timesteps
+
+
 def check_distinct_timesteps(scheduler) -> None:
-    """Raise ValueError when the scheduler's timesteps (set with `set_timesteps`) repeat one: more steps than the
-    model was trained on, where multistep solvers divide by a zero step. Second-order schedulers (Heun, KDPM2)
-    list every timestep after the first twice by design, one model call per stage; those repeats are theirs."""
-    timesteps = scheduler.timesteps
-    steps = (len(timesteps) + 1) // 2 if hasattr(scheduler, "state_in_first_order") else len(timesteps)
-    repeated = steps - len(set(timesteps.tolist()))
+    """Raise ValueError when the scheduler's steps (set with `set_timesteps`) repeat a timestep: more steps than the
+    model was trained on, where multistep solvers divide by a zero step. The extra model calls that second-order
+    schedulers and PNDM list by design are not counted (`schedule_steps`)."""
+    steps_taken = schedule_steps(scheduler)
+    steps = len(steps_taken)
+    repeated = steps - len(set(steps_taken))
     if repeated:
         raise ValueError(f"{type(scheduler).__name__} with {steps} steps repeats {repeated} timestep(s) "
                          f"(the model was trained on {scheduler.config.num_train_timesteps}), which breaks the "

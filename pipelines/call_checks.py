@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from ldm.sampling import NO_INTERVAL
+from ldm.sampling import NO_INTERVAL, check_scheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "guidance_interval")  # model_index.json "sampling"
 
 
 def _count(value: Any) -> bool:
@@ -51,6 +52,51 @@ def check_schedule(timesteps: list | None, sigmas: list | None, num_train_timest
                              f"e.g. [14.6, 4.0, 1.0, 0.1]; got {values!r}")
 
 
+def check_steps(num_inference_steps: Any) -> None:
+    if not (_count(num_inference_steps) and num_inference_steps >= 1):
+        raise ValueError(f"num_inference_steps must be a whole number >= 1 (e.g. 20), got {num_inference_steps!r}")
+
+
+def check_guidance(guidance_scale: Any, guidance_interval: Any = NO_INTERVAL) -> None:
+    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number (e.g. 1.75), got {guidance_scale!r}")
+    if not (isinstance(guidance_interval, tuple) and len(guidance_interval) == 2
+            and all(isinstance(v, (int, float)) for v in guidance_interval)
+            and 0 <= guidance_interval[0] < guidance_interval[1] <= 1):
+        raise ValueError(f"guidance_interval must be (start, stop) with 0 <= start < stop <= 1, the fraction of "
+                         f"the steps that are guided (e.g. (0.2, 1.0)), got {guidance_interval!r}")
+
+
+def check_sampling_defaults(sampling: dict) -> None:
+    """A run's own sampling defaults (model_index.json "sampling", which README invites editing), checked when the
+    pipeline is built: a bad value would otherwise be refused at every call as if the caller had passed it, and a
+    misspelt key would be ignored without a word."""
+    try:
+        unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))} {'is not a key' if len(unknown) == 1 else 'are not keys'} "
+                             f"of it (its keys: {', '.join(SAMPLING_KEYS)})")
+        check_steps(sampling["num_inference_steps"])
+        interval = sampling.get("guidance_interval", NO_INTERVAL)
+        check_guidance(sampling["guidance_scale"], tuple(interval) if isinstance(interval, list) else interval)
+    except ValueError as error:
+        raise ValueError(f"the run's sampling defaults (model_index.json \"sampling\") are wrong: {error}; correct "
+                         f"them there (evaluate with evaluate.tune: true measures and writes them)") from None
+
+
+def check_class_table(classes: Any) -> None:
+    """A run's class table (model_index.json "classes"), checked when the pipeline is built: an entry without its
+    prompt or fields would otherwise stop `write()` and `generate --all-classes` with a bare KeyError or TypeError."""
+    wrong = None if isinstance(classes, list) else f"it is {classes!r}"
+    for i, entry in enumerate(classes if wrong is None else []):
+        if not (isinstance(entry, dict) and isinstance(entry.get("prompt"), str) and isinstance(entry.get("fields"), dict)):
+            wrong = wrong or f"entry {i} is {entry!r}"
+    if wrong:
+        raise ValueError(f"the run's class table (model_index.json \"classes\") is wrong: {wrong}, where it needs a list "
+                         f"of {{\"key\", \"fields\", \"prompt\"}} entries as train-ldm writes them; re-run train-ldm, "
+                         f"or restore model_index.json")
+
+
 def check_call_inputs(pipe, prompts: list, negative_prompt: Any, num_inference_steps: Any, num_images_per_prompt: Any,
                       output_type: Any, callback_tensor_inputs: list[str], generator: Any, device: torch.device,
                       guidance_scale: Any = 1.0, height: Any = None, width: Any = None,
@@ -58,6 +104,9 @@ def check_call_inputs(pipe, prompts: list, negative_prompt: Any, num_inference_s
                       guidance_interval: Any = NO_INTERVAL, latents: torch.Tensor | None = None, eta: Any = 0.0,
                       guidance_rescale: Any = 0.0, timesteps: list | None = None, sigmas: list | None = None) -> None:
     """Refuse arguments that cannot work, saying what to pass instead (see the module's docstring)."""
+    if device.type == "meta":  # else torch's "Cannot copy out of meta tensor; no data!" from deep inside the sampler
+        raise ValueError("the pipeline is on the meta device (its weights have shapes but no data, e.g. after "
+                         "pipe.to('meta')), so it cannot sample; load it again, e.g. LatentPipeline.from_pretrained(run)")
     if prompt_embeds is not None:
         if prompts:
             raise ValueError("pass either prompt or prompt_embeds, not both")
@@ -68,13 +117,7 @@ def check_call_inputs(pipe, prompts: list, negative_prompt: Any, num_inference_s
             raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the shape of "
                              f"prompt_embeds {tuple(prompt_embeds.shape)}")
         prompts = [""] * len(prompt_embeds)  # the batch size, for the checks below
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number (e.g. 1.75), got {guidance_scale!r}")
-    if not (isinstance(guidance_interval, tuple) and len(guidance_interval) == 2
-            and all(isinstance(v, (int, float)) for v in guidance_interval)
-            and 0 <= guidance_interval[0] < guidance_interval[1] <= 1):
-        raise ValueError(f"guidance_interval must be (start, stop) with 0 <= start < stop <= 1, the fraction of "
-                         f"the steps that are guided (e.g. (0.2, 1.0)), got {guidance_interval!r}")
+    check_guidance(guidance_scale, guidance_interval)
     if not (_finite(guidance_rescale) and 0 <= guidance_rescale <= 1):
         raise ValueError(f"guidance_rescale must be a number in [0, 1] (0: off; Lin et al. suggest 0.7), "
                          f"got {guidance_rescale!r}")
@@ -101,8 +144,9 @@ def check_call_inputs(pipe, prompts: list, negative_prompt: Any, num_inference_s
         raise ValueError(f"prompts must be valid Unicode text; {', '.join(map(repr, unencodable))} "
                          f"{'has' if len(unencodable) == 1 else 'have'} characters that are not (on a command line: "
                          f"bytes that are not UTF-8); pass the text in UTF-8")
-    if timesteps is None and sigmas is None and not (_count(num_inference_steps) and num_inference_steps >= 1):
-        raise ValueError(f"num_inference_steps must be a whole number >= 1 (e.g. 20), got {num_inference_steps!r}")
+    if timesteps is None and sigmas is None:
+        check_steps(num_inference_steps)
+    check_scheduler(pipe.scheduler, getattr(pipe, "trained_schedule", None))
     check_schedule(timesteps, sigmas, pipe.scheduler.config.num_train_timesteps)
     if not (_count(num_images_per_prompt) and num_images_per_prompt >= 1):
         raise ValueError(f"num_images_per_prompt must be a whole number >= 1, got {num_images_per_prompt!r}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,16 +28,18 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from common.checkpoint import check_weights, folder_fingerprint
-from common.errors import RunFolderError
+from common.checkpoint import check_weights, folder_fingerprint, writable_folder
+from common.pretrained import forget_source_path
 from common.run import WRITTEN_BY, RunFolder
 from ldm.lora import (adapted_layers, check_adapter_base, keep_unfused, local_source, missing_source,
                        restore_unfused, safetensors_only)
 from ldm.text import check_tokenizer
 from ldm.sampling import (FALLBACK_SAMPLING, NO_INTERVAL, decode_latents, denoise, encode_prompts, guided_prediction,
-                          initial_latents, predicted_clean_latents)
-from pipelines.call_checks import check_call_inputs
+                          initial_latents, predicted_clean_latents, trained_schedule)
+from pipelines.call_checks import check_call_inputs, check_class_table, check_sampling_defaults
 from pipelines.glyphs import LineLayout, lay_out_line, segment
+from pipelines.run_checks import (check_all_weights_saved, check_built_from, check_components, check_savable,
+                                  remove_stale_shard_index, run_trained_schedule)
 
 LEGACY_CLASSES_FILE = "classes.json"  # where runs before the class table moved into model_index.json kept it
 
@@ -80,12 +81,17 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  built_from: dict | None = None, sampling: dict | None = None):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        check_class_table(classes if classes is not None else [])
         self.register_to_config(classes=list(classes or []), built_from=dict(built_from or {}),
                                 sampling={**FALLBACK_SAMPLING, **(sampling or {})})
+        check_sampling_defaults(self.config.sampling)
         if vae is not None and text_encoder is not None and unet is not None:
             check_components(vae, text_encoder, unet)
         if tokenizer is not None and text_encoder is not None:
             check_tokenizer(tokenizer, text_encoder)
+        # the noise schedule and prediction type the UNet was trained with, as its scheduler has them: a scheduler
+        # swapped in later with others (made without from_config) is refused at sampling (ldm.sampling.check_scheduler)
+        self.trained_schedule = trained_schedule(scheduler) if scheduler is not None else None
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=True)
 
@@ -113,8 +119,9 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         unpickled (pass use_safetensors=False explicitly to allow .bin files you trust)."""
         kwargs.setdefault("use_safetensors", True)
         if Path(pretrained_model_name_or_path).expanduser().exists():  # else a name in the Hugging Face cache
-            RunFolder(Path(pretrained_model_name_or_path).expanduser()).check_loadable(
-                tuple(cls._get_signature_keys(cls)[0]))
+            # `~` expanded here: diffusers would read '~/run' as a Hub repo id and refuse its characters
+            pretrained_model_name_or_path = Path(pretrained_model_name_or_path).expanduser()
+            RunFolder(pretrained_model_name_or_path).check_loadable(tuple(cls._get_signature_keys(cls)[0]))
             for name, command in WRITTEN_BY.items():
                 check_weights(Path(pretrained_model_name_or_path) / name, command)
         try:
@@ -127,9 +134,23 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 f"cache): pass the folder train-ldm wrote (it holds model_index.json), e.g. "
                 f"LatentPipeline.from_pretrained('checkpoints/mnist')") from error
         check_built_from(Path(pretrained_model_name_or_path), pipe.config.built_from)
+        for model in (pipe.vae, pipe.unet):  # else save_pretrained writes the source's path into their config.json
+            forget_source_path(model)
+        check_all_weights_saved(Path(pretrained_model_name_or_path), pipe, exclude=kwargs)
+        if "scheduler" in kwargs:  # the caller's scheduler is checked against the run's own
+            pipe.trained_schedule = run_trained_schedule(Path(pretrained_model_name_or_path)) or pipe.trained_schedule
         legacy = Path(pretrained_model_name_or_path) / LEGACY_CLASSES_FILE
         if not pipe.classes and legacy.is_file():
             pipe.classes = json.loads(legacy.read_text(encoding="utf-8"))
+        return pipe
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> "LatentPipeline":
+        """diffusers' from_pipe, keeping the trained schedule of `pipeline`'s UNet, so that a scheduler passed in is
+        checked against it (not taken for it)."""
+        pipe = super().from_pipe(pipeline, **kwargs)
+        if getattr(pipeline, "trained_schedule", None) and "unet" not in kwargs:
+            pipe.trained_schedule = pipeline.trained_schedule
         return pipe
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, check_base: bool = True,
@@ -167,8 +188,14 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                        **safetensors_only(pretrained_model_name_or_path_or_dict, kwargs))
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
-        """diffusers' save_pretrained; `built_from` is then re-measured on the files just written."""
-        super().save_pretrained(save_directory, **kwargs)
+        """diffusers' save_pretrained, in safetensors only; `built_from` is then re-measured on the files just written."""
+        check_savable(self, kwargs)
+        # `~` expanded as from_pretrained expands it (diffusers would make a folder named '~' in the working
+        # directory); a file or read-only path is named before any component is written
+        save_directory = writable_folder(Path(save_directory).expanduser(), "save_directory")
+        super().save_pretrained(str(save_directory), **kwargs)
+        for component in save_directory.iterdir():
+            remove_stale_shard_index(component)
         if self.config.built_from:
             self.register_to_config(built_from={name: folder_fingerprint(Path(save_directory) / name)
                                                 for name in self.config.built_from})
@@ -327,6 +354,10 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         prompt_embeds, negative_embeds = self.encode_prompt(prompts, device, num_images_per_prompt, guided,
                                                             negative_prompt, prompt_embeds, negative_prompt_embeds)
+        # text states (and so the noise) in the UNet's dtype: the text encoder may hold another, e.g. a pipeline
+        # saved in fp16 loads with transformers' text encoder in fp16 but diffusers' UNet in fp32
+        prompt_embeds = prompt_embeds.to(self.unet.dtype)
+        negative_embeds = negative_embeds.to(self.unet.dtype) if negative_embeds is not None else None
         retrieve_timesteps(self.scheduler, None if timesteps or sigmas else num_inference_steps, device, timesteps, sigmas)
         latents = self.prepare_latents(len(prompt_embeds), height, width, prompt_embeds.dtype, device, generator, latents)
 
@@ -355,36 +386,3 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not return_dict:
             return (images,)
         return LatentPipelineOutput(images=images)
-
-
-def check_built_from(folder: Path, built_from: dict) -> None:
-    """Refuse a run folder whose VAE, text encoder or tokenizer (runs since it was recorded) was replaced after
-    its UNet was trained, or whose UNet is not the one its model_index.json was written with."""
-    if not folder.is_dir():
-        return  # loaded from elsewhere (a hub cache): nothing to compare
-    changed = [name for name, digest in (built_from or {}).items()
-               if (folder / name).is_dir() and folder_fingerprint(folder / name) != digest]
-    if "unet" in changed:
-        raise RunFolderError(f"unet/ in {folder} is not the UNet its model_index.json was written with: train-ldm was "
-                             f"stopped while writing them, or unet/ was replaced since. Re-run `train-ldm --config ...` "
-                             f"into this run folder to write both again (or restore the old unet/)")
-    if changed:
-        raise RunFolderError(f"{' and '.join(f'{name}/' for name in changed)} in {folder} changed after unet/ was trained "
-                             f"on {'them' if len(changed) > 1 else 'it'}: the UNet no longer matches. Re-run "
-                             f"`encode-dataset` and `train-ldm` (or restore the old {changed[0]}/)")
-
-
-def check_components(vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel) -> None:
-    """Refuse components that cannot work together (e.g. folders copied from different runs)."""
-    scale = vae.config.scaling_factor
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise RunFolderError(f"vae/config.json has scaling_factor {scale!r}; it must be a positive number "
-                             f"(train-vae measures it). Re-run `train-vae`, or restore vae/config.json")
-    if unet.config.in_channels != vae.config.latent_channels:
-        raise RunFolderError(f"the UNet takes {unet.config.in_channels}-channel latents but the VAE makes "
-                             f"{vae.config.latent_channels}; unet/ and vae/ come from different runs. Re-run "
-                             f"`train-ldm` on this VAE's latents")
-    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
-        raise RunFolderError(f"the UNet cross-attends to {unet.config.cross_attention_dim}-d text states but the "
-                             f"text encoder makes {text_encoder.config.hidden_size}-d ones; unet/ and text_encoder/ "
-                             f"come from different runs. Re-run `train-ldm` with this text encoder")

@@ -215,6 +215,34 @@ def test_a_lora_baked_in_by_fuse_and_unload_stays_through_a_later_unfuse():
     assert all(torch.equal(w, baked[k]) for k, w in own_weights(pipe.unet).items())
 
 
+def test_saving_with_adapters_loaded_is_refused_and_a_baked_lora_saves(tmp_path):
+    """Before: save_pretrained with a LoRA loaded (fused or not) wrote peft's layers (base_layer, lora_A, ...) into
+    unet/; from_pretrained loaded that folder leaving the attention weights uninitialized, and sampling failed with
+    "RuntimeError: Tensor on device meta is not on the expected device cpu!"."""
+    pipe = LatentPipeline.from_pretrained("checkpoints/mnist")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights("checkpoints/mnist-lora")
+
+    def draw(p):
+        return p("Draw a six", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    with_lora = draw(pipe)
+    for fused in (False, True):
+        if fused:
+            pipe.fuse_lora()
+        with pytest.raises(ValueError, match=r"^LoRA adapters are loaded in this pipeline, and unet/ saved with them "
+                                             r"could not be loaded again; to save the model with the LoRA merged in, "
+                                             r"call pipe.fuse_lora\(\) and then pipe.unload_lora_weights\(\) first; to "
+                                             r"save the base, pipe.unload_lora_weights\(\) alone$"):
+            pipe.save_pretrained(tmp_path / "copy")
+        assert not (tmp_path / "copy").exists()
+    pipe.unload_lora_weights()  # after fuse_lora: the LoRA stays, baked into the weights
+    pipe.save_pretrained(tmp_path / "copy")
+    again = LatentPipeline.from_pretrained(tmp_path / "copy")
+    again.set_progress_bar_config(disable=True)
+    assert abs(draw(again) - with_lora).max() < 1e-5
+
+
 def test_unfuse_gives_back_the_adapters_scale():
     """Before: fuse_lora(lora_scale=0.5) multiplied the adapters' scale by 0.5 for good: after unfuse_lora the LoRA
     drew at half strength, with nothing to say so."""

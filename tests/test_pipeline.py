@@ -1,14 +1,16 @@
 import json
+import re
 import shutil
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, StableDiffusionPipeline
+from diffusers import (DDIMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+                       KDPM2DiscreteScheduler, PNDMScheduler, StableDiffusionPipeline)
 
-from common.errors import RunFolderError
-from conftest import tiny_config
+from common.errors import RunFolderError, UserError
+from conftest import ROOT, tiny_config
 from pipelines import LatentPipeline
 from pipelines.generate import cli as generate_cli, slug
 
@@ -47,6 +49,25 @@ def test_guidance_scale_one_is_the_conditional_prediction_alone(pipe):
     assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("scheduler_class", [None, EulerAncestralDiscreteScheduler])
+def test_a_list_of_generators_makes_each_image_what_its_seed_gives_alone(pipe, scheduler_class):
+    """diffusers' convention, documented in README: in a batch or with num_images_per_prompt, image i comes from
+    generator i as it would alone (stochastic schedulers draw their step noise per image too), up to rounding."""
+    original = pipe.scheduler
+    try:
+        if scheduler_class is not None:
+            pipe.scheduler = scheduler_class.from_config(original.config)
+        gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+        kwargs = {"output_type": "np", "num_inference_steps": 3, "guidance_scale": 2.0}
+        six, seven = pipe("Draw a six", generator=gen(3), **kwargs).images, pipe("Draw a 7", generator=gen(4), **kwargs).images
+        batch = pipe(["Draw a 7", "Draw a six"], generator=[gen(4), gen(3)], **kwargs).images
+        per_prompt = pipe("Draw a six", num_images_per_prompt=2, generator=[gen(5), gen(3)], **kwargs).images
+        assert np.allclose(batch[0], seven[0], atol=1e-5) and np.allclose(batch[1], six[0], atol=1e-5)
+        assert np.allclose(per_prompt[1], six[0], atol=1e-5) and not np.allclose(per_prompt[0], six[0], atol=1e-2)
+    finally:
+        pipe.scheduler = original
+
+
 def test_a_list_of_prompts_and_several_images_each(pipe):
     images = run_pipe(pipe, ["Draw a six", "Draw a 7", ""], num_images_per_prompt=2, output_type="pt")
     assert images.shape == (6, 1, 16, 16)
@@ -62,10 +83,77 @@ def test_save_and_reload_gives_identical_images(pipe, tmp_path):
     assert np.array_equal(run_pipe(pipe, output_type="np"), run_pipe(again, output_type="np"))
 
 
-@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler])
+def test_saving_pickles_is_refused_before_anything_is_written(pipe, tmp_path):
+    """Before: every component was written as a pickled .bin, then folder_fingerprint failed with "no weights
+    (*.safetensors) in .../unet; train that stage first", leaving a model_index.json with the source's hashes and a
+    folder that from_pretrained refuses."""
+    with pytest.raises(ValueError, match=r"^LatentPipeline saves its weights as safetensors only \(from_pretrained never "
+                                         r"unpickles .bin files, so it could not load what safe_serialization=False "
+                                         r"writes\); leave safe_serialization out$"):
+        pipe.save_pretrained(tmp_path / "copy", safe_serialization=False)
+    assert not (tmp_path / "copy").exists()
+
+
+def test_save_and_from_pretrained_expand_home_and_a_file_in_the_way_is_named(pipe, tmp_path, monkeypatch):
+    """Before: save_pretrained("~/copy") wrote a folder named '~' in the working directory, and a file in the way gave
+    NotADirectoryError on its vae/."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    pipe.save_pretrained("~/copy")
+    assert (tmp_path / "copy" / "model_index.json").is_file() and not (tmp_path / "~").exists()
+    # and read back from there: before, HFValidationError "Repo id must use alphanumeric chars ... '~/copy'"
+    assert LatentPipeline.from_pretrained("~/copy").config.sampling == pipe.config.sampling
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UserError, match=f"^save_directory '{tmp_path / 'file'}' is a file, not a folder; choose another path$"):
+        pipe.save_pretrained(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_pipeline_saved_in_half_precision_loads_and_samples(tiny_run, tmp_path):
+    """Before: a pipeline saved in fp16 loaded with its text encoder in fp16 (transformers keeps the saved dtype)
+    and its UNet in fp32 (diffusers' default), and sampling failed with "RuntimeError: mat1 and mat2 must have the
+    same dtype, but got Half and Float"; so did from_pretrained(run, torch_dtype={"unet": torch.float16, ...})."""
+    LatentPipeline.from_pretrained(tiny_run, torch_dtype=torch.float16).save_pretrained(tmp_path / "half")
+    again = LatentPipeline.from_pretrained(tmp_path / "half")
+    assert (again.text_encoder.dtype, again.unet.dtype) == (torch.float16, torch.float32)
+    mixed = LatentPipeline.from_pretrained(tiny_run, torch_dtype={"unet": torch.float16, "default": torch.float32})
+    for loaded in (again, mixed):
+        loaded.set_progress_bar_config(disable=True)
+        assert np.isfinite(run_pipe(loaded, output_type="np", num_inference_steps=2)).all()
+
+
+def test_saving_a_loaded_pipeline_over_its_run_leaves_its_models_as_they_were(tiny_run, tmp_path):
+    """Before: save_pretrained wrote the source's path ("_name_or_path") into vae/ and unet/ config.json, so saving an
+    unchanged pipeline over its own run changed the VAE's hash, and train-ldm then refused the run's latent cache:
+    "the latent cache ... was made with a different VAE (the VAE was retrained since)"."""
+    from common.checkpoint import folder_fingerprint
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    before = {name: folder_fingerprint(run / name) for name in ("vae", "unet", "text_encoder")}
+    LatentPipeline.from_pretrained(run).save_pretrained(run)
+    assert {name: folder_fingerprint(run / name) for name in before} == before
+
+
+def test_saving_unsharded_over_a_sharded_save_loads(pipe, tmp_path):
+    """Before: the sharded save's index stayed beside the new unsharded weights, and from_pretrained failed with
+    "FileNotFoundError: .../unet/ does not appear to have a file named ...-00001-of-0000N.safetensors which is required
+    according to the checkpoint index"."""
+    pipe.save_pretrained(tmp_path / "copy", max_shard_size="20KB")
+    assert (tmp_path / "copy" / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    pipe.save_pretrained(tmp_path / "copy")
+    assert not list((tmp_path / "copy").glob("*/*.index.json"))
+    again = LatentPipeline.from_pretrained(tmp_path / "copy")
+    again.set_progress_bar_config(disable=True)
+    assert np.array_equal(run_pipe(pipe, output_type="np"), run_pipe(again, output_type="np"))
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+                                             KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, PNDMScheduler])
 def test_a_swapped_scheduler_runs(pipe, scheduler_class):
     """Heun before: "HeunDiscreteScheduler with 7 steps repeats 3 timestep(s) ... use fewer steps", at any steps > 1
-    (a second-order scheduler lists its timesteps twice by design), so `generate --scheduler heun` never worked."""
+    (a second-order scheduler lists its timesteps twice by design), so `generate --scheduler heun` never worked.
+    KDPM2 before: "KDPM2DiscreteScheduler with 4 steps repeats -3 timestep(s) ... use fewer steps (e.g. 6)" (its second
+    stages sit between two steps), PNDM: "PNDMScheduler with 13 steps repeats 6 timestep(s)" (its warm-up's repeats)."""
     original = pipe.scheduler
     try:
         pipe.scheduler = scheduler_class.from_config(original.config)
@@ -73,6 +161,84 @@ def test_a_swapped_scheduler_runs(pipe, scheduler_class):
         assert images.shape == (1, 16, 16, 1) and np.isfinite(images).all()
     finally:
         pipe.scheduler = original
+
+
+@pytest.mark.parametrize("name, message", [
+    ("DDIMInverseScheduler", r"DDIMInverseScheduler runs from an image to noise \(to invert an image\), not from noise to an "
+                             r"image; to sample, use the scheduler it inverts: pipe.scheduler = "
+                             r"DDIMScheduler.from_config\(pipe.scheduler.config\)"),
+    ("DPMSolverMultistepInverseScheduler", r"DPMSolverMultistepInverseScheduler runs from an image to noise .* "
+                                           r"DPMSolverMultistepScheduler.from_config\(pipe.scheduler.config\)"),
+    ("EDMEulerScheduler", r"EDMEulerScheduler is made for models trained on another noise schedule \(flow matching, "
+                          r"EDM\), not this model's discrete-time one; use a scheduler that has it, e.g. pipe.scheduler "
+                          r"= EulerDiscreteScheduler.from_config\(pipe.scheduler.config\) \(or DDIM, UniPC, DPM-Solver\+\+\)"),
+    ("FlowMatchEulerDiscreteScheduler", r"FlowMatchEulerDiscreteScheduler is made for models trained on another noise "
+                                        r"schedule .*"),
+])
+def test_a_scheduler_that_cannot_sample_the_model_is_refused(pipe, name, message):
+    """Before: the inverse DPM-Solver and EDM Euler drew noise without a word, DDIM inverse said "linspace is not
+    supported. Please make sure to choose one of 'leading' or 'trailing'" and flow matching "AttributeError:
+    'FlowMatchEulerDiscreteScheduler' object has no attribute 'init_noise_sigma'"."""
+    import diffusers
+
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = getattr(diffusers, name).from_config(original.config)
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            run_pipe(pipe, num_inference_steps=2)
+    finally:
+        pipe.scheduler = original
+
+
+def test_a_scheduler_made_without_the_models_config_is_refused(tiny_run, pipe, tmp_path):
+    """Before: pipe.scheduler = EulerDiscreteScheduler() (diffusers' defaults: linear betas 1e-4..0.02, epsilon) on a
+    model trained with others sampled noise without a word (checkpoints/mnist: v_prediction, scaled_linear)."""
+    from diffusers import EulerDiscreteScheduler
+
+    original = pipe.scheduler
+    trained = {key: original.config[key] for key in ("beta_schedule", "beta_start", "beta_end", "prediction_type")}
+    default = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon"}
+    differ = [key for key in trained if trained[key] != default[key]]
+    assert differ  # the tiny run is trained on another schedule than diffusers' defaults
+    try:
+        pipe.scheduler = EulerDiscreteScheduler()
+        message = "^" + re.escape(
+            f"EulerDiscreteScheduler has {', '.join(f'{k}={default[k]!r}' for k in differ)}, but this model was "
+            f"trained with {', '.join(f'{k}={trained[k]!r}' for k in differ)}: sampling on another noise schedule "
+            f"or prediction type gives degraded images or noise; make it from the model's scheduler config "
+            f"(pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config), before replacing it) "
+            f"or pass those values") + "$"
+        with pytest.raises(ValueError, match=message):
+            run_pipe(pipe, num_inference_steps=2)
+        # nor saved: reloaded, it would be the folder's own scheduler, and sampled noise without a word (before)
+        with pytest.raises(ValueError, match=message):
+            pipe.save_pretrained(tmp_path / "copy")
+        assert not (tmp_path / "copy").exists()
+        # nor passed to from_pretrained: it was taken as the run's own (before)
+        given = LatentPipeline.from_pretrained(tiny_run, scheduler=EulerDiscreteScheduler())
+        with pytest.raises(ValueError, match=message):
+            run_pipe(given, num_inference_steps=2)
+        with pytest.raises(ValueError, match=message):  # nor to from_pipe (before: taken as the UNet's own too)
+            run_pipe(LatentPipeline.from_pipe(pipe, scheduler=EulerDiscreteScheduler()), num_inference_steps=2)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(original.config, timestep_spacing="trailing")
+        assert np.isfinite(run_pipe(pipe, output_type="np", num_inference_steps=2)).all()  # sampling choices are free
+    finally:
+        pipe.scheduler = original
+
+
+def test_a_pipeline_moved_to_the_meta_device_is_refused_before_sampling_or_saving(tiny_run, tmp_path):
+    """Before: NotImplementedError "Cannot copy out of meta tensor; no data!" from the sampler's timestep check."""
+    weightless = LatentPipeline.from_pretrained(tiny_run).to("meta")
+    with pytest.raises(ValueError, match=r"^the pipeline is on the meta device \(its weights have shapes but no data, "
+                                         r"e.g. after pipe.to\('meta'\)\), so it cannot sample; load it again, e.g. "
+                                         r"LatentPipeline.from_pretrained\(run\)$"):
+        run_pipe(weightless, num_inference_steps=2)
+    # nor saved: before, vae/config.json was written, then "NotImplementedError: Cannot copy out of meta tensor"
+    with pytest.raises(ValueError, match=r"^the pipeline's vae, text_encoder, unet are on the meta device \(weights with "
+                                         r"shapes but no data, e.g. after pipe.to\('meta'\)\), so there is nothing to "
+                                         r"save; load it again, e.g. LatentPipeline.from_pretrained\(run\), and save that$"):
+        weightless.save_pretrained(tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
 
 
 def test_stock_stable_diffusion_pipeline_loads_the_run(tiny_run, pipe):
@@ -200,7 +366,7 @@ def test_model_index_written_by_train_ldm_is_what_save_pretrained_writes(tiny_ru
     written = json.loads((tiny_run / "model_index.json").read_text(encoding="utf-8"))
     saved = json.loads((tmp_path / "copy" / "model_index.json").read_text(encoding="utf-8"))
     assert saved.pop("_name_or_path") == str(tiny_run)  # where a loaded pipeline came from
-    # built_from hashes the files of each folder: the copy's (whose config.json names its origin) are its own
+    # built_from hashes the files of each folder: the copy's are its own (transformers adds settings to tokenizer_config.json)
     from common.checkpoint import folder_fingerprint
 
     recorded = ("vae", "text_encoder", "tokenizer", "unet")
@@ -251,6 +417,44 @@ def test_the_run_samples_with_its_own_defaults_unless_told(tiny_run, pipe, tmp_p
     del index["sampling"]
     (old / "model_index.json").write_text(json.dumps(index))
     assert LatentPipeline.from_pretrained(old).config.sampling == {"num_inference_steps": 20, "guidance_scale": 4.0}
+
+
+@pytest.mark.parametrize("edit, problem", [
+    ({"guidance_scale": "2.5"}, "guidance_scale must be a finite number (e.g. 1.75), got '2.5'"),
+    ({"num_inference_steps": 0}, "num_inference_steps must be a whole number >= 1 (e.g. 20), got 0"),
+    ({"guidance_interval": [1, 0]}, "guidance_interval must be (start, stop) with 0 <= start < stop <= 1, the fraction "
+                                    "of the steps that are guided (e.g. (0.2, 1.0)), got (1, 0)"),
+    ({"steps": 5}, "'steps' is not a key of it (its keys: num_inference_steps, guidance_scale, guidance_interval)"),
+], ids=["guidance-text", "steps-zero", "interval-reversed", "misspelt-key"])
+def test_a_runs_bad_sampling_defaults_are_refused_at_load_naming_model_index(tiny_run, tmp_path, edit, problem):
+    """Before: a value edited into model_index.json "sampling" loaded, then every call was refused as if the caller had
+    passed it ("guidance_scale must be a finite number ..., got '2.5'"); a misspelt key was ignored without a word."""
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    index = json.loads((run / "model_index.json").read_text(encoding="utf-8"))
+    index["sampling"].update(edit)
+    (run / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
+    with pytest.raises(ValueError, match="^" + re.escape(
+            f"the run's sampling defaults (model_index.json \"sampling\") are wrong: {problem}; correct them there "
+            f"(evaluate with evaluate.tune: true measures and writes them)") + "$"):
+        LatentPipeline.from_pretrained(run)
+
+
+@pytest.mark.parametrize("classes, wrong", [
+    ("0123456789", "it is '0123456789'"),
+    ([{"key": "0", "prompt": "Draw a zero"}], "entry 0 is {'key': '0', 'prompt': 'Draw a zero'}"),
+], ids=["text", "no-fields"])
+def test_a_runs_bad_class_table_is_refused_at_load_naming_model_index(tiny_run, tmp_path, classes, wrong):
+    """Before: it loaded, then write("26") stopped with "TypeError: string indices must be integers, not 'str'" or
+    "KeyError: 'fields'"."""
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    index = json.loads((run / "model_index.json").read_text(encoding="utf-8"))
+    index["classes"] = classes
+    (run / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
+    with pytest.raises(ValueError, match="^" + re.escape(
+            f"the run's class table (model_index.json \"classes\") is wrong: {wrong}, where it needs a list of "
+            f"{{\"key\", \"fields\", \"prompt\"}} entries as train-ldm writes them; re-run train-ldm, or restore "
+            f"model_index.json") + "$"):
+        LatentPipeline.from_pretrained(run)
 
 
 def test_evaluate_tunes_the_runs_sampling_defaults_by_its_rule(tiny_run, tmp_path):
@@ -422,3 +626,22 @@ def test_a_path_that_is_not_a_whole_run_folder_is_refused_naming_what_is_missing
     shutil.rmtree(run / "vae")
     with pytest.raises(RunFolderError, match=f"^vae/ is missing in {run}; re-run `train-vae --config ...`"):
         LatentPipeline.from_pretrained(run)
+
+
+def test_a_unet_missing_some_weights_is_refused_not_filled_with_random_ones(tmp_path):
+    """Before: a unet/ whose safetensors lacked a weight (here conv_out.weight; a pipeline saved with LoRA adapters
+    loaded lacks 40) loaded with a warning only ("newly initialized"): left on the meta device, or random with
+    low_cpu_mem_usage=False, and then sampled noise. checkpoints/mnist's model_index.json has no unet hash to catch it."""
+    from safetensors.torch import load_file, save_file
+
+    run = shutil.copytree(ROOT / "checkpoints" / "mnist", tmp_path / "run")
+    weights = run / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["conv_out.weight"]
+    save_file(tensors, weights)
+    for kwargs in ({}, {"low_cpu_mem_usage": False}):
+        with pytest.raises(RunFolderError, match=f"^unet/ in {run} lacks 1 of its model's weights \\(conv_out.weight\\), "
+                                                 f"which would be random: it was saved incomplete \\(e.g. with LoRA "
+                                                 f"adapters loaded\\). Re-run `train-ldm --config ...` into this run "
+                                                 f"folder, or restore unet/ from a copy of the run$"):
+            LatentPipeline.from_pretrained(run, **kwargs)
