@@ -29,9 +29,11 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from common.checkpoint import writable_folder  # noqa: E402
 from common.cli import build_parser, resolve_config  # noqa: E402
 from common.config import ConfigError, dump_config  # noqa: E402
 from common.errors import UserError  # noqa: E402
+from common.run import RunFolder  # noqa: E402
 from ldm.encode import cli as encode_dataset  # noqa: E402
 from ldm.train import cli as train_ldm  # noqa: E402
 from ldm.train_clip import cli as train_clip  # noqa: E402
@@ -87,6 +89,9 @@ def main(argv: list[str]) -> None:
     args = build_parser("quickstart").parse_args(common)
     try:
         config = resolve_config(args)
+        if not args.dry_run:  # train-clip's log goes into run/logs/ before any stage has checked the run folder
+            run = RunFolder(writable_folder(config.run_dir, "run_dir"))
+            run.check_writable("train-clip", run.logs)
     except (ConfigError, UserError) as error:  # as the commands do: one line and exit status 2, before any stage
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -667,6 +667,24 @@ def test_quickstart_refuses_a_bad_config_or_override_in_one_line_before_any_stag
     assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
 
 
+@pytest.mark.parametrize("where", ["run", "run/logs"])
+def test_quickstart_refuses_a_file_where_its_run_folder_goes_before_any_stage(tmp_path, monkeypatch, where, capsys):
+    """Before: side by side (2+ threads, no CUDA) it made run/logs/ for train-clip's output before any stage had
+    checked the run folder, and stopped with a NotADirectoryError traceback."""
+    quickstart = load_quickstart()
+    monkeypatch.setattr(quickstart.torch, "get_num_threads", lambda: 2)  # the side-by-side path, as on 2 cores
+    for name in ("train_clip", "train_vae"):
+        monkeypatch.setattr(quickstart, name, lambda args: pytest.fail("a stage ran"))
+    (tmp_path / where).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / where).write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.main([str(TINY), "--run", str(tmp_path / "run")])
+    message = (f"run_dir '{tmp_path / 'run'}' is a file, not a folder; choose another path" if where == "run" else
+               f"the train-clip stage's folder '{tmp_path / 'run/logs'}' is a file, not a folder; move it out of the way, "
+               f"or choose another run_dir")
+    assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
 @pytest.mark.parametrize("form", ["--set=run_dir={}", "--run {}"])
 def test_quickstart_reads_the_run_dir_as_its_commands_do(tmp_path, monkeypatch, form):
     """Before: `--set=run_dir=X` and `--run X` trained into X but wrote the grid and train-clip's log into
