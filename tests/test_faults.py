@@ -643,13 +643,13 @@ def test_near_copy_rate_on_a_few_training_images():
     assert math.isnan(near_copy_rate(train[:1], train[:1]))
 
 
-# ---- scripts/quickstart.py ------------------------------------------------------------------------
+# ---- scripts/quickstart.py, scripts/font_digits.py --------------------------------------------------------------
 
 
-def load_quickstart():
+def load_script(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "scripts" / "quickstart.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -663,7 +663,7 @@ def load_quickstart():
 def test_quickstart_refuses_a_bad_config_or_override_in_one_line_before_any_stage(argv, message, capsys):
     """Before: a traceback (the config was read outside the commands' error handling)."""
     with pytest.raises(SystemExit) as exit_info:
-        load_quickstart().main(argv)
+        load_script("quickstart").main(argv)
     assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
 
 
@@ -671,7 +671,7 @@ def test_quickstart_refuses_a_bad_config_or_override_in_one_line_before_any_stag
 def test_quickstart_refuses_a_file_where_its_run_folder_goes_before_any_stage(tmp_path, monkeypatch, where, capsys):
     """Before: side by side (2+ threads, no CUDA) it made run/logs/ for train-clip's output before any stage had
     checked the run folder, and stopped with a NotADirectoryError traceback."""
-    quickstart = load_quickstart()
+    quickstart = load_script("quickstart")
     monkeypatch.setattr(quickstart.torch, "get_num_threads", lambda: 2)  # the side-by-side path, as on 2 cores
     for name in ("train_clip", "train_vae"):
         monkeypatch.setattr(quickstart, name, lambda args: pytest.fail("a stage ran"))
@@ -689,7 +689,7 @@ def test_quickstart_refuses_a_file_where_its_run_folder_goes_before_any_stage(tm
 def test_quickstart_reads_the_run_dir_as_its_commands_do(tmp_path, monkeypatch, form):
     """Before: `--set=run_dir=X` and `--run X` trained into X but wrote the grid and train-clip's log into
     checkpoints/<config name>, the run_dir quickstart itself read only from `--set X` pairs."""
-    quickstart = load_quickstart()
+    quickstart = load_script("quickstart")
     calls = {}
     for name in ("train_clip", "train_vae", "encode_dataset", "train_ldm", "evaluate", "generate"):
         monkeypatch.setattr(quickstart, name, lambda args, name=name: calls.setdefault(name, args))
@@ -697,6 +697,30 @@ def test_quickstart_reads_the_run_dir_as_its_commands_do(tmp_path, monkeypatch, 
     quickstart.main([str(TINY), *form.format(run).split(), "--sequential"])
     assert calls["generate"][-6:] == ["--num", "8", "--out", f"{run}/samples/quickstart", "--all-classes", "--overwrite"]
     assert not (ROOT / "checkpoints" / "tiny").exists()
+
+
+def test_font_digits_never_replaces_a_digit_already_in_its_folder(tmp_path, capsys):
+    """Before: scripts/font_digits.py into the user's own digits folder (the README's "or your own folder")
+    silently replaced their zero/0000.png & co with font renders."""
+    mine = tmp_path / "my_digits" / "zero" / "0000.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my own zero")
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("font_digits").main([str(tmp_path / "my_digits"), "--per-class", "2"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(  # after argparse's prog
+        f": error: {tmp_path / 'my_digits'} already holds {mine}, which this would replace; "
+        f"choose another OUT, or remove those files first")
+    assert mine.read_bytes() == b"my own zero" and [p.name for p in tmp_path.rglob("*")] == ["my_digits", "zero", "0000.png"]
+
+
+@pytest.mark.parametrize("per_class", ["0", "-3"])
+def test_font_digits_refuses_no_digits_per_class_before_writing(tmp_path, per_class, capsys):
+    """Before: it made ten empty class folders and printed "wrote 0 digits" (or "wrote -30 digits")."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("font_digits").main([str(tmp_path / "out"), "--per-class", per_class])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        f": error: --per-class must be at least 1 (got {per_class})")
+    assert not (tmp_path / "out").exists()
 
 
 def test_evaluate_with_other_data_settings_than_the_run_is_refused_before_writing(tiny_run, tmp_path):
