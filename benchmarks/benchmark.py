@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import Config
+from common.config import Config, ConfigError  # noqa: E402
 from common.config_yaml import load_config  # noqa: E402
 from common.devices import make_accelerator  # noqa: E402
 from ldm.latents import LatentCache  # noqa: E402
@@ -328,14 +328,17 @@ def describe_machine(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/mnist.yaml")
     parser.add_argument("--out", default="benchmarks/results.json")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--only", choices=sorted(MEASUREMENTS), help=argparse.SUPPRESS)  # one measurement, as JSON
-    args = parser.parse_args()
-    config = load_config(args.config)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:  # a missing or bad config: one line, as the commands say it, not a traceback
+        parser.error(str(error))
     device = make_accelerator("no").device
     torch.manual_seed(0)
     if args.only:

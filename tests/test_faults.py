@@ -646,10 +646,10 @@ def test_near_copy_rate_on_a_few_training_images():
 # ---- scripts/quickstart.py, scripts/font_digits.py --------------------------------------------------------------
 
 
-def load_script(name: str):
+def load_script(name: str, folder: str = "scripts"):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -721,6 +721,26 @@ def test_font_digits_refuses_no_digits_per_class_before_writing(tmp_path, per_cl
     assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
         f": error: --per-class must be at least 1 (got {per_class})")
     assert not (tmp_path / "out").exists()
+
+
+# ---- benchmarks/benchmark.py ----------------------------------------------------------------------
+
+
+def benchmark_error(argv: list[str], capsys) -> str:
+    """The one-line error benchmark.py stops with (exit status 2, argparse's form), after checking nothing was measured."""
+    benchmark = load_script("benchmark", "benchmarks")
+    benchmark.matmul_peak_gflops = lambda device: pytest.fail("it started measuring")
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(argv)
+    _, _, message = capsys.readouterr().err.splitlines()[-1].partition(": error: ")  # after argparse's prog name
+    assert exit_info.value.code == 2
+    return message
+
+
+def test_benchmark_refuses_a_missing_config_in_one_line(tmp_path, capsys):
+    """Before: a ConfigError traceback."""
+    assert benchmark_error(["--config", "configs/nope.yaml", "--out", str(tmp_path / "r.json")], capsys) == (
+        "config file 'configs/nope.yaml' not found; the shipped ones are in configs/")
 
 
 def test_evaluate_with_other_data_settings_than_the_run_is_refused_before_writing(tiny_run, tmp_path):
