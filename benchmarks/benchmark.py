@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--only", choices=sorted(MEASUREMENTS), help=argparse.SUPPRESS)  # one measurement, as JSON
     args = parser.parse_args(argv)
+    if args.repeats < 1:  # else each measurement divides by zero, in its child process, after the matmul peak
+        parser.error(f"--repeats must be at least 1 (got {args.repeats})")
     try:
         config = load_config(args.config)
     except ConfigError as error:  # a missing or bad config: one line, as the commands say it, not a traceback

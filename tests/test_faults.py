@@ -743,6 +743,14 @@ def test_benchmark_refuses_a_missing_config_in_one_line(tmp_path, capsys):
         "config file 'configs/nope.yaml' not found; the shipped ones are in configs/")
 
 
+@pytest.mark.parametrize("repeats", ["0", "-2"])
+def test_benchmark_refuses_fewer_than_one_repeat_before_measuring(tmp_path, repeats, capsys):
+    """Before: the matmul peak was measured, then the first measurement's child process stopped with
+    ZeroDivisionError ("vae_train failed:" and its traceback)."""
+    assert benchmark_error(["--repeats", repeats, "--out", str(tmp_path / "r.json")], capsys) == (
+        f"--repeats must be at least 1 (got {repeats})")
+
+
 def test_evaluate_with_other_data_settings_than_the_run_is_refused_before_writing(tiny_run, tmp_path):
     """Before: it scored the run against another split (here held-out images it had trained on) and wrote that
     into run/eval.json (and, with evaluate.tune, the run's sampling defaults into model_index.json)."""
