@@ -33,9 +33,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.checkpoint import writable_file  # noqa: E402
 from common.config import Config, ConfigError  # noqa: E402
 from common.config_yaml import load_config  # noqa: E402
 from common.devices import make_accelerator  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from ldm.latents import LatentCache  # noqa: E402
 from ldm.model import build_noise_scheduler, build_unet, diffusion_loss, inference_scheduler  # noqa: E402
 from vae.model import AutoencoderWithPosterior, autoencoder_loss, build_vae  # noqa: E402
@@ -339,7 +341,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--repeats must be at least 1 (got {args.repeats})")
     try:
         config = load_config(args.config)
-    except ConfigError as error:  # a missing or bad config: one line, as the commands say it, not a traceback
+        if not args.only:  # the results are written after minutes of measuring: a path that cannot take them fails now
+            writable_file(args.out, "--out", "results.json")
+    except (ConfigError, UserError) as error:  # one line, as the commands say it, not a traceback
         parser.error(str(error))
     device = make_accelerator("no").device
     torch.manual_seed(0)

@@ -751,6 +751,16 @@ def test_benchmark_refuses_fewer_than_one_repeat_before_measuring(tmp_path, repe
         f"--repeats must be at least 1 (got {repeats})")
 
 
+def test_benchmark_refuses_an_out_it_could_not_write_before_measuring(tmp_path, capsys):
+    """Before: it measured for minutes (~4 on 2 cores), then stopped with IsADirectoryError or
+    NotADirectoryError when writing the results."""
+    assert benchmark_error(["--out", str(tmp_path)], capsys) == (
+        f"--out '{tmp_path}' is a folder, not a file; give a file name, e.g. --out {tmp_path / 'results.json'}")
+    (tmp_path / "file").write_text("")
+    assert benchmark_error(["--out", str(tmp_path / "file" / "r.json")], capsys) == (
+        f"--out's folder '{tmp_path / 'file'}' is a file, not a folder; choose another path")
+
+
 def test_evaluate_with_other_data_settings_than_the_run_is_refused_before_writing(tiny_run, tmp_path):
     """Before: it scored the run against another split (here held-out images it had trained on) and wrote that
     into run/eval.json (and, with evaluate.tune, the run's sampling defaults into model_index.json)."""
