@@ -776,6 +776,27 @@ def test_encode_memory_refuses_a_bad_config_or_out_before_rendering(tmp_path, mo
         f": error: --out '{tmp_path}' is a folder, not a file; give a file name, e.g. --out {tmp_path / 'encode_memory.json'}")
 
 
+@pytest.mark.parametrize("run, message", [
+    ("runs/none", "runs/none is not a finished run (no model_index.json); train it with `train-ldm`, or pass --run "
+                  "checkpoints/mnist for the ready-made model"),
+    ("checkpoints/mnist", "checkpoints/mnist holds the vae, ldm stage(s), trained with other settings than this "
+     "letters_readers command's (data.augment.rotate_degrees: 5.0 -> 4.0; data.augment.translate: 0.06 -> 0.05; "
+     "data.name: 'mnist' -> 'letters'; data.per_class: 2000 -> 180; from checkpoints/mnist/config.yaml to this command's). "
+     "One run folder has one seed and one dataset, so that its config.yaml reproduces every stage: drop those overrides "
+     "(or pass --config checkpoints/mnist/config.yaml), or use a new run_dir"),
+])
+def test_letters_readers_refuses_a_run_it_cannot_read_before_training_its_readers(run, message, monkeypatch, capsys):
+    """Before: benchmarks/letters_readers.py trained a 2,000-step reader (minutes) before loading --run, so a
+    missing run stopped with a RunFolderError traceback then, and an MNIST run (not the letters data of --config)
+    was read as letters: numbers for prompts the model never learned."""
+    monkeypatch.chdir(ROOT)
+    readers = load_script("letters_readers", "benchmarks")
+    monkeypatch.setattr(readers, "fit_classifier", lambda *a, **k: pytest.fail("a reader trained"))
+    with pytest.raises(SystemExit) as exit_info:
+        readers.main(["--run", run])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")
+
+
 def test_evaluate_with_other_data_settings_than_the_run_is_refused_before_writing(tiny_run, tmp_path):
     """Before: it scored the run against another split (here held-out images it had trained on) and wrote that
     into run/eval.json (and, with evaluate.tune, the run's sampling defaults into model_index.json)."""
