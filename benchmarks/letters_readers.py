@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-class", type=int, default=8)
     parser.add_argument("--out", help="also write the results here as JSON")
     args = parser.parse_args(argv)
+    # else found only when sampling, after the readers have trained (minutes)
+    if args.per_class < 1:
+        parser.error(f"--per-class must be at least 1 (got {args.per_class})")
+    if not all(math.isfinite(g) for g in args.guidance):
+        parser.error(f"--guidance takes finite scales, e.g. --guidance 2.5 5.0 (got {' '.join(map(str, args.guidance))})")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:  # before the readers train (minutes): the run, that it was trained on --config's data, and --out

@@ -797,6 +797,20 @@ def test_letters_readers_refuses_a_run_it_cannot_read_before_training_its_reader
     assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--per-class", "0"], "--per-class must be at least 1 (got 0)"),
+    (["--guidance", "2.5", "nan"], "--guidance takes finite scales, e.g. --guidance 2.5 5.0 (got 2.5 nan)"),
+])
+def test_letters_readers_refuses_bad_sampling_flags_before_training_its_readers(flags, message, monkeypatch, capsys):
+    """Before: both were found only when sampling, after both readers had trained (~10 min on 2 cores)."""
+    monkeypatch.chdir(ROOT)
+    readers = load_script("letters_readers", "benchmarks")
+    monkeypatch.setattr(readers, "fit_classifier", lambda *a, **k: pytest.fail("a reader trained"))
+    with pytest.raises(SystemExit) as exit_info:
+        readers.main(["--run", "checkpoints/letters", *flags])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")
+
+
 def test_evaluate_with_other_data_settings_than_the_run_is_refused_before_writing(tiny_run, tmp_path):
     """Before: it scored the run against another split (here held-out images it had trained on) and wrote that
     into run/eval.json (and, with evaluate.tune, the run's sampling defaults into model_index.json)."""
