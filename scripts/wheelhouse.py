@@ -17,6 +17,9 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
+if len(sys.argv) != 4:
+    sys.exit("usage: python scripts/wheelhouse.py PYTHON_VERSION PLATFORM OUT, e.g. 3.12 manylinux_2_28_x86_64 wheelhouse "
+             "(make wheelhouse WHEEL_PYTHON=... WHEEL_PLATFORM=... runs it)")
 python, platform, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 LEFT_OUT = {"torch", "torchvision", "triton", "pip", "setuptools", "wheel"}  # and nvidia-*, cuda-*
 

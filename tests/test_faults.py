@@ -723,6 +723,23 @@ def test_font_digits_refuses_no_digits_per_class_before_writing(tmp_path, per_cl
     assert not (tmp_path / "out").exists()
 
 
+def wheelhouse(*argv: str) -> tuple[int, str]:
+    """scripts/wheelhouse.py as `make wheelhouse` runs it (from the repository, with .venv's Python): (status, stderr)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "scripts/wheelhouse.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize("argv", [[], ["3.12"], ["3.12", "manylinux_2_28_x86_64"]])
+def test_wheelhouse_without_its_three_arguments_says_its_usage(argv):
+    """Before: an IndexError traceback."""
+    assert wheelhouse(*argv) == (1, "usage: python scripts/wheelhouse.py PYTHON_VERSION PLATFORM OUT, e.g. 3.12 "
+                                    "manylinux_2_28_x86_64 wheelhouse (make wheelhouse WHEEL_PYTHON=... WHEEL_PLATFORM=... "
+                                    "runs it)\n")
+
+
 # ---- benchmarks/benchmark.py ----------------------------------------------------------------------
 
 
