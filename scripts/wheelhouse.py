@@ -29,6 +29,16 @@ def left_out(name):
 def no_cuda(name):  # torch's own dependencies (sympy, jinja2...) are kept, its CUDA stack is not
     return not (name == "triton" or name.startswith(("nvidia-", "cuda-")))
 
+# a typo would otherwise reach pip: every download fails (each then retried alone to name it), or, for a manylinux
+# glibc below 2.5, no --platform is passed at all and pip fetches this machine's wheels
+LINUX_ARCH = "(x86_64|i686|aarch64|armv7l|ppc64le|s390x|riscv64)"
+PLATFORM_TAG = (rf"manylinux_2_([5-9]|[1-9]\d+)_{LINUX_ARCH}|manylinux(1|2010|2014)_{LINUX_ARCH}|musllinux_1_\d+_{LINUX_ARCH}"
+                rf"|linux_{LINUX_ARCH}|macosx_\d+_\d+_(x86_64|arm64|universal2)|win32|win_amd64|win_arm64")
+if not re.fullmatch(PLATFORM_TAG, platform):
+    sys.exit(f"make wheelhouse: WHEEL_PLATFORM={platform} is not a wheel platform tag; give one such as "
+             f"manylinux_2_28_x86_64 (glibc 2.28 or newer on x86-64; `ldd --version` there tells the glibc), "
+             f"manylinux_2_17_aarch64, macosx_11_0_arm64 or win_amd64")
+
 # pip only widens manylinux2014/2010 by itself, so list every older glibc tag the cluster also runs
 platforms = [platform]
 match = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)

@@ -740,6 +740,17 @@ def test_wheelhouse_without_its_three_arguments_says_its_usage(argv):
                                     "runs it)\n")
 
 
+@pytest.mark.parametrize("platform", ["manylinux_2_28", "x86_64", "manylinux_2_28_x86-64", "manylinux_2_4_x86_64"])
+def test_wheelhouse_refuses_a_platform_that_is_no_wheel_tag_before_downloading(tmp_path, platform):
+    """Before: pip was asked for wheels of a platform no wheel has (every download failed, and each was retried alone
+    to name it), or, for manylinux_2_4 (below manylinux's 2.5), with no --platform at all: this machine's wheels."""
+    assert wheelhouse("3.12", platform, str(tmp_path / "wheels")) == (1, (
+        f"make wheelhouse: WHEEL_PLATFORM={platform} is not a wheel platform tag; give one such as manylinux_2_28_x86_64 "
+        f"(glibc 2.28 or newer on x86-64; `ldd --version` there tells the glibc), manylinux_2_17_aarch64, "
+        f"macosx_11_0_arm64 or win_amd64\n"))
+    assert not (tmp_path / "wheels").exists()
+
+
 # ---- benchmarks/benchmark.py ----------------------------------------------------------------------
 
 
