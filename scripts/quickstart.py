@@ -72,10 +72,12 @@ def stage_one_side_by_side(args: list[str], run_dir: str) -> tuple[float, float]
         if child.is_alive():
             child.terminate()
     clip_seconds = time.time() - started
-    summary = [line for line in log.read_text(errors="replace").replace("\r", "\n").splitlines() if line.startswith("[clip]")]
-    print("\n".join(summary[-3:]))
-    if child.exitcode:
-        sys.exit(f"train-clip failed (exit code {child.exitcode}); its output is in {log}")
+    lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
+    print("\n".join([line for line in lines if line.startswith("[clip]")][-3:]))
+    if child.exitcode:  # say why here, as train-clip run on its own would, not only in its log
+        errors = [line for line in lines if line.startswith("error: ")]
+        print(f"{errors[-1] if errors else 'error: train-clip failed'} (train-clip's output: {log})", file=sys.stderr)
+        sys.exit(child.exitcode if child.exitcode > 0 else 1)
     return clip_seconds, vae_seconds
 
 

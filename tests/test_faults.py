@@ -685,6 +685,21 @@ def test_quickstart_refuses_a_file_where_its_run_folder_goes_before_any_stage(tm
     assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
 
 
+def test_quickstart_says_why_train_clip_failed_beside_train_vae(tmp_path, monkeypatch, capsys):
+    """Before: 'train-clip failed (exit code 2); its output is in run/logs/train-clip.out' (exit status 1): the reason
+    (a resume refused, a lock held...) was only in that log. Now its error line, with status 2 as the commands exit."""
+    quickstart = load_script("quickstart")
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # the spawned train-clip process imports quickstart by name
+    monkeypatch.setitem(__import__("sys").modules, "quickstart", quickstart)  # and pickles run_in_child by that name
+    monkeypatch.setattr(quickstart, "train_vae", lambda args: None)
+    log = tmp_path / "logs" / "train-clip.out"
+    with pytest.raises(SystemExit) as exit_info:  # a config train-clip refuses at once, as it would a held lock
+        quickstart.stage_one_side_by_side(["--config", str(tmp_path / "nope.yaml")], str(tmp_path))
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        f"error: config file '{tmp_path / 'nope.yaml'}' not found; the shipped ones are in configs/ "
+        f"(train-clip's output: {log})\n")
+
+
 @pytest.mark.parametrize("form", ["--set=run_dir={}", "--run {}"])
 def test_quickstart_reads_the_run_dir_as_its_commands_do(tmp_path, monkeypatch, form):
     """Before: `--set=run_dir=X` and `--run X` trained into X but wrote the grid and train-clip's log into
