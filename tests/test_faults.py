@@ -766,6 +766,23 @@ def test_wheelhouse_refuses_a_platform_that_is_no_wheel_tag_before_downloading(t
     assert not (tmp_path / "wheels").exists()
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_setup_refuses_a_python_older_than_3_10_before_making_the_venv(tmp_path):
+    """Before: `make setup` with an older PYTHON made .venv with it, then pip failed at torch ('no matching
+    distribution', or 'ResolutionImpossible'), which did not say the Python was the problem."""
+    import subprocess
+
+    old_python = tmp_path / "python3.9"  # answers --version as Python 3.9 does, and fails the version check as it would
+    old_python.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'Python 3.9.18' && exit 0\nexit 1\n")
+    old_python.chmod(0o755)
+    done = subprocess.run(["make", "-s", "quickstart", f"PYTHON={old_python}", f"VENV={tmp_path / 'venv'}"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.splitlines()[0] == (
+        f"make setup: the project needs Python 3.10 or newer, and PYTHON={old_python} is Python 3.9.18; pass another, "
+        f"e.g. make quickstart PYTHON=python3.12")
+    assert not (tmp_path / "venv").exists()
+
+
 # ---- benchmarks/benchmark.py ----------------------------------------------------------------------
 
 
