@@ -82,13 +82,16 @@ def stage_one_side_by_side(args: list[str], run_dir: str) -> tuple[float, float]
 
 
 def main(argv: list[str]) -> None:
-    sequential = "--sequential" in argv
-    argv = [a for a in argv if a != "--sequential"]
-    config_path = argv[0] if argv and not argv[0].startswith("-") else "configs/mnist.yaml"
-    overrides = argv[1:] if argv and not argv[0].startswith("-") else argv
-    common = ["--config", config_path, *overrides]
-    # read the overrides as every command will (--set k=v, --set=k=v, --run DIR): the grid's folder is the run's
-    args = build_parser("quickstart").parse_args(common)
+    # the commands' own options (so --help tells them, and --set=k=v or --run DIR name the run as the commands read
+    # them: the grid's folder is the run's), plus this script's CONFIG and --sequential
+    parser = build_parser(__doc__.strip().splitlines()[0], config_required=False,
+                          example="python scripts/quickstart.py configs/mnist.yaml [--set key=value ...] [--sequential]")
+    parser.add_argument("config_file", nargs="?", metavar="CONFIG", help="the config of every stage (default: configs/mnist.yaml)")
+    parser.add_argument("--sequential", action="store_true", help="train-clip, then train-vae (else side by side on a CPU)")
+    args = parser.parse_args(argv)
+    args.config = args.config_file or args.config or "configs/mnist.yaml"
+    common = ["--config", args.config, *(["--run", args.run] if args.run else []), *[f"--set={o}" for o in args.overrides]]
+    sequential = args.sequential
     try:
         config = resolve_config(args)
         if not args.dry_run:  # train-clip's log goes into run/logs/ before any stage has checked the run folder

@@ -700,6 +700,21 @@ def test_quickstart_says_why_train_clip_failed_beside_train_vae(tmp_path, monkey
         f"(train-clip's output: {log})\n")
 
 
+def test_quickstart_help_tells_its_own_arguments(monkeypatch, capsys):
+    """Before: --help showed the commands' parser described as 'quickstart', with --config required, and neither
+    the CONFIG it takes first nor --sequential."""
+    monkeypatch.setattr("sys.argv", ["quickstart.py"])
+    monkeypatch.setenv("COLUMNS", "200")  # one line of usage
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("quickstart").main(["--help"])
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert exit_info.value.code == 0 and lines[:3] == [
+        "usage: quickstart.py [-h] [--config CONFIG] [--run RUN] [--set KEY=VALUE] [--dry-run] [--sequential] [CONFIG]", "",
+        "The main job: every stage of a config, in order, with the wall time of each."]
+    assert "CONFIG           the config of every stage (default: configs/mnist.yaml)" in lines
+    assert "--sequential     train-clip, then train-vae (else side by side on a CPU)" in lines
+
+
 @pytest.mark.parametrize("form", ["--set=run_dir={}", "--run {}"])
 def test_quickstart_reads_the_run_dir_as_its_commands_do(tmp_path, monkeypatch, form):
     """Before: `--set=run_dir=X` and `--run X` trained into X but wrote the grid and train-clip's log into
