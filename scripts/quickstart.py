@@ -89,6 +89,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("config_file", nargs="?", metavar="CONFIG", help="the config of every stage (default: configs/mnist.yaml)")
     parser.add_argument("--sequential", action="store_true", help="train-clip, then train-vae (else side by side on a CPU)")
     args = parser.parse_args(argv)
+    if args.config_file and args.config:
+        parser.error(f"give the config once: {args.config_file} or --config {args.config}")
     args.config = args.config_file or args.config or "configs/mnist.yaml"
     common = ["--config", args.config, *(["--run", args.run] if args.run else []), *[f"--set={o}" for o in args.overrides]]
     sequential = args.sequential

@@ -715,6 +715,17 @@ def test_quickstart_help_tells_its_own_arguments(monkeypatch, capsys):
     assert "--sequential     train-clip, then train-vae (else side by side on a CPU)" in lines
 
 
+def test_quickstart_refuses_two_configs(monkeypatch, capsys):
+    """Before: the --config given last won, silently (here the 8-minute MNIST quickstart instead of tiny)."""
+    quickstart = load_script("quickstart")
+    for name in ("train_clip", "train_vae", "encode_dataset", "train_ldm", "evaluate", "generate", "stage_one_side_by_side"):
+        monkeypatch.setattr(quickstart, name, lambda *args: pytest.fail("a stage ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.main([str(TINY), "--config", "configs/mnist.yaml"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        f": error: give the config once: {TINY} or --config configs/mnist.yaml")
+
+
 @pytest.mark.parametrize("form", ["--set=run_dir={}", "--run {}"])
 def test_quickstart_reads_the_run_dir_as_its_commands_do(tmp_path, monkeypatch, form):
     """Before: `--set=run_dir=X` and `--run X` trained into X but wrote the grid and train-clip's log into
