@@ -63,7 +63,8 @@ def wanted(requirement, extras):
 project = tomllib.loads(Path("pyproject.toml").read_text())
 if not SpecifierSet(project["project"].get("requires-python", "")).contains(f"{python}.0"):
     sys.exit(f"make wheelhouse: the project needs Python {project['project']['requires-python']}, not WHEEL_PYTHON={python}")
-roots = project["project"]["dependencies"] + project["project"].get("optional-dependencies", {}).get("test", ["pytest"])
+test_extra = project["project"].get("optional-dependencies", {}).get("test", ["pytest"])
+roots = project["project"]["dependencies"] + test_extra
 problems, pins, parents, visited = [], {}, {}, set()
 todo = [(Requirement(line), "pyproject.toml") for line in roots]
 while todo:
@@ -146,7 +147,8 @@ for wheel in sorted(out.glob("*.whl")):
         print(f"removed {wheel.name}: this wheelhouse has {name} {keep[name]}")
         wheel.unlink()
 print(f"{out}/: {len(wheels)} wheels, {sum(w.stat().st_size for w in wheels) / 2**20:.0f} MiB "
-      f"(Python {python}, {platform}; install with: python -m pip install --no-index --find-links {out} latent-toolkit pytest)")
+      f"(Python {python}, {platform}; install with: python -m pip install --no-index --find-links {out} latent-toolkit "
+      f"{' '.join(Requirement(line).name for line in test_extra)})")  # all the tests need (conftest imports hypothesis)
 if problems:
     print("\nmake wheelhouse: the wheelhouse is incomplete:", *dict.fromkeys(problems), sep="\n  ", file=sys.stderr)
     sys.exit(1)

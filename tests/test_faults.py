@@ -792,6 +792,25 @@ def test_wheelhouse_refuses_a_platform_that_is_no_wheel_tag_before_downloading(t
     assert not (tmp_path / "wheels").exists()
 
 
+def test_wheelhouse_says_to_install_everything_the_tests_import(tmp_path, monkeypatch, capsys):
+    """Before: its closing line said `pip install ... latent-toolkit pytest`, without hypothesis, which tests/conftest.py
+    imports: the README's step 3 names it, but a user who copied the script's line could not run the tests."""
+    import runpy
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["wheelhouse.py", "3.12", "manylinux_2_28_x86_64", str(tmp_path)])
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0))  # no pip: nothing fetched
+    try:
+        runpy.run_path(str(ROOT / "scripts" / "wheelhouse.py"), run_name="__main__")
+    except SystemExit:  # where .venv is not at constraints.txt's versions: said after the line checked here
+        pass
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"{tmp_path}/: 0 wheels, 0 MiB (Python 3.12, manylinux_2_28_x86_64; install with: python -m pip install --no-index "
+        f"--find-links {tmp_path} latent-toolkit pytest hypothesis)")
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_setup_refuses_a_python_older_than_3_10_before_making_the_venv(tmp_path):
     """Before: `make setup` with an older PYTHON made .venv with it, then pip failed at torch ('no matching
