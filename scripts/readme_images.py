@@ -22,14 +22,16 @@ def upscaled(image: Image.Image, factor: int = 3) -> Image.Image:
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mnist", default="checkpoints/mnist")
     parser.add_argument("--devanagari", default="checkpoints/devanagari")
     parser.add_argument("--letters", default="checkpoints/letters")
     parser.add_argument("--finetune", default="checkpoints/mnist-finetune")
     parser.add_argument("--lora", default="checkpoints/mnist-lora")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not (Path(args.mnist) / "model_index.json").is_file():  # before any picture is replaced
+        parser.error(f"--mnist {args.mnist} is not a finished run (no model_index.json); the ready-made one is checkpoints/mnist")
     OUT.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args.mnist)
     pipe.set_progress_bar_config(disable=True)

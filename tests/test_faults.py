@@ -764,6 +764,17 @@ def test_font_digits_refuses_no_digits_per_class_before_writing(tmp_path, per_cl
     assert not (tmp_path / "out").exists()
 
 
+def test_readme_images_refuses_an_mnist_folder_that_is_no_run_in_one_line(tmp_path, monkeypatch, capsys):
+    """Before: a RunFolderError traceback."""
+    images = load_script("readme_images")
+    monkeypatch.setattr(images, "OUT", tmp_path / "images")
+    with pytest.raises(SystemExit) as exit_info:
+        images.main(["--mnist", str(tmp_path)])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        f": error: --mnist {tmp_path} is not a finished run (no model_index.json); the ready-made one is checkpoints/mnist")
+    assert not (tmp_path / "images").exists()
+
+
 def wheelhouse(*argv: str) -> tuple[int, str]:
     """scripts/wheelhouse.py as `make wheelhouse` runs it (from the repository, with .venv's Python): (status, stderr)."""
     import subprocess
