@@ -775,6 +775,20 @@ def test_readme_images_refuses_an_mnist_folder_that_is_no_run_in_one_line(tmp_pa
     assert not (tmp_path / "images").exists()
 
 
+def test_readme_images_refuses_a_named_run_it_would_leave_out(tmp_path, monkeypatch, capsys):
+    """Before: a --letters (--devanagari, --finetune, --lora) folder without its model was skipped without a word,
+    like the defaults that are not there: the README kept the old pictures while the rest were redrawn."""
+    images = load_script("readme_images")
+    monkeypatch.setattr(images, "OUT", tmp_path / "images")
+    monkeypatch.setattr(images, "load_pipeline", lambda *a, **k: pytest.fail("a picture was drawn"))
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        images.main(["--letters", str(tmp_path / "typo")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        f": error: --letters {tmp_path / 'typo'} has no model_index.json, so its pictures could not be drawn; leave "
+        f"--letters out, or name a folder that has one")
+
+
 def wheelhouse(*argv: str) -> tuple[int, str]:
     """scripts/wheelhouse.py as `make wheelhouse` runs it (from the repository, with .venv's Python): (status, stderr)."""
     import subprocess
