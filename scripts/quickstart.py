@@ -31,7 +31,8 @@ import torch  # noqa: E402
 
 from common.checkpoint import writable_folder  # noqa: E402
 from common.cli import build_parser, resolve_config  # noqa: E402
-from common.config import ConfigError, dump_config  # noqa: E402
+from common.config import ConfigError, DataConfig, dump_config  # noqa: E402
+from common.data import list_dataset  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.run import RunFolder  # noqa: E402
 from ldm.encode import cli as encode_dataset  # noqa: E402
@@ -81,6 +82,18 @@ def stage_one_side_by_side(args: list[str], run_dir: str) -> tuple[float, float]
     return clip_seconds, vae_seconds
 
 
+def prompts_to_draw(data: DataConfig, count: int = 8) -> list[str]:
+    """generate's prompts for the grid: every class, or for a caption dataset (metadata.jsonl, which has no classes for
+    --all-classes) its first `count` held-out captions."""
+    if data.name:  # the built-in datasets have classes (and listing one may load its images)
+        return ["--all-classes"]
+    listing = list_dataset(data)  # the folder's problems are the stages' own errors, here before any stage
+    if listing.texts is None:
+        return ["--all-classes"]
+    held_out = [texts[0] for texts, holdout in zip(listing.texts, listing.holdout) if holdout]
+    return list(dict.fromkeys(held_out))[:count]
+
+
 def main(argv: list[str]) -> None:
     # the commands' own options (so --help tells them, and --set=k=v or --run DIR name the run as the commands read
     # them: the grid's folder is the run's), plus this script's CONFIG and --sequential
@@ -99,6 +112,7 @@ def main(argv: list[str]) -> None:
         if not args.dry_run:  # train-clip's log goes into run/logs/ before any stage has checked the run folder
             run = RunFolder(writable_folder(config.run_dir, "run_dir"))
             run.check_writable("train-clip", run.logs)
+            drawn = prompts_to_draw(config.data)
     except (ConfigError, UserError) as error:  # as the commands do: one line and exit status 2, before any stage
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -116,7 +130,7 @@ def main(argv: list[str]) -> None:
         stages = []
     stages += [("encode-dataset", encode_dataset, common), ("train-ldm", train_ldm, common),
                ("evaluate", evaluate, common),  # tunes the run's sampling defaults first
-               ("generate", generate, [*common, "--num", "8", "--out", f"{run_dir}/samples/quickstart", "--all-classes", "--overwrite"])]
+               ("generate", generate, [*common, "--num", "8", "--out", f"{run_dir}/samples/quickstart", *drawn, "--overwrite"])]
     for name, command, args in stages:
         print(f"=== {name}", flush=True)
         stage_started = time.time()

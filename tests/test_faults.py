@@ -726,6 +726,22 @@ def test_quickstart_refuses_two_configs(monkeypatch, capsys):
         f": error: give the config once: {TINY} or --config configs/mnist.yaml")
 
 
+def test_quickstart_draws_held_out_captions_of_a_caption_dataset(jsonl_folder, tmp_path, monkeypatch):
+    """Before: on a metadata.jsonl dataset (no classes) every stage trained, then its last one, `generate
+    --all-classes`, stopped with '--all-classes needs a class dataset', without the wall times or the grid."""
+    quickstart = load_script("quickstart")
+    calls = {}
+    for name in ("train_clip", "train_vae", "encode_dataset", "train_ldm", "evaluate", "generate"):
+        monkeypatch.setattr(quickstart, name, lambda args, name=name: calls.setdefault(name, args))
+    run = tmp_path / "run"
+    quickstart.main([str(TINY), "--run", str(run), "--set", "data.name=", "--set", f"data.path={jsonl_folder}",
+                     "--set", "data.max_per_class=0", "--sequential"])
+    generate_args = calls["generate"]
+    assert generate_args[generate_args.index("--num"):] == [
+        "--num", "8", "--out", f"{run}/samples/quickstart", "a bright square number 10", "a bright triangle number 11",
+        "--overwrite"]
+
+
 @pytest.mark.parametrize("form", ["--set=run_dir={}", "--run {}"])
 def test_quickstart_reads_the_run_dir_as_its_commands_do(tmp_path, monkeypatch, form):
     """Before: `--set=run_dir=X` and `--run X` trained into X but wrote the grid and train-clip's log into
