@@ -39,6 +39,14 @@ if not re.fullmatch(PLATFORM_TAG, platform):
              f"manylinux_2_28_x86_64 (glibc 2.28 or newer on x86-64; `ldd --version` there tells the glibc), "
              f"manylinux_2_17_aarch64, macosx_11_0_arm64 or win_amd64")
 
+from common.checkpoint import writable_folder  # noqa: E402 (it imports torch: not before the checks above)
+from common.errors import UserError  # noqa: E402
+
+try:  # else a traceback when the folder is made
+    writable_folder(out, "make wheelhouse: WHEELHOUSE", "choose another WHEELHOUSE")
+except UserError as error:
+    sys.exit(str(error))
+
 # pip only widens manylinux2014/2010 by itself, so list every older glibc tag the cluster also runs
 platforms = [platform]
 match = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)

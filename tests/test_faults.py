@@ -833,6 +833,13 @@ def test_wheelhouse_refuses_a_platform_that_is_no_wheel_tag_before_downloading(t
     assert not (tmp_path / "wheels").exists()
 
 
+def test_wheelhouse_refuses_a_file_for_its_folder_in_one_line(tmp_path):
+    """Before: a FileExistsError (or NotADirectoryError) traceback when the folder was made."""
+    (tmp_path / "wheels").write_text("")
+    assert wheelhouse("3.12", "manylinux_2_28_x86_64", str(tmp_path / "wheels")) == (
+        1, f"make wheelhouse: WHEELHOUSE '{tmp_path / 'wheels'}' is a file, not a folder; choose another WHEELHOUSE\n")
+
+
 def test_wheelhouse_says_to_install_everything_the_tests_import(tmp_path, monkeypatch, capsys):
     """Before: its closing line said `pip install ... latent-toolkit pytest`, without hypothesis, which tests/conftest.py
     imports: the README's step 3 names it, but a user who copied the script's line could not run the tests."""
