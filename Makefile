@@ -15,7 +15,11 @@ WHEELHOUSE ?= wheelhouse
 
 .PHONY: setup quickstart test wheelhouse
 
+# an older Python would make the venv, then fail at torch as 'no matching distribution' (or 'ResolutionImpossible')
 $(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1 || { echo "make setup: the project \
+	needs Python 3.10 or newer, and PYTHON=$(PYTHON) is $$(command -v $(PYTHON) >/dev/null && $(PYTHON) --version 2>&1 \
+	|| echo 'not found'); pass another, e.g. make $(or $(MAKECMDGOALS),setup) PYTHON=python3.12" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"

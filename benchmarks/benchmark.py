@@ -33,9 +33,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import Config
+from common.checkpoint import writable_file  # noqa: E402
+from common.config import Config, ConfigError  # noqa: E402
 from common.config_yaml import load_config  # noqa: E402
 from common.devices import make_accelerator  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from ldm.latents import LatentCache  # noqa: E402
 from ldm.model import build_noise_scheduler, build_unet, diffusion_loss, inference_scheduler  # noqa: E402
 from vae.model import AutoencoderWithPosterior, autoencoder_loss, build_vae  # noqa: E402
@@ -328,14 +330,21 @@ def describe_machine(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/mnist.yaml")
     parser.add_argument("--out", default="benchmarks/results.json")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--only", choices=sorted(MEASUREMENTS), help=argparse.SUPPRESS)  # one measurement, as JSON
-    args = parser.parse_args()
-    config = load_config(args.config)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:  # else each measurement divides by zero, in its child process, after the matmul peak
+        parser.error(f"--repeats must be at least 1 (got {args.repeats})")
+    try:
+        config = load_config(args.config)
+        if not args.only:  # the results are written after minutes of measuring: a path that cannot take them fails now
+            writable_file(args.out, "--out", "results.json")
+    except (ConfigError, UserError) as error:  # one line, as the commands say it, not a traceback
+        parser.error(str(error))
     device = make_accelerator("no").device
     torch.manual_seed(0)
     if args.only:

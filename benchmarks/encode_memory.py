@@ -43,12 +43,22 @@ def run(module: str, config: str, overrides: list[str]) -> tuple[float, float]:
     return usage.ru_maxrss / 1024, time.time() - started  # Linux reports kilobytes
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/mnist.yaml", help="the VAE and encode settings")
     parser.add_argument("--out", default="benchmarks/encode_memory.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    from common.checkpoint import writable_file
+    from common.config import ConfigError
+    from common.config_yaml import load_config
     from common.data.devanagari import render_dataset
+    from common.errors import UserError
+
+    try:  # before minutes of rendering: the children would find a bad config only after it, the results file at the end
+        load_config(args.config)
+        writable_file(args.out, "--out", "encode_memory.json")
+    except (ConfigError, UserError) as error:
+        parser.error(str(error))
 
     render_dataset(2000, 0)  # rendered once and cached, so encode-dataset only reads it
     results = {}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -28,8 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.checkpoint import writable_file  # noqa: E402
+from common.config import ConfigError  # noqa: E402
 from common.config_yaml import load_config  # noqa: E402
 from common.data import load_train_and_holdout  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from common.run import RunFolder  # noqa: E402
 from pipelines.generate import load_pipeline  # noqa: E402
 from pipelines.quality import (DigitClassifier, classify, fit_classifier, generate_for, real_images,  # noqa: E402
                                recognition_rate, shape_groups, train_classifier)
@@ -46,17 +51,30 @@ def reading(reader: DigitClassifier, images: torch.Tensor, labels: torch.Tensor,
             "mistakes": [f"{pair} ({count})" for pair, count in pairs.most_common(n)]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="a trained letters run folder")
     parser.add_argument("--config", default="configs/letters.yaml", help="the config evaluate reads the run with")
     parser.add_argument("--guidance", type=float, nargs="+", default=[2.5, 5.0])
     parser.add_argument("--per-class", type=int, default=8)
     parser.add_argument("--out", help="also write the results here as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # else found only when sampling, after the readers have trained (minutes)
+    if args.per_class < 1:
+        parser.error(f"--per-class must be at least 1 (got {args.per_class})")
+    if not all(math.isfinite(g) for g in args.guidance):
+        parser.error(f"--guidance takes finite scales, e.g. --guidance 2.5 5.0 (got {' '.join(map(str, args.guidance))})")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = load_config(args.config, [f"run_dir={args.run}"])
+    try:  # before the readers train (minutes): the run, that it was trained on --config's data, and --out
+        config = load_config(args.config, [f"run_dir={args.run}"])
+        pipe = load_pipeline(args.run, device)
+        RunFolder(args.run).check_shared_settings(config, "letters_readers")  # else its samples read as another dataset's
+        if args.out:
+            writable_file(args.out, "--out", "readers.json")
+    except (ConfigError, UserError) as error:
+        parser.error(str(error))
+    pipe.set_progress_bar_config(disable=True)
     train_set, holdout_set = load_train_and_holdout(config.data)
     groups, keys = shape_groups(train_set.classes), [c.key for c in train_set.classes]
     hands_x, hands_y = real_images(train_set), torch.tensor(train_set.labels)
@@ -74,8 +92,6 @@ def main() -> None:
 
     # 2. the VAE round trip, read by evaluate's reader
     heldout_reader, _ = train_classifier(config, train_set, holdout_set, device)
-    pipe = load_pipeline(args.run, device)
-    pipe.set_progress_bar_config(disable=True)
     vae = pipe.vae.float()
     decoded = torch.cat([reconstruct(vae, chunk.to(device)).cpu() for chunk in hands_x.split(256)])
     results["vae"] = {"as_rendered": recognition_rate(heldout_reader, hands_x, hands_y, groups, device),

@@ -312,3 +312,13 @@ def writable_folder(path: str | Path, what: str, fix: str = "") -> Path:
         raise UserError(f"{what} '{path}' cannot be written ('{existing}' is read-only for this user); "
                         f"{fix or 'choose a folder you can write to'}")
     return path
+
+
+def writable_file(path: str | Path, what: str, example: str) -> Path:
+    """Make sure `path` can be written as a file, before work whose result it will hold (minutes of measuring, say):
+    not a folder, and in a folder this process may create or write in. `example` is a file name to suggest."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} '{path}' is a folder, not a file; give a file name, e.g. {what} {path / example}")
+    writable_folder(path.parent, f"{what}'s folder")
+    return path

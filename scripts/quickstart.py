@@ -29,9 +29,12 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from common.checkpoint import writable_folder  # noqa: E402
 from common.cli import build_parser, resolve_config  # noqa: E402
-from common.config import ConfigError, dump_config  # noqa: E402
+from common.config import ConfigError, DataConfig, dump_config  # noqa: E402
+from common.data import list_dataset  # noqa: E402
 from common.errors import UserError  # noqa: E402
+from common.run import RunFolder  # noqa: E402
 from ldm.encode import cli as encode_dataset  # noqa: E402
 from ldm.train import cli as train_ldm  # noqa: E402
 from ldm.train_clip import cli as train_clip  # noqa: E402
@@ -70,23 +73,46 @@ def stage_one_side_by_side(args: list[str], run_dir: str) -> tuple[float, float]
         if child.is_alive():
             child.terminate()
     clip_seconds = time.time() - started
-    summary = [line for line in log.read_text(errors="replace").replace("\r", "\n").splitlines() if line.startswith("[clip]")]
-    print("\n".join(summary[-3:]))
-    if child.exitcode:
-        sys.exit(f"train-clip failed (exit code {child.exitcode}); its output is in {log}")
+    lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
+    print("\n".join([line for line in lines if line.startswith("[clip]")][-3:]))
+    if child.exitcode:  # say why here, as train-clip run on its own would, not only in its log
+        errors = [line for line in lines if line.startswith("error: ")]
+        print(f"{errors[-1] if errors else 'error: train-clip failed'} (train-clip's output: {log})", file=sys.stderr)
+        sys.exit(child.exitcode if child.exitcode > 0 else 1)
     return clip_seconds, vae_seconds
 
 
+def prompts_to_draw(data: DataConfig, count: int = 8) -> list[str]:
+    """generate's prompts for the grid: every class, or for a caption dataset (metadata.jsonl, which has no classes for
+    --all-classes) its first `count` held-out captions."""
+    if data.name:  # the built-in datasets have classes (and listing one may load its images)
+        return ["--all-classes"]
+    listing = list_dataset(data)  # the folder's problems are the stages' own errors, here before any stage
+    if listing.texts is None:
+        return ["--all-classes"]
+    held_out = [texts[0] for texts, holdout in zip(listing.texts, listing.holdout) if holdout]
+    return list(dict.fromkeys(held_out))[:count]
+
+
 def main(argv: list[str]) -> None:
-    sequential = "--sequential" in argv
-    argv = [a for a in argv if a != "--sequential"]
-    config_path = argv[0] if argv and not argv[0].startswith("-") else "configs/mnist.yaml"
-    overrides = argv[1:] if argv and not argv[0].startswith("-") else argv
-    common = ["--config", config_path, *overrides]
-    # read the overrides as every command will (--set k=v, --set=k=v, --run DIR): the grid's folder is the run's
-    args = build_parser("quickstart").parse_args(common)
+    # the commands' own options (so --help tells them, and --set=k=v or --run DIR name the run as the commands read
+    # them: the grid's folder is the run's), plus this script's CONFIG and --sequential
+    parser = build_parser(__doc__.strip().splitlines()[0], config_required=False,
+                          example="python scripts/quickstart.py configs/mnist.yaml [--set key=value ...] [--sequential]")
+    parser.add_argument("config_file", nargs="?", metavar="CONFIG", help="the config of every stage (default: configs/mnist.yaml)")
+    parser.add_argument("--sequential", action="store_true", help="train-clip, then train-vae (else side by side on a CPU)")
+    args = parser.parse_args(argv)
+    if args.config_file and args.config:
+        parser.error(f"give the config once: {args.config_file} or --config {args.config}")
+    args.config = args.config_file or args.config or "configs/mnist.yaml"
+    common = ["--config", args.config, *(["--run", args.run] if args.run else []), *[f"--set={o}" for o in args.overrides]]
+    sequential = args.sequential
     try:
         config = resolve_config(args)
+        if not args.dry_run:  # train-clip's log goes into run/logs/ before any stage has checked the run folder
+            run = RunFolder(writable_folder(config.run_dir, "run_dir"))
+            run.check_writable("train-clip", run.logs)
+            drawn = prompts_to_draw(config.data)
     except (ConfigError, UserError) as error:  # as the commands do: one line and exit status 2, before any stage
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -104,7 +130,7 @@ def main(argv: list[str]) -> None:
         stages = []
     stages += [("encode-dataset", encode_dataset, common), ("train-ldm", train_ldm, common),
                ("evaluate", evaluate, common),  # tunes the run's sampling defaults first
-               ("generate", generate, [*common, "--num", "8", "--out", f"{run_dir}/samples/quickstart", "--all-classes", "--overwrite"])]
+               ("generate", generate, [*common, "--num", "8", "--out", f"{run_dir}/samples/quickstart", *drawn, "--overwrite"])]
     for name, command, args in stages:
         print(f"=== {name}", flush=True)
         stage_started = time.time()

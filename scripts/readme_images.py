@@ -22,14 +22,26 @@ def upscaled(image: Image.Image, factor: int = 3) -> Image.Image:
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mnist", default="checkpoints/mnist")
-    parser.add_argument("--devanagari", default="checkpoints/devanagari")
-    parser.add_argument("--letters", default="checkpoints/letters")
-    parser.add_argument("--finetune", default="checkpoints/mnist-finetune")
-    parser.add_argument("--lora", default="checkpoints/mnist-lora")
-    args = parser.parse_args()
+    # each run's pictures are drawn when it has this file: the defaults are left out when they are not there, but a
+    # folder named on the command line would then be left out silently too
+    optional = {"devanagari": ("checkpoints/devanagari", "model_index.json"),
+                "letters": ("checkpoints/letters", "model_index.json"),
+                "finetune": ("checkpoints/mnist-finetune", "model_index.json"),
+                "lora": ("checkpoints/mnist-lora", "pytorch_lora_weights.safetensors")}
+    for name, (default, _) in optional.items():
+        parser.add_argument(f"--{name}", help=f"default: {default}, left out when it is not there")
+    args = parser.parse_args(argv)
+    if not (Path(args.mnist) / "model_index.json").is_file():  # before any picture is replaced
+        parser.error(f"--mnist {args.mnist} is not a finished run (no model_index.json); the ready-made one is checkpoints/mnist")
+    for name, (default, needed) in optional.items():
+        given = getattr(args, name)
+        if given is not None and not (Path(given) / needed).is_file():
+            parser.error(f"--{name} {given} has no {needed}, so its pictures could not be drawn; leave --{name} out, "
+                         f"or name a folder that has one")
+        setattr(args, name, given or default)
     OUT.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args.mnist)
     pipe.set_progress_bar_config(disable=True)

@@ -17,6 +17,9 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
+if len(sys.argv) != 4:
+    sys.exit("usage: python scripts/wheelhouse.py PYTHON_VERSION PLATFORM OUT, e.g. 3.12 manylinux_2_28_x86_64 wheelhouse "
+             "(make wheelhouse WHEEL_PYTHON=... WHEEL_PLATFORM=... runs it)")
 python, platform, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 LEFT_OUT = {"torch", "torchvision", "triton", "pip", "setuptools", "wheel"}  # and nvidia-*, cuda-*
 
@@ -25,6 +28,24 @@ def left_out(name):
 
 def no_cuda(name):  # torch's own dependencies (sympy, jinja2...) are kept, its CUDA stack is not
     return not (name == "triton" or name.startswith(("nvidia-", "cuda-")))
+
+# a typo would otherwise reach pip: every download fails (each then retried alone to name it), or, for a manylinux
+# glibc below 2.5, no --platform is passed at all and pip fetches this machine's wheels
+LINUX_ARCH = "(x86_64|i686|aarch64|armv7l|ppc64le|s390x|riscv64)"
+PLATFORM_TAG = (rf"manylinux_2_([5-9]|[1-9]\d+)_{LINUX_ARCH}|manylinux(1|2010|2014)_{LINUX_ARCH}|musllinux_1_\d+_{LINUX_ARCH}"
+                rf"|linux_{LINUX_ARCH}|macosx_\d+_\d+_(x86_64|arm64|universal2)|win32|win_amd64|win_arm64")
+if not re.fullmatch(PLATFORM_TAG, platform):
+    sys.exit(f"make wheelhouse: WHEEL_PLATFORM={platform} is not a wheel platform tag; give one such as "
+             f"manylinux_2_28_x86_64 (glibc 2.28 or newer on x86-64; `ldd --version` there tells the glibc), "
+             f"manylinux_2_17_aarch64, macosx_11_0_arm64 or win_amd64")
+
+from common.checkpoint import writable_folder  # noqa: E402 (it imports torch: not before the checks above)
+from common.errors import UserError  # noqa: E402
+
+try:  # else a traceback when the folder is made
+    writable_folder(out, "make wheelhouse: WHEELHOUSE", "choose another WHEELHOUSE")
+except UserError as error:
+    sys.exit(str(error))
 
 # pip only widens manylinux2014/2010 by itself, so list every older glibc tag the cluster also runs
 platforms = [platform]
@@ -50,7 +71,8 @@ def wanted(requirement, extras):
 project = tomllib.loads(Path("pyproject.toml").read_text())
 if not SpecifierSet(project["project"].get("requires-python", "")).contains(f"{python}.0"):
     sys.exit(f"make wheelhouse: the project needs Python {project['project']['requires-python']}, not WHEEL_PYTHON={python}")
-roots = project["project"]["dependencies"] + project["project"].get("optional-dependencies", {}).get("test", ["pytest"])
+test_extra = project["project"].get("optional-dependencies", {}).get("test", ["pytest"])
+roots = project["project"]["dependencies"] + test_extra
 problems, pins, parents, visited = [], {}, {}, set()
 todo = [(Requirement(line), "pyproject.toml") for line in roots]
 while todo:
@@ -133,7 +155,8 @@ for wheel in sorted(out.glob("*.whl")):
         print(f"removed {wheel.name}: this wheelhouse has {name} {keep[name]}")
         wheel.unlink()
 print(f"{out}/: {len(wheels)} wheels, {sum(w.stat().st_size for w in wheels) / 2**20:.0f} MiB "
-      f"(Python {python}, {platform}; install with: python -m pip install --no-index --find-links {out} latent-toolkit pytest)")
+      f"(Python {python}, {platform}; install with: python -m pip install --no-index --find-links {out} latent-toolkit "
+      f"{' '.join(Requirement(line).name for line in test_extra)})")  # all the tests need (conftest imports hypothesis)
 if problems:
     print("\nmake wheelhouse: the wheelhouse is incomplete:", *dict.fromkeys(problems), sep="\n  ", file=sys.stderr)
     sys.exit(1)

@@ -643,13 +643,13 @@ def test_near_copy_rate_on_a_few_training_images():
     assert math.isnan(near_copy_rate(train[:1], train[:1]))
 
 
-# ---- scripts/quickstart.py ------------------------------------------------------------------------
+# ---- scripts/quickstart.py, scripts/font_digits.py --------------------------------------------------------------
 
 
-def load_quickstart():
+def load_script(name: str, folder: str = "scripts"):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "scripts" / "quickstart.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -663,15 +663,90 @@ def load_quickstart():
 def test_quickstart_refuses_a_bad_config_or_override_in_one_line_before_any_stage(argv, message, capsys):
     """Before: a traceback (the config was read outside the commands' error handling)."""
     with pytest.raises(SystemExit) as exit_info:
-        load_quickstart().main(argv)
+        load_script("quickstart").main(argv)
     assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("where", ["run", "run/logs"])
+def test_quickstart_refuses_a_file_where_its_run_folder_goes_before_any_stage(tmp_path, monkeypatch, where, capsys):
+    """Before: side by side (2+ threads, no CUDA) it made run/logs/ for train-clip's output before any stage had
+    checked the run folder, and stopped with a NotADirectoryError traceback."""
+    quickstart = load_script("quickstart")
+    monkeypatch.setattr(quickstart.torch, "get_num_threads", lambda: 2)  # the side-by-side path, as on 2 cores
+    for name in ("train_clip", "train_vae"):
+        monkeypatch.setattr(quickstart, name, lambda args: pytest.fail("a stage ran"))
+    (tmp_path / where).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / where).write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.main([str(TINY), "--run", str(tmp_path / "run")])
+    message = (f"run_dir '{tmp_path / 'run'}' is a file, not a folder; choose another path" if where == "run" else
+               f"the train-clip stage's folder '{tmp_path / 'run/logs'}' is a file, not a folder; move it out of the way, "
+               f"or choose another run_dir")
+    assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_quickstart_says_why_train_clip_failed_beside_train_vae(tmp_path, monkeypatch, capsys):
+    """Before: 'train-clip failed (exit code 2); its output is in run/logs/train-clip.out' (exit status 1): the reason
+    (a resume refused, a lock held...) was only in that log. Now its error line, with status 2 as the commands exit."""
+    quickstart = load_script("quickstart")
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # the spawned train-clip process imports quickstart by name
+    monkeypatch.setitem(__import__("sys").modules, "quickstart", quickstart)  # and pickles run_in_child by that name
+    monkeypatch.setattr(quickstart, "train_vae", lambda args: None)
+    log = tmp_path / "logs" / "train-clip.out"
+    with pytest.raises(SystemExit) as exit_info:  # a config train-clip refuses at once, as it would a held lock
+        quickstart.stage_one_side_by_side(["--config", str(tmp_path / "nope.yaml")], str(tmp_path))
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        f"error: config file '{tmp_path / 'nope.yaml'}' not found; the shipped ones are in configs/ "
+        f"(train-clip's output: {log})\n")
+
+
+def test_quickstart_help_tells_its_own_arguments(monkeypatch, capsys):
+    """Before: --help showed the commands' parser described as 'quickstart', with --config required, and neither
+    the CONFIG it takes first nor --sequential."""
+    monkeypatch.setattr("sys.argv", ["quickstart.py"])
+    monkeypatch.setenv("COLUMNS", "200")  # one line of usage
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("quickstart").main(["--help"])
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert exit_info.value.code == 0 and lines[:3] == [
+        "usage: quickstart.py [-h] [--config CONFIG] [--run RUN] [--set KEY=VALUE] [--dry-run] [--sequential] [CONFIG]", "",
+        "The main job: every stage of a config, in order, with the wall time of each."]
+    assert "CONFIG           the config of every stage (default: configs/mnist.yaml)" in lines
+    assert "--sequential     train-clip, then train-vae (else side by side on a CPU)" in lines
+
+
+def test_quickstart_refuses_two_configs(monkeypatch, capsys):
+    """Before: the --config given last won, silently (here the 8-minute MNIST quickstart instead of tiny)."""
+    quickstart = load_script("quickstart")
+    for name in ("train_clip", "train_vae", "encode_dataset", "train_ldm", "evaluate", "generate", "stage_one_side_by_side"):
+        monkeypatch.setattr(quickstart, name, lambda *args: pytest.fail("a stage ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.main([str(TINY), "--config", "configs/mnist.yaml"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        f": error: give the config once: {TINY} or --config configs/mnist.yaml")
+
+
+def test_quickstart_draws_held_out_captions_of_a_caption_dataset(jsonl_folder, tmp_path, monkeypatch):
+    """Before: on a metadata.jsonl dataset (no classes) every stage trained, then its last one, `generate
+    --all-classes`, stopped with '--all-classes needs a class dataset', without the wall times or the grid."""
+    quickstart = load_script("quickstart")
+    calls = {}
+    for name in ("train_clip", "train_vae", "encode_dataset", "train_ldm", "evaluate", "generate"):
+        monkeypatch.setattr(quickstart, name, lambda args, name=name: calls.setdefault(name, args))
+    run = tmp_path / "run"
+    quickstart.main([str(TINY), "--run", str(run), "--set", "data.name=", "--set", f"data.path={jsonl_folder}",
+                     "--set", "data.max_per_class=0", "--sequential"])
+    generate_args = calls["generate"]
+    assert generate_args[generate_args.index("--num"):] == [
+        "--num", "8", "--out", f"{run}/samples/quickstart", "a bright square number 10", "a bright triangle number 11",
+        "--overwrite"]
 
 
 @pytest.mark.parametrize("form", ["--set=run_dir={}", "--run {}"])
 def test_quickstart_reads_the_run_dir_as_its_commands_do(tmp_path, monkeypatch, form):
     """Before: `--set=run_dir=X` and `--run X` trained into X but wrote the grid and train-clip's log into
     checkpoints/<config name>, the run_dir quickstart itself read only from `--set X` pairs."""
-    quickstart = load_quickstart()
+    quickstart = load_script("quickstart")
     calls = {}
     for name in ("train_clip", "train_vae", "encode_dataset", "train_ldm", "evaluate", "generate"):
         monkeypatch.setattr(quickstart, name, lambda args, name=name: calls.setdefault(name, args))
@@ -679,6 +754,214 @@ def test_quickstart_reads_the_run_dir_as_its_commands_do(tmp_path, monkeypatch, 
     quickstart.main([str(TINY), *form.format(run).split(), "--sequential"])
     assert calls["generate"][-6:] == ["--num", "8", "--out", f"{run}/samples/quickstart", "--all-classes", "--overwrite"]
     assert not (ROOT / "checkpoints" / "tiny").exists()
+
+
+def test_font_digits_never_replaces_a_digit_already_in_its_folder(tmp_path, capsys):
+    """Before: scripts/font_digits.py into the user's own digits folder (the README's "or your own folder")
+    silently replaced their zero/0000.png & co with font renders."""
+    mine = tmp_path / "my_digits" / "zero" / "0000.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my own zero")
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("font_digits").main([str(tmp_path / "my_digits"), "--per-class", "2"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(  # after argparse's prog
+        f": error: {tmp_path / 'my_digits'} already holds {mine}, which this would replace; "
+        f"choose another OUT, or remove those files first")
+    assert mine.read_bytes() == b"my own zero" and [p.name for p in tmp_path.rglob("*")] == ["my_digits", "zero", "0000.png"]
+
+
+@pytest.mark.parametrize("per_class", ["0", "-3"])
+def test_font_digits_refuses_no_digits_per_class_before_writing(tmp_path, per_class, capsys):
+    """Before: it made ten empty class folders and printed "wrote 0 digits" (or "wrote -30 digits")."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("font_digits").main([str(tmp_path / "out"), "--per-class", per_class])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        f": error: --per-class must be at least 1 (got {per_class})")
+    assert not (tmp_path / "out").exists()
+
+
+def test_readme_images_refuses_an_mnist_folder_that_is_no_run_in_one_line(tmp_path, monkeypatch, capsys):
+    """Before: a RunFolderError traceback."""
+    images = load_script("readme_images")
+    monkeypatch.setattr(images, "OUT", tmp_path / "images")
+    with pytest.raises(SystemExit) as exit_info:
+        images.main(["--mnist", str(tmp_path)])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        f": error: --mnist {tmp_path} is not a finished run (no model_index.json); the ready-made one is checkpoints/mnist")
+    assert not (tmp_path / "images").exists()
+
+
+def test_readme_images_refuses_a_named_run_it_would_leave_out(tmp_path, monkeypatch, capsys):
+    """Before: a --letters (--devanagari, --finetune, --lora) folder without its model was skipped without a word,
+    like the defaults that are not there: the README kept the old pictures while the rest were redrawn."""
+    images = load_script("readme_images")
+    monkeypatch.setattr(images, "OUT", tmp_path / "images")
+    monkeypatch.setattr(images, "load_pipeline", lambda *a, **k: pytest.fail("a picture was drawn"))
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        images.main(["--letters", str(tmp_path / "typo")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        f": error: --letters {tmp_path / 'typo'} has no model_index.json, so its pictures could not be drawn; leave "
+        f"--letters out, or name a folder that has one")
+
+
+def wheelhouse(*argv: str) -> tuple[int, str]:
+    """scripts/wheelhouse.py as `make wheelhouse` runs it (from the repository, with .venv's Python): (status, stderr)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "scripts/wheelhouse.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize("argv", [[], ["3.12"], ["3.12", "manylinux_2_28_x86_64"]])
+def test_wheelhouse_without_its_three_arguments_says_its_usage(argv):
+    """Before: an IndexError traceback."""
+    assert wheelhouse(*argv) == (1, "usage: python scripts/wheelhouse.py PYTHON_VERSION PLATFORM OUT, e.g. 3.12 "
+                                    "manylinux_2_28_x86_64 wheelhouse (make wheelhouse WHEEL_PYTHON=... WHEEL_PLATFORM=... "
+                                    "runs it)\n")
+
+
+@pytest.mark.parametrize("platform", ["manylinux_2_28", "x86_64", "manylinux_2_28_x86-64", "manylinux_2_4_x86_64"])
+def test_wheelhouse_refuses_a_platform_that_is_no_wheel_tag_before_downloading(tmp_path, platform):
+    """Before: pip was asked for wheels of a platform no wheel has (every download failed, and each was retried alone
+    to name it), or, for manylinux_2_4 (below manylinux's 2.5), with no --platform at all: this machine's wheels."""
+    assert wheelhouse("3.12", platform, str(tmp_path / "wheels")) == (1, (
+        f"make wheelhouse: WHEEL_PLATFORM={platform} is not a wheel platform tag; give one such as manylinux_2_28_x86_64 "
+        f"(glibc 2.28 or newer on x86-64; `ldd --version` there tells the glibc), manylinux_2_17_aarch64, "
+        f"macosx_11_0_arm64 or win_amd64\n"))
+    assert not (tmp_path / "wheels").exists()
+
+
+def test_wheelhouse_refuses_a_file_for_its_folder_in_one_line(tmp_path):
+    """Before: a FileExistsError (or NotADirectoryError) traceback when the folder was made."""
+    (tmp_path / "wheels").write_text("")
+    assert wheelhouse("3.12", "manylinux_2_28_x86_64", str(tmp_path / "wheels")) == (
+        1, f"make wheelhouse: WHEELHOUSE '{tmp_path / 'wheels'}' is a file, not a folder; choose another WHEELHOUSE\n")
+
+
+def test_wheelhouse_says_to_install_everything_the_tests_import(tmp_path, monkeypatch, capsys):
+    """Before: its closing line said `pip install ... latent-toolkit pytest`, without hypothesis, which tests/conftest.py
+    imports: the README's step 3 names it, but a user who copied the script's line could not run the tests."""
+    import runpy
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["wheelhouse.py", "3.12", "manylinux_2_28_x86_64", str(tmp_path)])
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0))  # no pip: nothing fetched
+    try:
+        runpy.run_path(str(ROOT / "scripts" / "wheelhouse.py"), run_name="__main__")
+    except SystemExit:  # where .venv is not at constraints.txt's versions: said after the line checked here
+        pass
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"{tmp_path}/: 0 wheels, 0 MiB (Python 3.12, manylinux_2_28_x86_64; install with: python -m pip install --no-index "
+        f"--find-links {tmp_path} latent-toolkit pytest hypothesis)")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_setup_refuses_a_python_older_than_3_10_before_making_the_venv(tmp_path):
+    """Before: `make setup` with an older PYTHON made .venv with it, then pip failed at torch ('no matching
+    distribution', or 'ResolutionImpossible'), which did not say the Python was the problem."""
+    import subprocess
+
+    old_python = tmp_path / "python3.9"  # answers --version as Python 3.9 does, and fails the version check as it would
+    old_python.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'Python 3.9.18' && exit 0\nexit 1\n")
+    old_python.chmod(0o755)
+    done = subprocess.run(["make", "-s", "quickstart", f"PYTHON={old_python}", f"VENV={tmp_path / 'venv'}"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.splitlines()[0] == (
+        f"make setup: the project needs Python 3.10 or newer, and PYTHON={old_python} is Python 3.9.18; pass another, "
+        f"e.g. make quickstart PYTHON=python3.12")
+    assert not (tmp_path / "venv").exists()
+
+
+# ---- benchmarks/benchmark.py ----------------------------------------------------------------------
+
+
+def benchmark_error(argv: list[str], capsys) -> str:
+    """The one-line error benchmark.py stops with (exit status 2, argparse's form), after checking nothing was measured."""
+    benchmark = load_script("benchmark", "benchmarks")
+    benchmark.matmul_peak_gflops = lambda device: pytest.fail("it started measuring")
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(argv)
+    _, _, message = capsys.readouterr().err.splitlines()[-1].partition(": error: ")  # after argparse's prog name
+    assert exit_info.value.code == 2
+    return message
+
+
+def test_benchmark_refuses_a_missing_config_in_one_line(tmp_path, capsys):
+    """Before: a ConfigError traceback."""
+    assert benchmark_error(["--config", "configs/nope.yaml", "--out", str(tmp_path / "r.json")], capsys) == (
+        "config file 'configs/nope.yaml' not found; the shipped ones are in configs/")
+
+
+@pytest.mark.parametrize("repeats", ["0", "-2"])
+def test_benchmark_refuses_fewer_than_one_repeat_before_measuring(tmp_path, repeats, capsys):
+    """Before: the matmul peak was measured, then the first measurement's child process stopped with
+    ZeroDivisionError ("vae_train failed:" and its traceback)."""
+    assert benchmark_error(["--repeats", repeats, "--out", str(tmp_path / "r.json")], capsys) == (
+        f"--repeats must be at least 1 (got {repeats})")
+
+
+def test_benchmark_refuses_an_out_it_could_not_write_before_measuring(tmp_path, capsys):
+    """Before: it measured for minutes (~4 on 2 cores), then stopped with IsADirectoryError or
+    NotADirectoryError when writing the results."""
+    assert benchmark_error(["--out", str(tmp_path)], capsys) == (
+        f"--out '{tmp_path}' is a folder, not a file; give a file name, e.g. --out {tmp_path / 'results.json'}")
+    (tmp_path / "file").write_text("")
+    assert benchmark_error(["--out", str(tmp_path / "file" / "r.json")], capsys) == (
+        f"--out's folder '{tmp_path / 'file'}' is a file, not a folder; choose another path")
+
+
+@pytest.mark.parametrize("where", ["config", "out"])
+def test_encode_memory_refuses_a_bad_config_or_out_before_rendering(tmp_path, monkeypatch, where, capsys):
+    """Before: benchmarks/encode_memory.py rendered 92,000 Devanagari glyphs (2.5 min on 2 cores) before its first
+    child process found the missing config, and wrote --out (a folder here) only after every measurement."""
+    import common.data.devanagari
+
+    monkeypatch.setattr(common.data.devanagari, "render_dataset", lambda *a: pytest.fail("it started rendering"))
+    argv = ["--config", "configs/nope.yaml", "--out", str(tmp_path / "m.json")] if where == "config" else ["--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("encode_memory", "benchmarks").main(argv)
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        ": error: config file 'configs/nope.yaml' not found; the shipped ones are in configs/" if where == "config" else
+        f": error: --out '{tmp_path}' is a folder, not a file; give a file name, e.g. --out {tmp_path / 'encode_memory.json'}")
+
+
+@pytest.mark.parametrize("run, message", [
+    ("runs/none", "runs/none is not a finished run (no model_index.json); train it with `train-ldm`, or pass --run "
+                  "checkpoints/mnist for the ready-made model"),
+    ("checkpoints/mnist", "checkpoints/mnist holds the vae, ldm stage(s), trained with other settings than this "
+     "letters_readers command's (data.augment.rotate_degrees: 5.0 -> 4.0; data.augment.translate: 0.06 -> 0.05; "
+     "data.name: 'mnist' -> 'letters'; data.per_class: 2000 -> 180; from checkpoints/mnist/config.yaml to this command's). "
+     "One run folder has one seed and one dataset, so that its config.yaml reproduces every stage: drop those overrides "
+     "(or pass --config checkpoints/mnist/config.yaml), or use a new run_dir"),
+])
+def test_letters_readers_refuses_a_run_it_cannot_read_before_training_its_readers(run, message, monkeypatch, capsys):
+    """Before: benchmarks/letters_readers.py trained a 2,000-step reader (minutes) before loading --run, so a
+    missing run stopped with a RunFolderError traceback then, and an MNIST run (not the letters data of --config)
+    was read as letters: numbers for prompts the model never learned."""
+    monkeypatch.chdir(ROOT)
+    readers = load_script("letters_readers", "benchmarks")
+    monkeypatch.setattr(readers, "fit_classifier", lambda *a, **k: pytest.fail("a reader trained"))
+    with pytest.raises(SystemExit) as exit_info:
+        readers.main(["--run", run])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--per-class", "0"], "--per-class must be at least 1 (got 0)"),
+    (["--guidance", "2.5", "nan"], "--guidance takes finite scales, e.g. --guidance 2.5 5.0 (got 2.5 nan)"),
+])
+def test_letters_readers_refuses_bad_sampling_flags_before_training_its_readers(flags, message, monkeypatch, capsys):
+    """Before: both were found only when sampling, after both readers had trained (~10 min on 2 cores)."""
+    monkeypatch.chdir(ROOT)
+    readers = load_script("letters_readers", "benchmarks")
+    monkeypatch.setattr(readers, "fit_classifier", lambda *a, **k: pytest.fail("a reader trained"))
+    with pytest.raises(SystemExit) as exit_info:
+        readers.main(["--run", "checkpoints/letters", *flags])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")
 
 
 def test_evaluate_with_other_data_settings_than_the_run_is_refused_before_writing(tiny_run, tmp_path):
