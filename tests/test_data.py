@@ -208,13 +208,18 @@ def test_metadata_jsonl_refuses_images_it_does_not_list(jsonl_folder):
                                 f"line with the caption of each, or move them out of the folder")
 
 
+def replace_line(path, index: int, line: str) -> None:
+    """Line `index` (from 0) of the text file `path` replaced by `line`."""
+    lines = path.read_text().splitlines()
+    lines[index] = line
+    path.write_text("\n".join(lines) + "\n")
+
+
 def test_metadata_jsonl_line_with_a_key_twice_is_refused(jsonl_folder):
     """Before: {"file_name": ..., "text": "a cat", "text": "a dog"} kept only "a dog" (JSON keeps the last), the
     other caption dropped without a word."""
     path = jsonl_folder / "metadata.jsonl"
-    lines = path.read_text().splitlines()
-    lines[1] = '{"file_name": "images/1.png", "text": "a cat", "text": "a dog", "extra": {"k": 1, "k": 2}}'
-    path.write_text("\n".join(lines) + "\n")
+    replace_line(path, 1, '{"file_name": "images/1.png", "text": "a cat", "text": "a dog", "extra": {"k": 1, "k": 2}}')
     with pytest.raises(DatasetError) as error:
         list_dataset(folder_config(jsonl_folder))
     assert str(error.value) == (f"{path}: line 2 gives 'text' twice, and JSON would keep only the last; write it once "
@@ -225,16 +230,13 @@ def test_metadata_jsonl_caption_with_half_a_surrogate_pair_names_the_line(jsonl_
     """Before: a caption with an unpaired "\\ud83d" escape (valid JSON syntax, no character) was listed, and
     train-clip crashed on it with 'UnicodeEncodeError: surrogates not allowed', naming no line."""
     path = jsonl_folder / "metadata.jsonl"
-    lines = path.read_text().splitlines()
-    lines[4] = '{"file_name": "images/4.png", "text": ["a square", "a smile \\ud83d"]}'
-    path.write_text("\n".join(lines) + "\n")
+    replace_line(path, 4, '{"file_name": "images/4.png", "text": ["a square", "a smile \\ud83d"]}')
     with pytest.raises(DatasetError) as error:
         list_dataset(folder_config(jsonl_folder))
     assert str(error.value) == (f"{path}: line 5: 'text' of 'images/4.png' holds '\\ud83d', half of a UTF-16 surrogate "
                                 f"pair with no partner, which is no character; write the character itself (or both "
                                 f"halves of its escape), or delete it")
-    lines[4] = '{"file_name": "images/4.png", "text": "a smile \\ud83d\\ude00"}'  # both halves: one character
-    path.write_text("\n".join(lines) + "\n")
+    replace_line(path, 4, '{"file_name": "images/4.png", "text": "a smile \\ud83d\\ude00"}')  # both halves: one character
     assert list_dataset(folder_config(jsonl_folder)).texts[4] == ["a smile \U0001f600"]
 
 
