@@ -249,8 +249,10 @@ class RunLock:
         self.path = Path(root) / f".lock-{stage}"
         self.stage = stage
         self._file = None
+        self._made: list[Path] = []  # the lock file and folders this lock made, innermost first
 
     def __enter__(self) -> "RunLock":
+        self._made = [p for p in (self.path, self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         file = open(self.path, "a+", encoding="utf-8")
         try:
@@ -269,8 +271,18 @@ class RunLock:
         self._file = file
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
+    def __exit__(self, exc_type=None, *exc) -> None:
+        if self._file is None:
+            return
+        # a stage that fails (refused before writing, say) leaves the run folder as it found it: the lock file
+        # goes if this lock made it, and so do the folders it made while they are still empty
+        if exc_type is not None and self._made and self._made[0] == self.path:
+            self.path.unlink(missing_ok=True)
+            for folder in self._made[1:]:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (the stage wrote something there): kept
+                    break
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+        self._file = None

@@ -123,6 +123,24 @@ def test_two_commands_on_one_stage_of_a_run_folder_are_refused_naming_the_holder
         pass
 
 
+
+def test_a_stage_refused_before_writing_leaves_no_run_folder_behind(tmp_path):
+    """Before: train-vae on a folder of no images made run_dir and left its .lock-vae file there."""
+    (tmp_path / "empty").mkdir()
+    config = tiny_config(tmp_path / "new" / "run", "data.name=", f"data.path={tmp_path / 'empty'}")
+    with pytest.raises(DatasetError, match=r"^no images of a supported type "):
+        train_vae(config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    (tmp_path / "kept").mkdir()  # a run folder that was there already is kept, with what it holds
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetError):
+        train_vae(tiny_config(tmp_path / "kept", "data.name=", f"data.path={tmp_path / 'empty'}"))
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
+    with pytest.raises(RuntimeError, match="^written, then failed$"), RunLock(tmp_path / "wrote" / "run", "vae"):
+        (tmp_path / "wrote" / "run" / "vae").mkdir()  # a stage that wrote, then failed: what it wrote is kept
+        raise RuntimeError("written, then failed")
+    assert [p.name for p in (tmp_path / "wrote" / "run").iterdir()] == ["vae"]
+
 @pytest.mark.parametrize("kind", ["file", "under-a-file", "read-only"])
 def test_a_run_dir_or_out_folder_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch, capsys, kind):
     target = tmp_path / "target"
