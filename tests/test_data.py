@@ -1,4 +1,5 @@
 import json
+import unicodedata
 
 import numpy as np
 import pytest
@@ -331,3 +332,15 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
     (tmp_path / "classes" / "cats").mkdir(parents=True)
     with pytest.raises(DatasetError, match="cats"):
         list_dataset(folder_config(tmp_path / "classes"))
+
+
+def test_metadata_jsonl_name_in_the_other_unicode_form_finds_its_file(jsonl_folder):
+    """Before: a file saved under macOS's decomposed (NFD) name, named in metadata.jsonl in the composed (NFC) form
+    editors write, was 'does not exist' though it is there."""
+    decomposed, composed = unicodedata.normalize("NFD", "café.png"), unicodedata.normalize("NFC", "café.png")
+    assert decomposed != composed
+    (jsonl_folder / "images" / "3.png").rename(jsonl_folder / "images" / decomposed)
+    replace_line(jsonl_folder / "metadata.jsonl", 3, json.dumps({"file_name": f"images/{composed}", "text": "a cafe"}))
+    listing = list_dataset(folder_config(jsonl_folder))
+    assert listing.sources[3] == str(jsonl_folder / "images" / decomposed) and listing.texts[3] == ["a cafe"]
+    assert len(listing.sources) == 12

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from pathlib import Path
 
 from common.config import DataConfig
@@ -71,6 +72,10 @@ def list_metadata_jsonl(root: Path, config: DataConfig) -> Listing:
             raise DatasetError(f"{path}: line {number}: file_name {name!r} contains a NUL character (\\u0000), which no "
                                f"file name can hold; write the image's path relative to '{root}'")
         file = root / name
+        if not file.exists():  # the name in one Unicode form (NFC 'é', as most editors write it) and the file saved in
+            # the other (NFD, as macOS wrote names): the same name to the eye, another to the disk
+            file = next((root / form for form in (unicodedata.normalize("NFC", name), unicodedata.normalize("NFD", name))
+                         if (root / form).exists()), file)
         if Path(name).is_absolute() or not file.resolve().is_relative_to(root_resolved):
             raise DatasetError(f"{path}: line {number}: file_name '{name}' points outside the dataset folder; "
                                f"only paths inside '{root}' are read")
