@@ -88,6 +88,10 @@ class RunFolder:
     def train_state(self, stage: str) -> Path:
         return self.root / "train_state" / stage
 
+    def state_files(self, stage: str) -> list[Path]:
+        """`stage`'s resume states, newest first; none where it has saved none."""
+        return sorted(self.train_state(stage).glob("state-*.safetensors"), reverse=True)
+
     def check_writable(self, stage: str, *folders: Path) -> None:
         """Refuse, before anything is written, a file where a folder of the run that `stage` writes into goes:
         it would otherwise stop the stage part-way (at its first log line, checkpoint, shard or sample grid)."""
@@ -133,7 +137,7 @@ class RunFolder:
     def stamp(self, folder: Path, stage: str, step: int) -> None:
         """Record in a model folder `stage` exports (before it is swapped into place) the resume state it comes from,
         so that later stages can tell it from a stage started again since (check_finished)."""
-        for newest in sorted(self.train_state(stage).glob("state-*.safetensors"))[-1:]:  # none if every save failed
+        for newest in self.state_files(stage)[:1]:  # none if every save failed
             write_text(folder / TRAINED_AT, json.dumps({"step": step, "state": header_digest(newest)}))
 
     def check_finished(self, stage: str, component: str) -> None:
@@ -142,13 +146,13 @@ class RunFolder:
         stopped, so the folder holds the old model while config.yaml describes the new one. Folders written
         before this record, and runs without resume states, are not checked."""
         marker = self.root / component / TRAINED_AT
-        states = sorted(self.train_state(stage).glob("state-*.safetensors"))
+        states = self.state_files(stage)
         if not marker.is_file() or not states:
             return
         recorded = json.loads(marker.read_text(encoding="utf-8"))
-        if header_digest(states[-1]) != recorded.get("state"):
+        if header_digest(states[0]) != recorded.get("state"):
             command = {"vae": "train-vae", "clip": "train-clip", "ldm": "train-ldm"}[stage]
-            raise RunFolderError(f"{command} is unfinished in {self.root}: {states[-1]} is newer than the {component}/ it "
+            raise RunFolderError(f"{command} is unfinished in {self.root}: {states[0]} is newer than the {component}/ it "
                                  f"wrote (at step {recorded.get('step')}), so {component}/ is not the model config.yaml "
                                  f"describes. Re-run `{command} --config ...` to finish it first")
 

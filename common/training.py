@@ -325,7 +325,7 @@ class Trainer:
     # ---- resume state ------------------------------------------------------------------------
 
     def _state_files(self) -> list[Path]:  # newest first; none where the folder does not exist yet
-        return sorted(self.state_dir.glob("state-*.safetensors"), reverse=True)
+        return self.run.state_files(self.stage)
 
     def save(self) -> None:
         """Write the full resume state atomically (main process only) and prune old ones."""
