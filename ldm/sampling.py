@@ -106,9 +106,10 @@ TRAINED_SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "
                          "prediction_type")
 
 
-def trained_schedule(scheduler) -> dict:
-    """The `TRAINED_SCHEDULE_KEYS` of `scheduler`'s config (those it has)."""
-    return {key: scheduler.config[key] for key in TRAINED_SCHEDULE_KEYS if key in scheduler.config}
+def trained_schedule(scheduler_config) -> dict:
+    """The `TRAINED_SCHEDULE_KEYS` of a scheduler's config (those it has): its `.config`, or its saved
+    scheduler_config.json read as a dict."""
+    return {key: scheduler_config[key] for key in TRAINED_SCHEDULE_KEYS if key in scheduler_config}
 
 
 def check_scheduler(scheduler, trained: dict | None = None) -> None:
@@ -127,7 +128,7 @@ def check_scheduler(scheduler, trained: dict | None = None) -> None:
         raise ValueError(f"{name} is made for models trained on another noise schedule (flow matching, EDM), not "
                          f"this model's discrete-time one; use a scheduler that has it, e.g. pipe.scheduler = "
                          f"EulerDiscreteScheduler.from_config(pipe.scheduler.config) (or DDIM, UniPC, DPM-Solver++)")
-    differ = {key: value for key, value in trained_schedule(scheduler).items()
+    differ = {key: value for key, value in trained_schedule(scheduler.config).items()
               if key in (trained or {}) and value != trained[key]}
     if differ:
         raise ValueError(f"{name} has {', '.join(f'{k}={v!r}' for k, v in differ.items())}, but this model was "

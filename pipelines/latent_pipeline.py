@@ -91,7 +91,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             check_tokenizer(tokenizer, text_encoder)
         # the noise schedule and prediction type the UNet was trained with, as its scheduler has them: a scheduler
         # swapped in later with others (made without from_config) is refused at sampling (ldm.sampling.check_scheduler)
-        self.trained_schedule = trained_schedule(scheduler) if scheduler is not None else None
+        self.trained_schedule = trained_schedule(scheduler.config) if scheduler is not None else None
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=True)
 

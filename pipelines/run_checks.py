@@ -18,7 +18,7 @@ from common.checkpoint import check_safetensors, folder_fingerprint
 from common.errors import RunFolderError
 from common.run import WRITTEN_BY
 from ldm.lora import adapted_layers
-from ldm.sampling import TRAINED_SCHEDULE_KEYS, check_scheduler
+from ldm.sampling import check_scheduler, trained_schedule
 
 
 def check_savable(pipe: Any, kwargs: dict) -> None:
@@ -44,12 +44,11 @@ def check_savable(pipe: Any, kwargs: dict) -> None:
 
 def run_trained_schedule(folder: Path) -> dict | None:
     """The noise schedule and prediction type in a run folder's scheduler/scheduler_config.json (what train-ldm
-    trained the UNet with; `ldm.sampling.TRAINED_SCHEDULE_KEYS`), or None where there is none."""
+    trained the UNet with; `ldm.sampling.trained_schedule`), or None where there is none."""
     config = folder / "scheduler" / "scheduler_config.json"
     if not config.is_file():
         return None
-    return {key: value for key, value in json.loads(config.read_text(encoding="utf-8")).items()
-            if key in TRAINED_SCHEDULE_KEYS}
+    return trained_schedule(json.loads(config.read_text(encoding="utf-8")))
 
 
 def remove_stale_shard_index(folder: Path) -> None:
