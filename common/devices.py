@@ -21,6 +21,15 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
 
 
+def fits_on(device: torch.device, nbytes: int, share: float = 0.25) -> bool:
+    """Whether `nbytes` fit in `share` of the memory `device` has free (GPU memory, or the machine's RAM)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return nbytes <= share * free
+
+
 def refuse_multi_process(command: str) -> None:
     """`command` samples and writes in one process. Under `accelerate launch --num_processes N` (or torchrun,
     which set WORLD_SIZE) every process would repeat the same work into the same files and race on them."""

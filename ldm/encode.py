@@ -25,6 +25,7 @@ from common.checkpoint import remove_leftovers, save_tensors, writable_folder, w
 from common.cli import run_cli
 from common.config import Config, dump_config
 from common.data import image_batches, load_split
+from common.data.captions import caption_table
 from common.loop import StopSignals, TrainingInterrupted
 from common.run import RunFolder, RunLock
 from common.devices import process_state
@@ -81,21 +82,21 @@ def encode(config: Config, state, run: RunFolder) -> dict:
         for k in todo:
             rows = list(range(k * size, min(len(dataset), (k + 1) * size)))
             means, stds = [], []
+            # a shard's latents stay on the device until it is written: one copy to the host per shard, so the
+            # next batch is read from disk (into pinned memory) while the device still encodes this one
             for batch in image_batches(dataset, config.encode.batch_size, indices=rows,
-                                       num_workers=config.data.num_workers):
-                posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
-                means.append(posterior.mean.cpu())
-                stds.append(posterior.std.cpu())
+                                       num_workers=config.data.num_workers, pin_memory=device.type == "cuda"):
+                posterior = vae.encode(batch["pixel_values"].to(device, non_blocking=True)).latent_dist
+                means.append(posterior.mean)
+                stds.append(posterior.std)
                 progress.update(len(batch["pixel_values"]))
                 if signals.received is not None:
                     progress.close()
                     print("[encode] interrupted; finished shards are kept. Re-run the same command to resume.")
                     raise TrainingInterrupted(128 + signals.received)
-            captions = torch.full((len(rows), max_captions), -1, dtype=torch.int32)
-            for j, row in enumerate(rows):
-                captions[j, :len(dataset.caption_ids[row])] = torch.tensor(dataset.caption_ids[row])
+            captions = caption_table([dataset.caption_ids[row] for row in rows], max_captions).to(torch.int32)
             save_tensors(run.latents / shard_name(k), {
-                "mean": torch.cat(means), "std": torch.cat(stds), "row": torch.tensor(rows),
+                "mean": torch.cat(means).cpu(), "std": torch.cat(stds).cpu(), "row": torch.tensor(rows),
                 "label": torch.tensor([dataset.labels[r] for r in rows]),
                 "holdout": torch.tensor([dataset.holdout[r] for r in rows], dtype=torch.uint8),
                 "captions": captions}, {"key": key, "shard": k})

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,12 +180,3 @@ def load_cache(folder: Path, vae_hash: str, dataset_hash: str) -> LatentCache:
     return LatentCache(shards, data["shard"][order], data["local"][order], torch.from_numpy(data["label"][order]).long(),
                        torch.from_numpy(data["holdout"][order]).bool(), torch.from_numpy(data["captions"][order]).long(),
                        manifest["captions"], manifest)
-
-
-def fits_on(device: torch.device, nbytes: int, share: float = 0.25) -> bool:
-    """Whether `nbytes` fit in `share` of the memory `device` has free (GPU memory, or the machine's RAM)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return nbytes <= share * free

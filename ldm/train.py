@@ -20,13 +20,14 @@ import torch
 from common.checkpoint import atomic_directory, folder_fingerprint
 from common.cli import run_cli
 from common.config import Config, LDMConfig
+from common.devices import fits_on
 from common.errors import UserError
 from common.run import RunFolder
 from common.data import ImageDataset, StepBatches, steps_for
 from common.images import prompt_grid
 from common.loop import evaluating
 from common.training import Trainer
-from ldm.latents import LatentCache, fits_on, load_cache, vae_fingerprint
+from ldm.latents import LatentCache, load_cache, vae_fingerprint
 from ldm.lora import LORA_FILE, add_lora, merged, save_lora
 from ldm.model import build_noise_scheduler, diffusion_loss, inference_scheduler, initial_unet
 from ldm.sampling import sample_images

@@ -29,7 +29,9 @@ from common.cli import run_cli
 from common.config import ClipConfig, Config
 from common.errors import UserError
 from common.pretrained import adopt_architecture, init_source
-from common.data import ImageDataset, StepBatches, augment_batch, image_batches, load_train_and_holdout, steps_for
+from common.data import (ImageDataset, StepBatches, TrainingImages, augment_batch, image_batches, load_train_and_holdout,
+                         steps_for)
+from common.data.captions import CaptionDraw
 from common.training import Trainer
 from ldm.text import caption_variants, check_classes_read_apart, prompt_separation, tokenize, train_tokenizer
 
@@ -142,8 +144,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         caption_ids = tokenize(tokenizer, [v for group in variants for v in group]).input_ids
         caption_ids = caption_ids.view(len(variants), cfg.caption_variants + 1, -1).to(device)
         empty_prompt = tokenize(tokenizer, [""]).input_ids.to(device)  # (1, L): a negative in every batch
-        captions_per_image = [torch.tensor(ids) for ids in train_set.caption_ids]
-        labels = torch.tensor(train_set.labels)
+        choose_captions = CaptionDraw(train_set.caption_ids, device)
+        labels = torch.tensor(train_set.labels, device=device)
 
         model = trainer.add("clip", clip_model)
         trainer.describe_batch()
@@ -151,33 +153,30 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         start = trainer.resume()
         sampler = StepBatches(len(train_set), cfg.batch_size, config.seed, start, trainer.rank, trainer.world_size,
                               cfg.grad_accum)
-        batches = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=config.data.num_workers,
-                                                   persistent_workers=config.data.num_workers > 0))
+        training_images = TrainingImages(train_set, sampler, device, config.data.num_workers)
+        trainer.print(f"[clip] training images {training_images.describe()}")
 
         with trainer.running(total_steps):
             for step in range(start, total_steps):
                 trainer.set_learning_rate(step)
                 trainer.reseed(step)
                 for micro in range(cfg.grad_accum):
-                    batch = next(batches)
-                    index = batch["index"]
-                    # one of each image's captions, drawn from the step's seeded generator
-                    chosen = torch.stack([ids[torch.randint(len(ids), ())] for ids in (captions_per_image[i] for i in index)])
+                    images, rows = training_images.batch(step, micro)  # (B, C, H, W) in [-1, 1], (B,)
+                    chosen = choose_captions(rows)  # (B,) one of each image's captions, from the step's seeded generator
                     if train_set.classes:  # same class = positive pair
-                        positives = labels[index][:, None] == labels[index][None, :]
+                        positives = labels[rows][:, None] == labels[rows][None, :]
                     else:  # free captions: identical text = positive pair
                         positives = chosen[:, None] == chosen[None, :]
-                    images = batch["pixel_values"].to(device)
-                    if cfg.augment:
+                    if cfg.augment:  # (the draws keep this order: on the CPU all three share one generator)
                         images = augment_batch(images, config.data.augment)
-                    variant = torch.randint(cfg.caption_variants + 1, (len(chosen),))
-                    texts = caption_ids[chosen.to(device), variant.to(device)]  # (B, L)
+                    variant = torch.randint(cfg.caption_variants + 1, (len(chosen),), device=device)
+                    texts = caption_ids[chosen, variant]  # (B, L)
                     if cfg.empty_prompt_negative:  # (B + 1, L): one more text, matching no image
                         texts = torch.cat([texts, empty_prompt])
                         positives = torch.cat([positives, positives.new_zeros(len(positives), 1)], 1)  # (B, B + 1)
                     with trainer.no_sync("clip", micro):
                         out = model(input_ids=texts, pixel_values=images)
-                        loss = contrastive_loss(out.logits_per_image, positives.to(device))
+                        loss = contrastive_loss(out.logits_per_image, positives)
                         trainer.backward(loss / cfg.grad_accum)
                 trainer.check_finite(trainer.optimizer_step("clip"), step)
                 trainer.update_ema(step)

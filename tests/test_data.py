@@ -323,6 +323,49 @@ def test_step_batches_are_resumable_and_disjoint_across_ranks():
     assert sorted(seen) == list(range(100))
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_training_images_held_on_the_device_or_streamed_give_the_same_batches(class_folder, monkeypatch, channels):
+    """A step's images and rows are the same whether the dataset is held on the device or read by a DataLoader,
+    and are the DataLoader's own items (pixels.to_tensor), bit for bit and in the same memory layout (which
+    picks the convolution kernels), at every micro-batch of a resumed run."""
+    import common.data.batching as batching
+
+    config = DataConfig(name="", path=str(class_folder), image_size=16, channels=channels, holdout_fraction=0)
+    dataset = load_split(config, "train")
+    held = batching.TrainingImages(dataset, StepBatches(len(dataset), 5, seed=1, start_step=2, grad_accum=2), "cpu")
+    monkeypatch.setattr(batching, "fits_on", lambda device, nbytes: False)
+    streamed = batching.TrainingImages(dataset, StepBatches(len(dataset), 5, seed=1, start_step=2, grad_accum=2), "cpu")
+    assert held.resident is not None and held.resident.dtype == torch.uint8 and streamed.resident is None
+    size = {3: "0.0132 MB", 1: "0.00439 MB"}[channels]  # 18 x 16 x 16 x channels bytes
+    assert (held.describe(), streamed.describe()) == (f"held on cpu ({size})", f"read from disk each step ({size})")
+    for step in (2, 3, 4):
+        for micro in (0, 1):
+            (a, rows_a), (b, rows_b) = held.batch(step, micro), streamed.batch(step, micro)
+            assert rows_a.tolist() == rows_b.tolist() == held.sampler.indices(step, micro)
+            assert torch.equal(a, b) and a.dtype == torch.float32 and a.stride() == b.stride()
+            assert torch.equal(a, torch.stack([dataset[i]["pixel_values"] for i in rows_a.tolist()]))
+
+
+def test_caption_draw_is_uniform_per_image_and_the_per_image_draw_it_replaced():
+    """One kernel for a whole batch: on the CPU it gives, number for number, what torch.randint(count, ()) gave
+    image by image (so CPU runs train as before), for images with 1, 2, 3 and 5 captions."""
+    from common.data.captions import CaptionDraw, caption_table
+
+    caption_ids = [[0], [1, 2], [3, 4, 5], [6, 7, 8, 9, 10], [11, 12]]
+    assert caption_table(caption_ids).tolist()[:2] == [[0, -1, -1, -1, -1], [1, 2, -1, -1, -1]]
+    draw = CaptionDraw(caption_ids, "cpu")
+    assert draw.draw_range == 30
+    rows = torch.tensor([3, 0, 1, 2, 3, 4, 2] * 300)
+    torch.manual_seed(7)
+    chosen = draw(rows)
+    torch.manual_seed(7)
+    one_by_one = [caption_ids[r][torch.randint(len(caption_ids[r]), ())] for r in rows.tolist()]
+    assert chosen.tolist() == one_by_one
+    for r in range(5):  # every caption of every image is drawn, and only its own
+        assert set(chosen[rows == r].tolist()) == set(caption_ids[r])
+    assert CaptionDraw([[0]] + [[i] * n for i, n in enumerate(range(2, 60))], "cpu").draw_range == 2**62
+
+
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         list_dataset(folder_config(tmp_path / "nope"))

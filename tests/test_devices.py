@@ -12,6 +12,8 @@ from common.errors import UserError
 from common.training import Trainer
 from conftest import tiny_config
 from ldm.train import main as ldm_main
+from ldm.train_clip import main as clip_main
+from vae.train import main as vae_main
 
 SYNCING = ["item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy"]
 
@@ -30,23 +32,34 @@ def count_host_syncs(monkeypatch) -> dict:
     return counts
 
 
-def ldm_syncs(tiny_run, tmp_path, monkeypatch, steps: int) -> dict:
-    run = tmp_path / f"run{steps}"
+STAGES = {"vae": vae_main, "clip": clip_main, "ldm": ldm_main}
+
+
+def quiet_config(run, stage: str, steps: int):
+    """The tiny config training `stage` for `steps` steps with no logs, saves or previews on the way."""
+    keys = ("log_every", "save_every") + (("sample_every",) if stage != "clip" else ())
+    return tiny_config(run, f"{stage}.max_steps={steps}", *(f"{stage}.{key}=1000" for key in keys))
+
+
+def stage_syncs(tiny_run, tmp_path, monkeypatch, stage: str, steps: int) -> dict:
+    """Host syncs of training `stage` of the tiny run again for `steps` steps."""
+    run = tmp_path / f"{stage}{steps}"
     shutil.copytree(tiny_run, run)
-    shutil.rmtree(run / "train_state" / "ldm")
-    config = tiny_config(run, f"ldm.max_steps={steps}", "ldm.log_every=1000", "ldm.save_every=1000",
-                         "ldm.sample_every=1000")
+    shutil.rmtree(run / "train_state" / stage)
+    config = quiet_config(run, stage, steps)
     with monkeypatch.context() as patch:
         counts = count_host_syncs(patch)
-        ldm_main(config)
+        STAGES[stage](config)
     return counts
 
 
-def test_a_train_ldm_step_does_not_wait_for_the_device(tiny_run, tmp_path, monkeypatch):
-    """3 steps and 9 steps of train-ldm read tensors to the host equally often: the 6 extra steps never do.
-    (Logging, checkpoints and previews do, every log_every / save_every / sample_every steps.)"""
-    short = ldm_syncs(tiny_run, tmp_path, monkeypatch, 3)
-    long = ldm_syncs(tiny_run, tmp_path, monkeypatch, 9)
+@pytest.mark.parametrize("stage", ["ldm", "vae", "clip"])
+def test_a_training_step_does_not_wait_for_the_device(tiny_run, tmp_path, monkeypatch, stage):
+    """3 steps and 9 steps of a stage read tensors to the host equally often: the 6 extra steps never do.
+    (Logging, checkpoints and previews do, every log_every / save_every / sample_every steps.) train-vae and
+    train-clip gather their images and captions on the device; train-ldm its latents and text states."""
+    short = stage_syncs(tiny_run, tmp_path, monkeypatch, stage, 3)
+    long = stage_syncs(tiny_run, tmp_path, monkeypatch, stage, 9)
     assert sum(short.values()) > 0  # the counter sees the syncs of setup, the final log and the export
     assert long == short
 
@@ -59,11 +72,12 @@ def test_the_sync_counter_sees_a_sync(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.set_sync_debug_mode)")
-def test_train_ldm_steps_run_under_cuda_sync_debug_mode_error(tiny_run, tmp_path, monkeypatch):
-    """On a GPU: the middle steps of train-ldm run with torch.cuda.set_sync_debug_mode('error')."""
+@pytest.mark.parametrize("stage", ["ldm", "vae", "clip"])
+def test_training_steps_run_under_cuda_sync_debug_mode_error(tiny_run, tmp_path, monkeypatch, stage):
+    """On a GPU: the middle steps of each training stage run with torch.cuda.set_sync_debug_mode('error')."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    shutil.rmtree(run / "train_state" / "ldm")
+    shutil.rmtree(run / "train_state" / stage)
     reseed, save_if_due = Trainer.reseed, Trainer.save_if_due
 
     def strict_reseed(self, step):
@@ -78,7 +92,7 @@ def test_train_ldm_steps_run_under_cuda_sync_debug_mode_error(tiny_run, tmp_path
     monkeypatch.setattr(Trainer, "reseed", strict_reseed)
     monkeypatch.setattr(Trainer, "save_if_due", relaxed_save)
     try:
-        ldm_main(tiny_config(run, "ldm.max_steps=6", "ldm.log_every=1000", "ldm.save_every=1000", "ldm.sample_every=1000"))
+        STAGES[stage](quiet_config(run, stage, 6))
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

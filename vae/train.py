@@ -19,7 +19,7 @@ import torch
 from common.checkpoint import atomic_directory, write_json
 from common.cli import run_cli
 from common.config import Config
-from common.data import StepBatches, augment_batch, load_train_and_holdout, spread_indices, steps_for
+from common.data import StepBatches, TrainingImages, augment_batch, load_train_and_holdout, spread_indices, steps_for
 from common.loop import evaluating
 from common.training import Trainer
 from vae.model import (AutoencoderWithPosterior, PatchDiscriminator, autoencoder_loss, build_perceptual_loss, initial_vae,
@@ -62,10 +62,10 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
 
         total_steps = steps_for(cfg.max_steps, cfg.epochs, len(train_set), trainer.global_batch)
         start = trainer.resume()
-        batches = iter(torch.utils.data.DataLoader(
-            train_set, num_workers=config.data.num_workers, persistent_workers=config.data.num_workers > 0,
-            batch_sampler=StepBatches(len(train_set), cfg.batch_size, config.seed, start, trainer.rank,
-                                      trainer.world_size, cfg.grad_accum)))
+        sampler = StepBatches(len(train_set), cfg.batch_size, config.seed, start, trainer.rank, trainer.world_size,
+                              cfg.grad_accum)
+        training_images = TrainingImages(train_set, sampler, device, config.data.num_workers)
+        trainer.print(f"[vae] training images {training_images.describe()}")
         grid_images = torch.stack([holdout_set[i]["pixel_values"] for i in spread_indices(len(holdout_set), 32)]).to(device)
 
         with trainer.running(total_steps):
@@ -74,7 +74,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                 trainer.reseed(step)
                 gan_on = use_gan and step >= cfg.disc_start
                 for micro in range(cfg.grad_accum):
-                    images = next(batches)["pixel_values"].to(device)  # (B, C, H, W) in [-1, 1]
+                    images, _ = training_images.batch(step, micro)  # (B, C, H, W) in [-1, 1]
                     if cfg.augment:
                         images = augment_batch(images, config.data.augment)
                     with trainer.no_sync("vae", micro), frozen(trainer.unwrap("disc")) if gan_on else nullcontext() as judge:

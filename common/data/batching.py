@@ -1,12 +1,15 @@
-"""Batches: a deterministic, resumable stream of epochs for training, and plain ordered batches."""
+"""Batches: a deterministic, resumable stream of epochs for training, the pixels a training step reads, and plain
+ordered batches."""
 
 from __future__ import annotations
 
 import math
 from typing import Iterator
 
+import numpy as np
 import torch
 
+from common.devices import fits_on
 from common.seeding import seed_from
 
 
@@ -60,6 +63,61 @@ class StepBatches(torch.utils.data.Sampler):
         return 2**62
 
 
+class TrainingImages:
+    """The training images of a stage that trains on pixels (`train-vae`, `train-clip`), batch by batch.
+
+    When they fit in a quarter of the device's free memory (every built-in dataset, and folders of a few
+    hundred thousand small images on a GPU), all of them are read once into one (N, C, H, W) uint8 tensor on
+    the device, and a step gathers its rows there: no Python per image, no copy from the host, nothing that
+    waits for the device. Otherwise a DataLoader reads a step's files (`data.num_workers` processes) into
+    pinned memory and copies them over without blocking. Both give the same pixels for the same step.
+    """
+
+    def __init__(self, dataset: "torch.utils.data.Dataset", sampler: StepBatches, device: torch.device,
+                 num_workers: int = 0):
+        self.sampler, self.device = sampler, torch.device(device)
+        first = np.asarray(dataset.pixels(0))  # (H, W, C) uint8: every image has the configured size
+        self.nbytes = len(dataset) * first.nbytes
+        self.resident: torch.Tensor | None = None  # (N, C, H, W) uint8 on the device
+        if fits_on(self.device, self.nbytes):
+            loader = torch.utils.data.DataLoader(_Pixels(dataset), batch_size=256, num_workers=num_workers)
+            # NCHW strides even for one channel (where .contiguous() would keep the permuted ones): the DataLoader's
+            # batches have them, and convolutions pick their kernels (and so their last bits) by the strides
+            images = torch.cat(list(loader)).permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
+            self.resident = images.to(self.device)
+        else:
+            self._batches = iter(torch.utils.data.DataLoader(
+                dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
+                pin_memory=self.device.type == "cuda"))
+
+    def describe(self) -> str:
+        size = f"{self.nbytes / 2**20:.3g} MB"
+        return f"held on {self.device} ({size})" if self.resident is not None else f"read from disk each step ({size})"
+
+    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch `micro` of step `step` (called in step order): the images (B, C, H, W) float32 in [-1, 1]
+        and their rows in the dataset (B,) int64, both on the device."""
+        if self.resident is not None:
+            rows = self.sampler.index_tensor(step, micro, self.device)
+            return self.resident[rows].float().div(127.5).sub(1.0), rows  # as pixels.to_tensor, bit for bit
+        batch = next(self._batches)  # the DataLoader's sampler yields the same steps in the same order
+        return (batch["pixel_values"].to(self.device, non_blocking=True),
+                batch["index"].to(self.device, non_blocking=True))
+
+
+class _Pixels(torch.utils.data.Dataset):
+    """A dataset's images as (H, W, C) uint8 tensors: what `TrainingImages` loads once, with worker processes."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.dataset.pixels(i), copy=True))
+
+
 def steps_for(config_max_steps: int, epochs: float, size: int, global_batch: int) -> int:
     """The step budget: `max_steps`, or fewer when `epochs` is set and reached first."""
     if epochs > 0:
@@ -74,10 +132,11 @@ def spread_indices(length: int, count: int) -> list[int]:
 
 
 def image_batches(dataset: torch.utils.data.Dataset, batch_size: int, limit: int | None = None,
-                  indices: list[int] | None = None, num_workers: int = 0) -> Iterator[dict]:
-    """The dataset's images in order (or `indices`), un-augmented, in batches."""
+                  indices: list[int] | None = None, num_workers: int = 0, pin_memory: bool = False) -> Iterator[dict]:
+    """The dataset's images in order (or `indices`), un-augmented, in batches (in pinned memory, for copies to a
+    GPU that do not block, with `pin_memory`)."""
     if indices is None:
         indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers)
+                                         shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
     yield from loader

@@ -8,8 +8,11 @@ is called.
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
+
+import torch
 
 from common.data.listing import Listing
 from common.errors import DatasetError
@@ -92,3 +95,29 @@ def build_captions(listing: Listing, templates: list[str]) -> tuple[list[str], l
         seen[said] = image_class.key
         per_class.append(ids)
     return captions, [per_class[label] for label in listing.labels]
+
+
+def caption_table(caption_ids: list[list[int]], width: int | None = None) -> torch.Tensor:
+    """Each image's caption indices as one (N, K) int64 table, -1 padded (K: the most any image has, or `width`)."""
+    table = torch.full((len(caption_ids), width or max(map(len, caption_ids), default=1)), -1, dtype=torch.long)
+    for row, ids in enumerate(caption_ids):
+        table[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return table
+
+
+class CaptionDraw:
+    """One of each image's captions, chosen uniformly, for a batch of rows: one kernel on the device, no Python per image.
+
+    A single draw in [0, R) taken modulo an image's caption count is uniform whenever the count divides R, so R is
+    the least common multiple of the counts (capped at 2**62, where the modulo's bias is below 2**-50). On the CPU
+    it is also, number for number, the draw `torch.randint(count, ())` made image after image."""
+
+    def __init__(self, caption_ids: list[list[int]], device: torch.device | str):
+        self.table = caption_table(caption_ids).to(device)  # (N, K)
+        self.counts = (self.table >= 0).sum(1)  # (N,)
+        self.draw_range = min(math.lcm(*{len(ids) for ids in caption_ids}), 2**62)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """Caption indices (B,) for the images `rows` (B,) on the table's device, from torch's default generator there."""
+        draws = torch.randint(self.draw_range, rows.shape, device=rows.device)
+        return self.table[rows, draws % self.counts[rows]]
