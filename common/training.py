@@ -249,9 +249,9 @@ class Trainer:
         `log_every` steps into the bar, logs/<stage>.jsonl and the trackers."""
         self._progress.update(1)
         if self._first_step_started is not None:  # compilation, if any, happens in the first step
-            self.print(f"\n[{self.stage}] first step took {time.time() - self._first_step_started:.1f} s"
-                       f"{' (torch.compile included)' if self.setup['compiled'] else ''}")
-            self._first_step_started = None
+            seconds, self._first_step_started, compiled = time.time() - self._first_step_started, None, self.setup["compiled"]
+            self.print(f"\n[{self.stage}] first step took {seconds:.1f} s{' (torch.compile included)' if compiled else ''}")
+            self.write_log({"event": "first_step", "step": step + 1, "seconds": round(seconds, 3), "compiled": compiled})
         norms = {("grad_norm" if len(self.models) == 1 else f"grad_norm_{name}"): norm
                  for name, norm in self._grad_norms.items()}
         for key, value in {**values, **norms}.items():  # summed on the device; read once per log line
@@ -318,7 +318,7 @@ class Trainer:
             self.accelerator.log({f"{record['event']}/{k}": v for k, v in record.items()
                                   if k not in ("event", "step") and isinstance(v, (int, float))}, step=record.get("step"))
         self.run.logs.mkdir(parents=True, exist_ok=True)
-        record = {"time": round(time.time() - self._started, 2), **record}
+        record = {"time": round(time.time() - self._started, 3), **record}
         with open(self.run.logs / f"{self.stage}.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
