@@ -35,10 +35,14 @@ def count_host_syncs(monkeypatch) -> dict:
 STAGES = {"vae": vae_main, "clip": clip_main, "ldm": ldm_main}
 
 
-def quiet_config(run, stage: str, steps: int):
-    """The tiny config training `stage` for `steps` steps with no logs, saves or previews on the way."""
+def quiet_overrides(stage: str, steps: int) -> list[str]:
+    """Train `stage` for `steps` steps with no logs, saves or previews on the way."""
     keys = ("log_every", "save_every") + (("sample_every",) if stage != "clip" else ())
-    return tiny_config(run, f"{stage}.max_steps={steps}", *(f"{stage}.{key}=1000" for key in keys))
+    return [f"{stage}.max_steps={steps}", *(f"{stage}.{key}=1000" for key in keys)]
+
+
+def quiet_config(run, stage: str, steps: int):
+    return tiny_config(run, *quiet_overrides(stage, steps))
 
 
 def stage_syncs(tiny_run, tmp_path, monkeypatch, stage: str, steps: int) -> dict:
@@ -62,6 +66,60 @@ def test_a_training_step_does_not_wait_for_the_device(tiny_run, tmp_path, monkey
     long = stage_syncs(tiny_run, tmp_path, monkeypatch, stage, 9)
     assert sum(short.values()) > 0  # the counter sees the syncs of setup, the final log and the export
     assert long == short
+
+
+@pytest.mark.parametrize("stage, options", [("vae", ["vae.augment=true"]), ("clip", ["clip.augment=true"]),
+                                             ("ldm", ["ldm.offset_noise=0.1", "ldm.snr_gamma=5"])])
+def test_a_training_step_makes_every_tensor_on_the_training_device(tiny_run, tmp_path, monkeypatch, stage, options):
+    """What a CPU can check of device placement: the middle steps run with torch's default device set to
+    'meta', so a tensor made without naming its device (on a GPU: made on the host, then copied over,
+    which waits for the device, or mixed with device tensors, which fails) cannot be copied or computed
+    with, and the step fails. Logging and checkpoints (every log_every / save_every steps) may read to
+    the host. Before: augmentation drew its random numbers on the host in train-vae and train-clip."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "train_state" / stage)
+    reseed, save_if_due = Trainer.reseed, Trainer.save_if_due
+
+    def strict_reseed(self, step):
+        reseed(self, step)
+        if 1 <= step < self.total_steps - 1:
+            torch.set_default_device("meta")
+
+    def relaxed_save(self, step):
+        torch.set_default_device(None)
+        save_if_due(self, step)
+
+    monkeypatch.setattr(Trainer, "reseed", strict_reseed)
+    monkeypatch.setattr(Trainer, "save_if_due", relaxed_save)
+    try:
+        STAGES[stage](tiny_config(run, *quiet_overrides(stage, 6), *options))
+    finally:
+        torch.set_default_device(None)
+    assert (run / "train_state" / stage / "state-00000006.safetensors").is_file()
+
+
+@pytest.mark.parametrize("scheduler", ["DPMSolverMultistepScheduler", "DDIMScheduler", "EulerAncestralDiscreteScheduler"])
+def test_a_sampling_step_makes_every_tensor_on_the_pipeline_device(pipe, scheduler):
+    """As above, for the denoising loop: from the second step on, torch's default device is 'meta', so a
+    tensor the loop made without naming its device would fail it (guidance, the scheduler's step, the
+    stochastic schedulers' noise from the generator)."""
+    import diffusers
+
+    original = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(original.config)
+
+    def strict_after_the_first_step(pipeline, i, t, tensors):
+        torch.set_default_device("meta")
+        return {}
+
+    try:
+        images = pipe(["Draw a six", "Draw a one"], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                      output_type="pt", callback_on_step_end=strict_after_the_first_step).images
+    finally:
+        torch.set_default_device(None)
+        pipe.scheduler = original
+    assert images.shape[0] == 2 and images.device.type == "cpu" and torch.isfinite(images).all()
 
 
 def test_the_sync_counter_sees_a_sync(monkeypatch):

@@ -19,10 +19,12 @@ def augment_batch(images: torch.Tensor, config: AugmentConfig) -> torch.Tensor:
     if not (config.rotate_degrees or config.translate or config.scale or config.hflip):
         return images
     n = len(images)
-    rand = torch.rand(n, 5) * 2 - 1  # (N, 5) uniform in [-1, 1]
+    # drawn where the images are: a draw on the CPU would be copied to the GPU every step, and the copy from
+    # pageable memory waits for everything queued on the device
+    rand = torch.rand(n, 5, device=images.device) * 2 - 1  # (N, 5) uniform in [-1, 1]
     angle = rand[:, 0] * math.radians(config.rotate_degrees)
     zoom = 1.0 + rand[:, 1] * config.scale
-    mirror = torch.where(rand[:, 4] < 0, -1.0, 1.0) if config.hflip else torch.ones(n)
+    mirror = torch.where(rand[:, 4] < 0, -1.0, 1.0) if config.hflip else torch.ones(n, device=images.device)
     # affine_grid maps output coordinates to input ones: the inverse of rotate-zoom-shift
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     shift = rand[:, 2:4] * config.translate * 2  # normalised coordinates span [-1, 1]
