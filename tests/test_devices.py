@@ -2,6 +2,7 @@
 accelerate's launcher settings respected. The CUDA variants run on a GPU and skip here."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,16 +42,12 @@ def quiet_overrides(stage: str, steps: int) -> list[str]:
     return [f"{stage}.max_steps={steps}", *(f"{stage}.{key}=1000" for key in keys)]
 
 
-def quiet_config(run, stage: str, steps: int):
-    return tiny_config(run, *quiet_overrides(stage, steps))
-
-
 def stage_syncs(tiny_run, tmp_path, monkeypatch, stage: str, steps: int) -> dict:
     """Host syncs of training `stage` of the tiny run again for `steps` steps."""
     run = tmp_path / f"{stage}{steps}"
     shutil.copytree(tiny_run, run)
     shutil.rmtree(run / "train_state" / stage)
-    config = quiet_config(run, stage, steps)
+    config = tiny_config(run, *quiet_overrides(stage, steps))
     with monkeypatch.context() as patch:
         counts = count_host_syncs(patch)
         STAGES[stage](config)
@@ -68,14 +65,9 @@ def test_a_training_step_does_not_wait_for_the_device(tiny_run, tmp_path, monkey
     assert long == short
 
 
-@pytest.mark.parametrize("stage, options", [("vae", ["vae.augment=true"]), ("clip", ["clip.augment=true"]),
-                                             ("ldm", ["ldm.offset_noise=0.1", "ldm.snr_gamma=5"])])
-def test_a_training_step_makes_every_tensor_on_the_training_device(tiny_run, tmp_path, monkeypatch, stage, options):
-    """What a CPU can check of device placement: the middle steps run with torch's default device set to
-    'meta', so a tensor made without naming its device (on a GPU: made on the host, then copied over,
-    which waits for the device, or mixed with device tensors, which fails) cannot be copied or computed
-    with, and the step fails. Logging and checkpoints (every log_every / save_every steps) may read to
-    the host. Before: augmentation drew its random numbers on the host in train-vae and train-clip."""
+def train_strictly(tiny_run, tmp_path, monkeypatch, stage: str, strict, relaxed, *options: str) -> Path:
+    """Train `stage` of the tiny run again for 6 steps, its middle steps (2 to 5, from reseed to save_if_due)
+    under `strict()`, the rest (setup, logging, checkpoints, export) under `relaxed()`."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     shutil.rmtree(run / "train_state" / stage)
@@ -84,10 +76,10 @@ def test_a_training_step_makes_every_tensor_on_the_training_device(tiny_run, tmp
     def strict_reseed(self, step):
         reseed(self, step)
         if 1 <= step < self.total_steps - 1:
-            torch.set_default_device("meta")
+            strict()
 
     def relaxed_save(self, step):
-        torch.set_default_device(None)
+        relaxed()
         save_if_due(self, step)
 
     monkeypatch.setattr(Trainer, "reseed", strict_reseed)
@@ -95,7 +87,20 @@ def test_a_training_step_makes_every_tensor_on_the_training_device(tiny_run, tmp
     try:
         STAGES[stage](tiny_config(run, *quiet_overrides(stage, 6), *options))
     finally:
-        torch.set_default_device(None)
+        relaxed()
+    return run
+
+
+@pytest.mark.parametrize("stage, options", [("vae", ["vae.augment=true"]), ("clip", ["clip.augment=true"]),
+                                             ("ldm", ["ldm.offset_noise=0.1", "ldm.snr_gamma=5"])])
+def test_a_training_step_makes_every_tensor_on_the_training_device(tiny_run, tmp_path, monkeypatch, stage, options):
+    """What a CPU can check of device placement: the middle steps run with torch's default device set to
+    'meta', so a tensor made without naming its device (on a GPU: made on the host, then copied over,
+    which waits for the device, or mixed with device tensors, which fails) cannot be copied or computed
+    with, and the step fails. Logging and checkpoints (every log_every / save_every steps) may read to
+    the host. Before: augmentation drew its random numbers on the host in train-vae and train-clip."""
+    run = train_strictly(tiny_run, tmp_path, monkeypatch, stage, lambda: torch.set_default_device("meta"),
+                         lambda: torch.set_default_device(None), *options)
     assert (run / "train_state" / stage / "state-00000006.safetensors").is_file()
 
 
@@ -133,26 +138,9 @@ def test_the_sync_counter_sees_a_sync(monkeypatch):
 @pytest.mark.parametrize("stage", ["ldm", "vae", "clip"])
 def test_training_steps_run_under_cuda_sync_debug_mode_error(tiny_run, tmp_path, monkeypatch, stage):
     """On a GPU: the middle steps of each training stage run with torch.cuda.set_sync_debug_mode('error')."""
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    shutil.rmtree(run / "train_state" / stage)
-    reseed, save_if_due = Trainer.reseed, Trainer.save_if_due
-
-    def strict_reseed(self, step):
-        reseed(self, step)
-        if 1 <= step < self.total_steps - 1:
-            torch.cuda.set_sync_debug_mode("error")
-
-    def relaxed_save(self, step):
-        torch.cuda.set_sync_debug_mode("default")
-        save_if_due(self, step)
-
-    monkeypatch.setattr(Trainer, "reseed", strict_reseed)
-    monkeypatch.setattr(Trainer, "save_if_due", relaxed_save)
-    try:
-        STAGES[stage](quiet_config(run, stage, 6))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    run = train_strictly(tiny_run, tmp_path, monkeypatch, stage, lambda: torch.cuda.set_sync_debug_mode("error"),
+                         lambda: torch.cuda.set_sync_debug_mode("default"))
+    assert (run / "train_state" / stage / "state-00000006.safetensors").is_file()
 
 
 def test_stages_in_one_process_may_use_different_precisions():
