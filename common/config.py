@@ -208,6 +208,8 @@ class EvalConfig:
 class Config:
     run_dir: str = ""  # default: checkpoints/<config file name>
     seed: int = 0
+    # deterministic kernels in the training stages: on a GPU, bit-identical reruns of one seed (slower); a CPU's repeat anyway
+    deterministic: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)

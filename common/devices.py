@@ -106,7 +106,7 @@ def resolve_trackers(setting: str, key: str = "report_to") -> list[str]:
 
 
 def make_accelerator(mixed_precision: str = "no", compile_mode: str = "auto", trackers: list[str] | None = None,
-                     logging_dir: str | os.PathLike | None = None) -> Accelerator:
+                     logging_dir: str | os.PathLike | None = None, deterministic: bool = False) -> Accelerator:
     """An Accelerator in `mixed_precision` (already resolved), on CUDA when there is a GPU; otherwise the
     CPU, where several processes started by `accelerate launch --multi_gpu` / torchrun train over gloo.
 
@@ -115,6 +115,7 @@ def make_accelerator(mixed_precision: str = "no", compile_mode: str = "auto", tr
     that state is reset here. The process group (accelerate's PartialState) is kept. An earlier
     stage's Accelerator reads the shared state too, so build each stage's when the stage starts.
     `trackers` (see `resolve_trackers`) log under `logging_dir` once `init_trackers` is called.
+    `deterministic` (the config's) chooses deterministic kernels for this stage, or the fastest ones.
     """
     dynamo = None if compile_mode == "auto" else TorchDynamoPlugin(
         backend="no" if compile_mode == "no" else "inductor", mode=None if compile_mode == "no" else compile_mode)
@@ -124,12 +125,27 @@ def make_accelerator(mixed_precision: str = "no", compile_mode: str = "auto", tr
     if not on_cpu():  # TF32 matmuls and convolutions: fp32 accuracy is not needed for training
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    use_deterministic_kernels(deterministic)
     project = ProjectConfiguration(project_dir=str(logging_dir), logging_dir=str(logging_dir)) if logging_dir else None
     # accumulation is the stages' own (no_sync, loss / grad_accum): accelerate's must stay 1, whatever the env says
     return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu(),
                        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
                        step_scheduler_with_optimizer=False, dynamo_plugin=dynamo, log_with=trackers or None,
                        project_config=project)
+
+
+def use_deterministic_kernels(enabled: bool) -> None:
+    """Deterministic kernels or the fastest ones, set per stage (the flags are process-wide, so a stage after a
+    deterministic one in the same process is not slowed). On a GPU, atomic adds (cuDNN's convolution backward
+    algorithms, index and embedding backward) sum in a different order each run, so two runs of one seed
+    drift apart; deterministic ones make them repeat bit for bit, at some cost in speed. An op with no
+    deterministic kernel warns (warn_only) instead of stopping the run. A CPU's kernels already repeat."""
+    if enabled:  # cuBLAS reads this when the process makes its first handle: set it before any CUDA matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.deterministic = enabled
+    if enabled:  # benchmark mode picks the fastest algorithm per run, so runs could differ
+        torch.backends.cudnn.benchmark = False
 
 
 def process_state() -> PartialState:

@@ -66,7 +66,7 @@ class Trainer:
         refuse_launcher_accumulation(f"{stage}.grad_accum")
         self.run.check_writable(stage, self.run.logs, self.run.logs / stage, self.run.train_state(stage), self.run.samples)
         self.accelerator = make_accelerator(resolve_mixed_precision(train.mixed_precision, f"{stage}.mixed_precision"),
-                                            train.compile, self.trackers, self.run.logs)
+                                            train.compile, self.trackers, self.run.logs, config.deterministic)
         self.device = self.accelerator.device
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
@@ -90,9 +90,7 @@ class Trainer:
         self._sums: dict[str, torch.Tensor | float] = {}
         self._count = 0
         self.last_logged: dict[str, float] = {}  # the means of the last log line (the stage's final loss)
-        self._signals = StopSignals()
-        self._saved_step = -1
-        self._progress = None
+        self._signals, self._saved_step, self._progress = StopSignals(), -1, None
         self._started = time.time()
         self._first_step_started: float | None = None
         self.print(dump_config(config))  # saved as run/config.yaml once the inputs are checked (running)

@@ -143,6 +143,23 @@ def test_training_steps_run_under_cuda_sync_debug_mode_error(tiny_run, tmp_path,
     assert (run / "train_state" / stage / "state-00000006.safetensors").is_file()
 
 
+def test_deterministic_kernels_are_each_stages_choice(monkeypatch):
+    """config.deterministic sets torch's deterministic algorithms (warning, not stopping, where an op has none),
+    cuDNN's deterministic mode and cuBLAS's workspace; the next stage's Accelerator sets its own choice, so a
+    notebook's later run is not slowed by an earlier one's."""
+    import os
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        make_accelerator("no", deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        make_accelerator("no")
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    finally:
+        common.devices.use_deterministic_kernels(False)
+
+
 def test_stages_in_one_process_may_use_different_precisions():
     """accelerate's process-wide state refuses a second precision; make_accelerator resets it per stage."""
     from accelerate import Accelerator
