@@ -675,7 +675,7 @@ def load_script(name: str, folder: str = "scripts"):
 
 @pytest.mark.parametrize("argv, message", [
     (["configs/nope.yaml"], "config file 'configs/nope.yaml' not found; the shipped ones are in configs/"),
-    ([str(TINY), "--set", "foo.bar=1"], "unknown config key 'foo'; known keys here: clip, data, encode, evaluate, ldm, "
+    ([str(TINY), "--set", "foo.bar=1"], "unknown config key 'foo'; known keys here: clip, data, deterministic, encode, evaluate, ldm, "
                                         "run_dir, sample, seed, text_encoder, vae"),
 ])
 def test_quickstart_refuses_a_bad_config_or_override_in_one_line_before_any_stage(argv, message, capsys):
