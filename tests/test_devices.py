@@ -127,6 +127,28 @@ def test_a_sampling_step_makes_every_tensor_on_the_pipeline_device(pipe, schedul
     assert images.shape[0] == 2 and images.device.type == "cpu" and torch.isfinite(images).all()
 
 
+def test_evaluates_classifier_steps_make_every_tensor_on_its_device(monkeypatch):
+    """As above, for the loop that trains evaluate's classifier (part of every quickstart): from its second
+    step on the default device is 'meta'. Before: its augmentation drew on the host (copied to a GPU per step)."""
+    import pipelines.quality as quality
+
+    def strict_after_the_first_step(steps, **progress):
+        for step in range(steps):
+            if step == 1:
+                torch.set_default_device("meta")
+            yield step
+
+    monkeypatch.setattr(quality, "trange", strict_after_the_first_step)
+    torch.manual_seed(0)
+    model = quality.DigitClassifier(1, 3)
+    images, labels = torch.rand(12, 1, 16, 16) * 2 - 1, torch.arange(12) % 3
+    try:
+        quality.fit_classifier(model, images, labels, steps=4, batch_size=6)
+    finally:
+        torch.set_default_device(None)
+    assert not model.training and all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_the_sync_counter_sees_a_sync(monkeypatch):
     counts = count_host_syncs(monkeypatch)
     value = torch.ones(3).sum()
