@@ -92,13 +92,16 @@ def train_strictly(tiny_run, tmp_path, monkeypatch, stage: str, strict, relaxed,
 
 
 @pytest.mark.parametrize("stage, options", [("vae", ["vae.augment=true"]), ("clip", ["clip.augment=true"]),
-                                             ("ldm", ["ldm.offset_noise=0.1", "ldm.snr_gamma=5"])])
+                                             ("ldm", ["ldm.offset_noise=0.1", "ldm.snr_gamma=5"]),
+                                             # 160 training images: step 2 (items 128-191) starts epoch 1
+                                             ("vae", ["vae.batch_size=64"]), ("ldm", ["ldm.batch_size=64"])])
 def test_a_training_step_makes_every_tensor_on_the_training_device(tiny_run, tmp_path, monkeypatch, stage, options):
     """What a CPU can check of device placement: the middle steps run with torch's default device set to
     'meta', so a tensor made without naming its device (on a GPU: made on the host, then copied over,
     which waits for the device, or mixed with device tensors, which fails) cannot be copied or computed
     with, and the step fails. Logging and checkpoints (every log_every / save_every steps) may read to
-    the host. Before: augmentation drew its random numbers on the host in train-vae and train-clip."""
+    the host. Before: augmentation drew its random numbers on the host in train-vae and train-clip, and a
+    new epoch's order (the first step of every epoch, and the first after a resume) on the default device."""
     run = train_strictly(tiny_run, tmp_path, monkeypatch, stage, lambda: torch.set_default_device("meta"),
                          lambda: torch.set_default_device(None), *options)
     assert (run / "train_state" / stage / "state-00000006.safetensors").is_file()

@@ -35,7 +35,9 @@ class StepBatches(torch.utils.data.Sampler):
             generator = torch.Generator().manual_seed(seed_from(self.seed, "epoch", epoch))
             # keep this epoch and the one before: a batch may straddle the boundary
             self._permutations = {k: p for k, p in self._permutations.items() if k[0] == epoch - 1}
-            self._permutations[key] = torch.randperm(self.size, generator=generator).to(device)
+            # made on the host by name (a CPU generator: the same order on every device), not on torch's default
+            # device, which a caller may have set to the GPU; then copied over once per epoch
+            self._permutations[key] = torch.randperm(self.size, generator=generator, device="cpu").to(device)
         return self._permutations[key]
 
     def index_tensor(self, step: int, micro: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
