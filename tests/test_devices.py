@@ -107,8 +107,13 @@ def test_a_training_step_makes_every_tensor_on_the_training_device(tiny_run, tmp
     assert (run / "train_state" / stage / "state-00000006.safetensors").is_file()
 
 
-@pytest.mark.parametrize("scheduler", ["DPMSolverMultistepScheduler", "DDIMScheduler", "EulerAncestralDiscreteScheduler"])
-def test_a_sampling_step_makes_every_tensor_on_the_pipeline_device(pipe, scheduler):
+@pytest.mark.parametrize("scheduler, options", [
+    ("DPMSolverMultistepScheduler", {}), ("DDIMScheduler", {}), ("EulerAncestralDiscreteScheduler", {}),
+    # every option that changes the loop: DDIM's noise (eta), rescaled and interval guidance, a negative prompt,
+    # several images per prompt from one generator each
+    ("DDIMScheduler", {"eta": 0.5, "guidance_rescale": 0.7, "guidance_interval": (0.25, 0.75),
+                       "negative_prompt": "Draw a two", "num_images_per_prompt": 2})])
+def test_a_sampling_step_makes_every_tensor_on_the_pipeline_device(pipe, scheduler, options):
     """As above, for the denoising loop: from the second step on, torch's default device is 'meta', so a
     tensor the loop made without naming its device would fail it (guidance, the scheduler's step, the
     stochastic schedulers' noise from the generator)."""
@@ -122,12 +127,14 @@ def test_a_sampling_step_makes_every_tensor_on_the_pipeline_device(pipe, schedul
         return {}
 
     try:
-        images = pipe(["Draw a six", "Draw a one"], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
-                      output_type="pt", callback_on_step_end=strict_after_the_first_step).images
+        count = 2 * options.get("num_images_per_prompt", 1)
+        generator = [torch.Generator().manual_seed(i) for i in range(count)] if count > 2 else torch.Generator().manual_seed(0)
+        images = pipe(["Draw a six", "Draw a one"], num_inference_steps=4, generator=generator, output_type="pt",
+                      callback_on_step_end=strict_after_the_first_step, **options).images
     finally:
         torch.set_default_device(None)
         pipe.scheduler = original
-    assert images.shape[0] == 2 and images.device.type == "cpu" and torch.isfinite(images).all()
+    assert images.shape[0] == count and images.device.type == "cpu" and torch.isfinite(images).all()
 
 
 def test_evaluates_classifier_steps_make_every_tensor_on_its_device(monkeypatch):
