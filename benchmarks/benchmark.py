@@ -62,6 +62,8 @@ def batch_sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, e.g. 256,1024 (got {text!r})")
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be at least 1 (got {text!r})")
+    if len(set(sizes)) < len(sizes):  # one result per size, and train-ldm's run folder is named by its batch
+        raise argparse.ArgumentTypeError(f"each batch size once (got {text!r})")
     return sizes
 
 

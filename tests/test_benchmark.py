@@ -59,6 +59,7 @@ def test_a_measurement_that_runs_out_of_memory_is_reported_not_a_failure(monkeyp
 @pytest.mark.parametrize("flag, value, message", [
     ("--batch-sizes", "256,x", "argument --batch-sizes: expected whole numbers separated by commas, e.g. 256,1024 (got '256,x')"),
     ("--sample-batch-sizes", "0", "argument --sample-batch-sizes: batch sizes must be at least 1 (got '0')"),
+    ("--batch-sizes", "4,8,4", "argument --batch-sizes: each batch size once (got '4,8,4')"),
     ("--command-steps", "0", "--command-steps must be at least 1 (got 0)")])
 def test_bad_benchmark_flags_are_one_line_before_measuring(tmp_path, capsys, flag, value, message):
     with pytest.raises(SystemExit) as exit_info:
