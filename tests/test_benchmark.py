@@ -77,12 +77,19 @@ def test_benchmark_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):
 
 def test_the_train_ldm_command_is_timed_from_its_own_log(tmp_path):
     """prepare_run makes a run folder with the real stage-one commands; ldm_command trains the real train-ldm on
-    it for 2 + 2 steps and reads its speed between the log records at steps 2 and 4."""
+    it for 2 + 2 steps and reads its speed between the log records at steps 2 and 4, whatever step budget the
+    config's train-ldm has (an epoch limit would stop it first)."""
+    import yaml
+
     from common.config_yaml import load_config
 
-    options = {"workdir": str(tmp_path), "config_path": str(TINY), "batch": 4, "command_steps": 2, "compile": "no",
-               "precision": "no", "repeats": 1}
-    config, device = load_config(TINY), torch.device("cpu")
+    settings = yaml.safe_load(TINY.read_text())
+    settings["ldm"]["epochs"] = 0.05  # 160 images at batch 4: 2 steps
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(settings))
+    options = {"workdir": str(tmp_path), "config_path": str(config_path), "batch": 4, "command_steps": 2,
+               "compile": "no", "precision": "no", "repeats": 1}
+    config, device = load_config(config_path), torch.device("cpu")
     assert measurements.prepare_run(config, device, options)["run"] == str(tmp_path / "stage-one")
     result = measurements.ldm_command(config, device, options)
     records = [json.loads(line) for line in (tmp_path / "ldm-batch4" / "logs" / "ldm.jsonl").read_text().splitlines()]
