@@ -234,8 +234,9 @@ def ldm_command(config: Config, device: torch.device, options: dict) -> dict:
     steps = options["command_steps"]
     run = Path(options["workdir"]) / f"ldm-batch{options['batch']}"
     shutil.copytree(Path(options["workdir"]) / "stage-one", run)
-    # exactly 2n steps (no epoch limit stopping it first)
+    # exactly 2n steps (no epoch limit stopping it first) of one micro-batch each, as the bare loop's
     settings = [f"run_dir={run}", f"ldm.batch_size={options['batch']}", f"ldm.max_steps={2 * steps}", "ldm.epochs=0",
+                "ldm.grad_accum=1",
                 f"ldm.log_every={steps}", f"ldm.save_every={10 * steps}", f"ldm.sample_every={10 * steps}"]
     if options["compile"] != "no":
         settings.append(f"ldm.compile={options['compile']}")

@@ -78,13 +78,13 @@ def test_benchmark_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):
 def test_the_train_ldm_command_is_timed_from_its_own_log(tmp_path):
     """prepare_run makes a run folder with the real stage-one commands; ldm_command trains the real train-ldm on
     it for 2 + 2 steps and reads its speed between the log records at steps 2 and 4, whatever step budget the
-    config's train-ldm has (an epoch limit would stop it first)."""
+    config's train-ldm has (an epoch limit would stop it first), one micro-batch a step as its bare loop takes."""
     import yaml
 
     from common.config_yaml import load_config
 
     settings = yaml.safe_load(TINY.read_text())
-    settings["ldm"]["epochs"] = 0.05  # 160 images at batch 4: 2 steps
+    settings["ldm"].update(epochs=0.05, grad_accum=2)  # 160 images at batch 4 x 2: 1 step
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(settings))
     options = {"workdir": str(tmp_path), "config_path": str(config_path), "batch": 4, "command_steps": 2,
@@ -98,3 +98,5 @@ def test_the_train_ldm_command_is_timed_from_its_own_log(tmp_path):
     assert result["seconds_per_step"] == pytest.approx((times[4] - times[2]) / 2)
     assert result["images_per_s"] == pytest.approx(4 / result["seconds_per_step"])
     assert (result["batch"], result["timed_steps"], result["mixed_precision"], result["compiled"]) == (4, 2, "no", False)
+    setup = next(r for r in records if r.get("event") == "setup")
+    assert setup["effective_batch"] == 4  # images per step: the batch images/s counts
