@@ -265,6 +265,8 @@ def ldm_options(config: Config, device: torch.device, options: dict) -> dict:
     variants = {"as used": {}, "foreach AdamW instead of fused": {"fused": False},
                 "channels_last": {"channels_last": True}, "attention without SDPA": {"classic_attention": True},
                 "half the batch": {"batch": cfg.batch_size // 2}, "twice the batch": {"batch": cfg.batch_size * 2}}
+    if cfg.batch_size < 2:  # no half of one image
+        del variants["half the batch"]
     steps = {}
     for name, option in variants.items():
         torch.manual_seed(0)

@@ -100,3 +100,14 @@ def test_the_train_ldm_command_is_timed_from_its_own_log(tmp_path):
     assert (result["batch"], result["timed_steps"], result["mixed_precision"], result["compiled"]) == (4, 2, "no", False)
     setup = next(r for r in records if r.get("event") == "setup")
     assert setup["effective_batch"] == 4  # images per step: the batch images/s counts
+
+
+def test_train_ldm_variants_at_batch_one_leave_out_half_the_batch(tmp_path):
+    from conftest import tiny_config
+
+    config = tiny_config(tmp_path / "run", "ldm.batch_size=1")
+    results = measurements.ldm_options(config, torch.device("cpu"), {"repeats": 1, "precision": "no"})
+    assert list(results) == ["as used", "foreach AdamW instead of fused", "channels_last", "attention without SDPA",
+                             "twice the batch"]
+    assert (results["as used"]["batch"], results["twice the batch"]["batch"]) == (1, 2)
+    assert all(r["images_per_s"] > 0 for r in results.values())
