@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.checkpoint import writable_file  # noqa: E402
 from common.config import ConfigError  # noqa: E402
 from common.config_yaml import load_config  # noqa: E402
+from common.data import list_dataset  # noqa: E402
 from common.devices import resolve_mixed_precision  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from measurements import MEASUREMENTS, SAMPLE_STEPS, matmul_peak_gflops, out_of_memory  # noqa: E402
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config)
         if not args.only:  # the results are written after minutes of measuring: a path that cannot take them fails now
             writable_file(args.out, "--out", "results.json")
+            list_dataset(config.data)  # prepare_run trains on it, after the first measurements: a missing one fails now
     except (ConfigError, UserError) as error:  # one line, as the commands say it, not a traceback
         parser.error(str(error))
     device = torch.device(device_type)

@@ -67,6 +67,20 @@ def test_bad_benchmark_flags_are_one_line_before_measuring(tmp_path, capsys, fla
     assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].partition(": error: ")[2] == message
 
 
+def test_a_config_whose_dataset_is_missing_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    settings = yaml.safe_load(TINY.read_text())
+    settings["data"] = {"name": "", "path": str(tmp_path / "missing"), "image_size": 16, "channels": 1}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
+    monkeypatch.setattr(benchmark, "matmul_peak_gflops", lambda *a: pytest.fail("measured before checking the data"))
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--config", str(tmp_path / "config.yaml"), "--out", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].partition(": error: ")[2] == (
+        f"dataset folder '{tmp_path / 'missing'}' does not exist; check data.path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_benchmark_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
