@@ -98,6 +98,12 @@ def main(argv: list[str] | None = None) -> None:
         if not args.only:  # the results are written after minutes of measuring: a path that cannot take them fails now
             writable_file(args.out, "--out", "results.json")
             list_dataset(config.data)  # prepare_run trains on it, after the first measurements: a missing one fails now
+        for key, value in [("vae.init_from", config.vae.init_from), ("clip.init_from", config.clip.init_from),
+                           ("text_encoder.pretrained", config.text_encoder.pretrained), ("ldm.init_from", config.ldm.init_from)]:
+            if value:  # the trained model's architecture, not the config's, is what its command would run
+                raise UserError(f"--config {args.config} sets {key}={value}, but the benchmark builds the config's own "
+                                f"models at random from its settings; benchmark the config that trained {value} instead, "
+                                f"or leave {key} out")
     except (ConfigError, UserError) as error:  # one line, as the commands say it, not a traceback
         parser.error(str(error))
     device = torch.device(device_type)

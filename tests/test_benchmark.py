@@ -81,6 +81,20 @@ def test_a_config_whose_dataset_is_missing_is_refused_before_measuring(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
+def test_a_config_that_starts_from_a_trained_model_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    """configs/mnist-finetune.yaml: the UNet's architecture comes from ldm.init_from, not from its ldm settings, so the
+    bare loop would time another UNet than train-ldm trains."""
+    monkeypatch.setattr(benchmark, "list_dataset", lambda data: None)  # its my_digits folder is the user's
+    monkeypatch.setattr(benchmark, "matmul_peak_gflops", lambda *a: pytest.fail("measured a fine-tuning config"))
+    config = ROOT / "configs" / "mnist-finetune.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--config", str(config), "--out", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].partition(": error: ")[2] == (
+        f"--config {config} sets vae.init_from=checkpoints/mnist, but the benchmark builds the config's own models at "
+        f"random from its settings; benchmark the config that trained checkpoints/mnist instead, or leave "
+        f"vae.init_from out")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_benchmark_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
