@@ -210,7 +210,8 @@ def table(r: dict) -> str:
     lines = [f"machine: {r['machine']} (torch {r['torch']}, {r['device']}, precision {r['precision']}, "
              f"compile {r['compile']}); {r['matmul_peak_gflops']:.0f} GFLOP/s matmul peak in that precision", "",
              "| measurement | batch | speed | peak memory | notes |", "| --- | --- | --- | --- | --- |",
-             f"| VAE training | {r['vae_train']['batch']} | {speed(r['vae_train'])} | {memory(r['vae_train'])} | |",
+             f"| VAE training | {r['vae_train']['batch']} | {speed(r['vae_train'])} | {memory(r['vae_train'])} | "
+             f"{r['vae_train'].get('objective', '')} |",
              f"| encode-dataset | {r['encode']['batch']} | {speed(r['encode'])} | {memory(r['encode'])} | |"]
     for batch, command in r["ldm_command"].items():
         bare, peer = r["ldm_bare"][batch], r["peer_train"][batch]

@@ -139,3 +139,14 @@ def test_train_ldm_variants_at_batch_one_leave_out_half_the_batch(tmp_path):
                              "twice the batch"]
     assert (results["as used"]["batch"], results["twice the batch"]["batch"]) == (1, 2)
     assert all(r["images_per_s"] > 0 for r in results.values())
+
+
+@pytest.mark.parametrize("disc_start, objective", [(2, "L1 + KL + PatchGAN"), (-1, "L1 + KL")])
+def test_vae_training_is_timed_with_the_configs_objective(tmp_path, monkeypatch, disc_start, objective):
+    """configs/tiny.yaml (and flowers) train the VAE with the PatchGAN from vae.disc_start: its step is timed with it."""
+    from conftest import tiny_config
+
+    monkeypatch.setattr("vae.model.lpips_backbone_available", lambda net: False)
+    config = tiny_config(tmp_path / "run", f"vae.disc_start={disc_start}")
+    result = measurements.vae_train(config, torch.device("cpu"), {"repeats": 1, "precision": "no"})
+    assert (result["objective"], result["batch"]) == (objective, 8) and result["images_per_s"] > 0
