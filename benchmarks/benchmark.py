@@ -241,11 +241,14 @@ def table(r: dict) -> str:
                   f"{ratios['train_images_per_s_bare_over_peer']:.1f}x",
                   f"- peer vs latent sampling cost per image: {ratios['sampling_cost_peer_over_ldm']:.1f}x "
                   f"(batch {best['sampling']['batch']} vs {best['peer_sampling']['batch']})"]
-    lines += ["", "train-ldm speed-ups, one changed at a time (bare loop):", "",
-              "| variant | images/s | vs as used |", "| --- | --- | --- |"]
-    base = r["ldm_options"]["as used"]["images_per_s"]
-    lines += [f"| {name} (batch {v['batch']}) | {v['images_per_s']:.0f} | {v['images_per_s'] / base:.2f}x |"
-              for name, v in r["ldm_options"].items()]
+    lines += ["", "train-ldm speed-ups, one changed at a time (bare loop):", ""]
+    if r["ldm_options"].get("out_of_memory"):  # all of them in one process, up to twice the config's ldm.batch_size
+        lines.append("out of memory (they run at the config's ldm.batch_size, half and twice it)")
+    else:
+        base = r["ldm_options"]["as used"]["images_per_s"]
+        lines += ["| variant | images/s | vs as used |", "| --- | --- | --- |"]
+        lines += [f"| {name} (batch {v['batch']}) | {v['images_per_s']:.0f} | {v['images_per_s'] / base:.2f}x |"
+                  for name, v in r["ldm_options"].items()]
     lines += ["", f"(benchmark took {r['benchmark_seconds']:.0f} s)"]
     return "\n".join(lines)
 

@@ -47,6 +47,18 @@ def test_ratios_take_each_model_at_its_best_batch_and_skip_batches_out_of_memory
     assert "- train-ldm vs peer, training images/s: 16.0x (batch 8 vs 16); the bare loop 30.0x" in lines
 
 
+def test_the_table_reports_train_ldm_variants_out_of_memory():
+    """ldm_options runs every variant in one process, twice the config's batch included: on a smaller GPU it is one
+    out-of-memory result, which the table says (the results file was written before the table)."""
+    oom = {"out_of_memory": True, "batch": None}
+    r = {"machine": "m", "torch": "t", "device": "cuda", "precision": "bf16", "compile": "no", "matmul_peak_gflops": 1.0,
+         "vae_train": {"batch": 1, "images_per_s": 1.0, "peak_mb": 1.0}, "encode": {"batch": 1, "images_per_s": 1.0, "peak_mb": 1.0},
+         "ldm_command": {}, "sampling": {}, "ldm_options": oom, "benchmark_seconds": 1.0}
+    assert benchmark.table(r).splitlines()[-5:] == [
+        "train-ldm speed-ups, one changed at a time (bare loop):", "",
+        "out of memory (they run at the config's ldm.batch_size, half and twice it)", "", "(benchmark took 1 s)"]
+
+
 def test_a_measurement_that_runs_out_of_memory_is_reported_not_a_failure(monkeypatch, capsys):
     def too_large(config, device, options):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
