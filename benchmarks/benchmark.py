@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.checkpoint import writable_file  # noqa: E402
 from common.config import ConfigError  # noqa: E402
 from common.config_yaml import load_config  # noqa: E402
+from common.data import list_dataset  # noqa: E402
 from common.devices import resolve_mixed_precision  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from measurements import MEASUREMENTS, SAMPLE_STEPS, matmul_peak_gflops, out_of_memory  # noqa: E402
@@ -62,6 +63,8 @@ def batch_sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, e.g. 256,1024 (got {text!r})")
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be at least 1 (got {text!r})")
+    if len(set(sizes)) < len(sizes):  # one result per size, and train-ldm's run folder is named by its batch
+        raise argparse.ArgumentTypeError(f"each batch size once (got {text!r})")
     return sizes
 
 
@@ -94,6 +97,13 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config)
         if not args.only:  # the results are written after minutes of measuring: a path that cannot take them fails now
             writable_file(args.out, "--out", "results.json")
+            list_dataset(config.data)  # prepare_run trains on it, after the first measurements: a missing one fails now
+        for key, value in [("vae.init_from", config.vae.init_from), ("clip.init_from", config.clip.init_from),
+                           ("text_encoder.pretrained", config.text_encoder.pretrained), ("ldm.init_from", config.ldm.init_from)]:
+            if value:  # the trained model's architecture, not the config's, is what its command would run
+                raise UserError(f"--config {args.config} sets {key}={value}, but the benchmark builds the config's own "
+                                f"models at random from its settings; benchmark the config that trained {value} instead, "
+                                f"or leave {key} out")
     except (ConfigError, UserError) as error:  # one line, as the commands say it, not a traceback
         parser.error(str(error))
     device = torch.device(device_type)
@@ -200,7 +210,8 @@ def table(r: dict) -> str:
     lines = [f"machine: {r['machine']} (torch {r['torch']}, {r['device']}, precision {r['precision']}, "
              f"compile {r['compile']}); {r['matmul_peak_gflops']:.0f} GFLOP/s matmul peak in that precision", "",
              "| measurement | batch | speed | peak memory | notes |", "| --- | --- | --- | --- | --- |",
-             f"| VAE training | {r['vae_train']['batch']} | {speed(r['vae_train'])} | {memory(r['vae_train'])} | |",
+             f"| VAE training | {r['vae_train']['batch']} | {speed(r['vae_train'])} | {memory(r['vae_train'])} | "
+             f"{r['vae_train'].get('objective', '')} |",
              f"| encode-dataset | {r['encode']['batch']} | {speed(r['encode'])} | {memory(r['encode'])} | |"]
     for batch, command in r["ldm_command"].items():
         bare, peer = r["ldm_bare"][batch], r["peer_train"][batch]
@@ -230,11 +241,14 @@ def table(r: dict) -> str:
                   f"{ratios['train_images_per_s_bare_over_peer']:.1f}x",
                   f"- peer vs latent sampling cost per image: {ratios['sampling_cost_peer_over_ldm']:.1f}x "
                   f"(batch {best['sampling']['batch']} vs {best['peer_sampling']['batch']})"]
-    lines += ["", "train-ldm speed-ups, one changed at a time (bare loop):", "",
-              "| variant | images/s | vs as used |", "| --- | --- | --- |"]
-    base = r["ldm_options"]["as used"]["images_per_s"]
-    lines += [f"| {name} (batch {v['batch']}) | {v['images_per_s']:.0f} | {v['images_per_s'] / base:.2f}x |"
-              for name, v in r["ldm_options"].items()]
+    lines += ["", "train-ldm speed-ups, one changed at a time (bare loop):", ""]
+    if r["ldm_options"].get("out_of_memory"):  # all of them in one process, up to twice the config's ldm.batch_size
+        lines.append("out of memory (they run at the config's ldm.batch_size, half and twice it)")
+    else:
+        base = r["ldm_options"]["as used"]["images_per_s"]
+        lines += ["| variant | images/s | vs as used |", "| --- | --- | --- |"]
+        lines += [f"| {name} (batch {v['batch']}) | {v['images_per_s']:.0f} | {v['images_per_s'] / base:.2f}x |"
+                  for name, v in r["ldm_options"].items()]
     lines += ["", f"(benchmark took {r['benchmark_seconds']:.0f} s)"]
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ from common.config_yaml import load_config
 from common.devices import fits_on
 from ldm.latents import LatentCache
 from ldm.model import build_noise_scheduler, build_unet, diffusion_loss, inference_scheduler
-from vae.model import AutoencoderWithPosterior, autoencoder_loss, build_vae
+from vae.model import AutoencoderWithPosterior, PatchDiscriminator, autoencoder_loss, build_perceptual_loss, build_vae, hinge_d_loss
 
 SAMPLE_STEPS = 20
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -126,15 +126,25 @@ def latent_shape(config: Config) -> tuple[int, int, int]:
 
 
 def vae_train(config: Config, device: torch.device, options: dict) -> dict:
-    """train-vae's step on random images at the config's batch: the config's objective (MNIST: L1 + KL;
-    LPIPS and the discriminator only when the config turns them on)."""
+    """train-vae's step on random images at the config's batch: the config's objective (L1 + KL; + LPIPS when its
+    backbone is on disk; + the PatchGAN's generator and discriminator losses, as after vae.disc_start, when it is set)."""
+    from vae.train import frozen
     cfg, data = config.vae, config.data
     with PeakMemory(device) as memory:
         autoencoder = AutoencoderWithPosterior(build_vae(cfg, data.channels, data.image_size)).to(device).train()
+        perceptual = lpips.to(device) if (lpips := build_perceptual_loss(cfg)) is not None else None
+        disc = (PatchDiscriminator(data.channels, cfg.disc_channels, cfg.disc_layers).to(device).train()
+                if cfg.disc_start >= 0 and cfg.disc_weight > 0 else None)
         images = torch.rand(cfg.batch_size, data.channels, data.image_size, data.image_size, device=device) * 2 - 1
-        step = train_step_fn(autoencoder, lambda: autoencoder_loss(autoencoder, images, cfg)[0], device, options["precision"])
+
+        def loss() -> torch.Tensor:  # as vae/train.py's step: the discriminator frozen for the generator's loss
+            with frozen(disc) if disc is not None else nullcontext() as judge:
+                total, _, recon = autoencoder_loss(autoencoder, images, cfg, perceptual, judge, autoencoder.vae.decoder.conv_out.weight)
+            return total if disc is None else total + hinge_d_loss(*disc(torch.cat([images, recon.detach()])).chunk(2))
+        step = train_step_fn(torch.nn.ModuleList([autoencoder, disc or torch.nn.Identity()]), loss, device, options["precision"])
         seconds = timed(step, device, 2, options["repeats"])
-    return {"images_per_s": cfg.batch_size / seconds, "peak_mb": memory.peak_mb, "batch": cfg.batch_size}
+    objective = " + ".join(["L1", "KL"] + ["LPIPS"] * (perceptual is not None) + ["PatchGAN"] * (disc is not None))
+    return {"images_per_s": cfg.batch_size / seconds, "peak_mb": memory.peak_mb, "batch": cfg.batch_size, "objective": objective}
 
 
 def encode(config: Config, device: torch.device, options: dict) -> dict:
@@ -234,7 +244,9 @@ def ldm_command(config: Config, device: torch.device, options: dict) -> dict:
     steps = options["command_steps"]
     run = Path(options["workdir"]) / f"ldm-batch{options['batch']}"
     shutil.copytree(Path(options["workdir"]) / "stage-one", run)
-    settings = [f"run_dir={run}", f"ldm.batch_size={options['batch']}", f"ldm.max_steps={2 * steps}",
+    # exactly 2n steps (no epoch limit stopping it first) of one micro-batch each, as the bare loop's
+    settings = [f"run_dir={run}", f"ldm.batch_size={options['batch']}", f"ldm.max_steps={2 * steps}", "ldm.epochs=0",
+                "ldm.grad_accum=1",
                 f"ldm.log_every={steps}", f"ldm.save_every={10 * steps}", f"ldm.sample_every={10 * steps}"]
     if options["compile"] != "no":
         settings.append(f"ldm.compile={options['compile']}")
@@ -263,6 +275,8 @@ def ldm_options(config: Config, device: torch.device, options: dict) -> dict:
     variants = {"as used": {}, "foreach AdamW instead of fused": {"fused": False},
                 "channels_last": {"channels_last": True}, "attention without SDPA": {"classic_attention": True},
                 "half the batch": {"batch": cfg.batch_size // 2}, "twice the batch": {"batch": cfg.batch_size * 2}}
+    if cfg.batch_size < 2:  # no half of one image
+        del variants["half the batch"]
     steps = {}
     for name, option in variants.items():
         torch.manual_seed(0)

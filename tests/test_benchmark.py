@@ -47,6 +47,18 @@ def test_ratios_take_each_model_at_its_best_batch_and_skip_batches_out_of_memory
     assert "- train-ldm vs peer, training images/s: 16.0x (batch 8 vs 16); the bare loop 30.0x" in lines
 
 
+def test_the_table_reports_train_ldm_variants_out_of_memory():
+    """ldm_options runs every variant in one process, twice the config's batch included: on a smaller GPU it is one
+    out-of-memory result, which the table says (the results file was written before the table)."""
+    oom = {"out_of_memory": True, "batch": None}
+    r = {"machine": "m", "torch": "t", "device": "cuda", "precision": "bf16", "compile": "no", "matmul_peak_gflops": 1.0,
+         "vae_train": {"batch": 1, "images_per_s": 1.0, "peak_mb": 1.0}, "encode": {"batch": 1, "images_per_s": 1.0, "peak_mb": 1.0},
+         "ldm_command": {}, "sampling": {}, "ldm_options": oom, "benchmark_seconds": 1.0}
+    assert benchmark.table(r).splitlines()[-5:] == [
+        "train-ldm speed-ups, one changed at a time (bare loop):", "",
+        "out of memory (they run at the config's ldm.batch_size, half and twice it)", "", "(benchmark took 1 s)"]
+
+
 def test_a_measurement_that_runs_out_of_memory_is_reported_not_a_failure(monkeypatch, capsys):
     def too_large(config, device, options):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -59,11 +71,40 @@ def test_a_measurement_that_runs_out_of_memory_is_reported_not_a_failure(monkeyp
 @pytest.mark.parametrize("flag, value, message", [
     ("--batch-sizes", "256,x", "argument --batch-sizes: expected whole numbers separated by commas, e.g. 256,1024 (got '256,x')"),
     ("--sample-batch-sizes", "0", "argument --sample-batch-sizes: batch sizes must be at least 1 (got '0')"),
+    ("--batch-sizes", "4,8,4", "argument --batch-sizes: each batch size once (got '4,8,4')"),
     ("--command-steps", "0", "--command-steps must be at least 1 (got 0)")])
 def test_bad_benchmark_flags_are_one_line_before_measuring(tmp_path, capsys, flag, value, message):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main([flag, value, "--out", str(tmp_path / "r.json")])
     assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].partition(": error: ")[2] == message
+
+
+def test_a_config_whose_dataset_is_missing_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    settings = yaml.safe_load(TINY.read_text())
+    settings["data"] = {"name": "", "path": str(tmp_path / "missing"), "image_size": 16, "channels": 1}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
+    monkeypatch.setattr(benchmark, "matmul_peak_gflops", lambda *a: pytest.fail("measured before checking the data"))
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--config", str(tmp_path / "config.yaml"), "--out", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].partition(": error: ")[2] == (
+        f"dataset folder '{tmp_path / 'missing'}' does not exist; check data.path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_a_config_that_starts_from_a_trained_model_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    """configs/mnist-finetune.yaml: the UNet's architecture comes from ldm.init_from, not from its ldm settings, so the
+    bare loop would time another UNet than train-ldm trains."""
+    monkeypatch.setattr(benchmark, "list_dataset", lambda data: None)  # its my_digits folder is the user's
+    monkeypatch.setattr(benchmark, "matmul_peak_gflops", lambda *a: pytest.fail("measured a fine-tuning config"))
+    config = ROOT / "configs" / "mnist-finetune.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--config", str(config), "--out", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].partition(": error: ")[2] == (
+        f"--config {config} sets vae.init_from=checkpoints/mnist, but the benchmark builds the config's own models at "
+        f"random from its settings; benchmark the config that trained checkpoints/mnist instead, or leave "
+        f"vae.init_from out")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -76,12 +117,19 @@ def test_benchmark_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):
 
 def test_the_train_ldm_command_is_timed_from_its_own_log(tmp_path):
     """prepare_run makes a run folder with the real stage-one commands; ldm_command trains the real train-ldm on
-    it for 2 + 2 steps and reads its speed between the log records at steps 2 and 4."""
+    it for 2 + 2 steps and reads its speed between the log records at steps 2 and 4, whatever step budget the
+    config's train-ldm has (an epoch limit would stop it first), one micro-batch a step as its bare loop takes."""
+    import yaml
+
     from common.config_yaml import load_config
 
-    options = {"workdir": str(tmp_path), "config_path": str(TINY), "batch": 4, "command_steps": 2, "compile": "no",
-               "precision": "no", "repeats": 1}
-    config, device = load_config(TINY), torch.device("cpu")
+    settings = yaml.safe_load(TINY.read_text())
+    settings["ldm"].update(epochs=0.05, grad_accum=2)  # 160 images at batch 4 x 2: 1 step
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(settings))
+    options = {"workdir": str(tmp_path), "config_path": str(config_path), "batch": 4, "command_steps": 2,
+               "compile": "no", "precision": "no", "repeats": 1}
+    config, device = load_config(config_path), torch.device("cpu")
     assert measurements.prepare_run(config, device, options)["run"] == str(tmp_path / "stage-one")
     result = measurements.ldm_command(config, device, options)
     records = [json.loads(line) for line in (tmp_path / "ldm-batch4" / "logs" / "ldm.jsonl").read_text().splitlines()]
@@ -90,3 +138,27 @@ def test_the_train_ldm_command_is_timed_from_its_own_log(tmp_path):
     assert result["seconds_per_step"] == pytest.approx((times[4] - times[2]) / 2)
     assert result["images_per_s"] == pytest.approx(4 / result["seconds_per_step"])
     assert (result["batch"], result["timed_steps"], result["mixed_precision"], result["compiled"]) == (4, 2, "no", False)
+    setup = next(r for r in records if r.get("event") == "setup")
+    assert setup["effective_batch"] == 4  # images per step: the batch images/s counts
+
+
+def test_train_ldm_variants_at_batch_one_leave_out_half_the_batch(tmp_path):
+    from conftest import tiny_config
+
+    config = tiny_config(tmp_path / "run", "ldm.batch_size=1")
+    results = measurements.ldm_options(config, torch.device("cpu"), {"repeats": 1, "precision": "no"})
+    assert list(results) == ["as used", "foreach AdamW instead of fused", "channels_last", "attention without SDPA",
+                             "twice the batch"]
+    assert (results["as used"]["batch"], results["twice the batch"]["batch"]) == (1, 2)
+    assert all(r["images_per_s"] > 0 for r in results.values())
+
+
+@pytest.mark.parametrize("disc_start, objective", [(2, "L1 + KL + PatchGAN"), (-1, "L1 + KL")])
+def test_vae_training_is_timed_with_the_configs_objective(tmp_path, monkeypatch, disc_start, objective):
+    """configs/tiny.yaml (and flowers) train the VAE with the PatchGAN from vae.disc_start: its step is timed with it."""
+    from conftest import tiny_config
+
+    monkeypatch.setattr("vae.model.lpips_backbone_available", lambda net: False)
+    config = tiny_config(tmp_path / "run", f"vae.disc_start={disc_start}")
+    result = measurements.vae_train(config, torch.device("cpu"), {"repeats": 1, "precision": "no"})
+    assert (result["objective"], result["batch"]) == (objective, 8) and result["images_per_s"] > 0
