@@ -37,7 +37,8 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from common.checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, remove_leftovers, save_tensors, writable_folder
+from common.checkpoint import (finite_or_none, load_tensors, optimizer_from_tensors, optimizer_to_tensors, remove_leftovers,
+                               save_tensors, writable_folder)
 from common.config import Config, TrainConfig, dump_config, to_dict
 from common.devices import (make_accelerator, precision_change, refuse_launcher_accumulation, resolve_mixed_precision,
                             resolve_trackers, stage_setup)
@@ -318,7 +319,7 @@ class Trainer:
         self.run.logs.mkdir(parents=True, exist_ok=True)
         record = {"time": round(time.time() - self._started, 3), **record}
         with open(self.run.logs / f"{self.stage}.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")  # strict JSON: NaN is null
 
     # ---- resume state ------------------------------------------------------------------------
 

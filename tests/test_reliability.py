@@ -223,6 +223,11 @@ def test_non_finite_steps_are_skipped_then_training_stops_keeping_the_last_good_
         train_vae(config)
     _, meta = load_tensors(latest_state(tmp_path / "run", "vae"))
     assert meta["step"] == 2  # the last good checkpoint
+    # the log stays strict JSON (jq and other readers refuse NaN): a non-finite number is logged as null
+    log = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in logs/vae.jsonl"))
+           for line in (tmp_path / "run" / "logs" / "vae.jsonl").read_text().splitlines()]
+    norms = {r["step"]: r["grad_norm_vae"] for r in log if "grad_norm_vae" in r}
+    assert norms[2] > 0 and norms[3] is None  # step 3 is the first poisoned one
 
 
 def test_ldm_resume_is_exact(tiny_run, tmp_path):
