@@ -23,7 +23,8 @@ from common.config_yaml import load_config
 from common.devices import fits_on
 from ldm.latents import LatentCache
 from ldm.model import build_noise_scheduler, build_unet, diffusion_loss, inference_scheduler
-from vae.model import AutoencoderWithPosterior, PatchDiscriminator, autoencoder_loss, build_perceptual_loss, build_vae, hinge_d_loss
+from vae.model import (AutoencoderWithPosterior, PatchDiscriminator, autoencoder_loss, build_perceptual_loss, build_vae,
+                       discriminator_loss)
 
 SAMPLE_STEPS = 20
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -140,7 +141,7 @@ def vae_train(config: Config, device: torch.device, options: dict) -> dict:
         def loss() -> torch.Tensor:  # as vae/train.py's step: the discriminator frozen for the generator's loss
             with frozen(disc) if disc is not None else nullcontext() as judge:
                 total, _, recon = autoencoder_loss(autoencoder, images, cfg, perceptual, judge, autoencoder.vae.decoder.conv_out.weight)
-            return total if disc is None else total + hinge_d_loss(*disc(torch.cat([images, recon.detach()])).chunk(2))
+            return total if disc is None else total + discriminator_loss(disc, images, recon)
         step = train_step_fn(torch.nn.ModuleList([autoencoder, disc or torch.nn.Identity()]), loss, device, options["precision"])
         seconds = timed(step, device, 2, options["repeats"])
     objective = " + ".join(["L1", "KL"] + ["LPIPS"] * (perceptual is not None) + ["PatchGAN"] * (disc is not None))

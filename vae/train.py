@@ -23,7 +23,7 @@ from common.data import StepBatches, TrainingImages, augment_batch, load_train_a
 from common.loop import evaluating
 from common.training import Trainer
 from vae.model import (AutoencoderWithPosterior, PatchDiscriminator, autoencoder_loss, build_perceptual_loss, initial_vae,
-                       hinge_d_loss)
+                       discriminator_loss)
 from vae.reconstruct import latent_std, reconstruction_grid, reconstruction_metrics
 
 
@@ -82,9 +82,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                         trainer.backward(loss / cfg.grad_accum)
                     if gan_on:
                         with trainer.no_sync("disc", micro):
-                            # real and fake in one forward pass: DDP allows one forward per backward
-                            logits_real, logits_fake = disc(torch.cat([images, recon.detach()])).chunk(2)
-                            disc_loss = hinge_d_loss(logits_real, logits_fake)
+                            disc_loss = discriminator_loss(disc, images, recon)
                             trainer.backward(disc_loss / cfg.grad_accum)
                         terms["disc"] = disc_loss.detach()
                 finite = trainer.optimizer_step("vae")
