@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from common.data.pixels import from_uint8
 from common.devices import fits_on
 from common.seeding import seed_from
 
@@ -101,7 +102,7 @@ class TrainingImages:
         and their rows in the dataset (B,) int64, both on the device."""
         if self.resident is not None:
             rows = self.sampler.index_tensor(step, micro, self.device)
-            return self.resident[rows].float().div(127.5).sub(1.0), rows  # as pixels.to_tensor, bit for bit
+            return from_uint8(self.resident[rows]), rows  # as pixels.to_tensor does, bit for bit
         batch = next(self._batches)  # the DataLoader's sampler yields the same steps in the same order
         return (batch["pixel_values"].to(self.device, non_blocking=True),
                 batch["index"].to(self.device, non_blocking=True))

@@ -103,7 +103,12 @@ def upright(image: Image.Image) -> Image.Image:
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
     """(H, W, C) uint8 -> (C, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return from_uint8(torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1))
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape, on any device) -> float32 in [-1, 1]: the one scale every image is trained at."""
+    return images.float().div(127.5).sub(1.0)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
