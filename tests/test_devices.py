@@ -42,11 +42,16 @@ def quiet_overrides(stage: str, steps: int) -> list[str]:
     return [f"{stage}.max_steps={steps}", *(f"{stage}.{key}=1000" for key in keys)]
 
 
-def stage_syncs(tiny_run, tmp_path, monkeypatch, stage: str, steps: int) -> dict:
-    """Host syncs of training `stage` of the tiny run again for `steps` steps."""
-    run = tmp_path / f"{stage}{steps}"
+def untrained_copy(tiny_run: Path, run: Path, stage: str) -> Path:
+    """A copy of the tiny run at `run` without `stage`'s resume states, so the stage trains again from scratch."""
     shutil.copytree(tiny_run, run)
     shutil.rmtree(run / "train_state" / stage)
+    return run
+
+
+def stage_syncs(tiny_run, tmp_path, monkeypatch, stage: str, steps: int) -> dict:
+    """Host syncs of training `stage` of the tiny run again for `steps` steps."""
+    run = untrained_copy(tiny_run, tmp_path / f"{stage}{steps}", stage)
     config = tiny_config(run, *quiet_overrides(stage, steps))
     with monkeypatch.context() as patch:
         counts = count_host_syncs(patch)
@@ -68,9 +73,7 @@ def test_a_training_step_does_not_wait_for_the_device(tiny_run, tmp_path, monkey
 def train_strictly(tiny_run, tmp_path, monkeypatch, stage: str, strict, relaxed, *options: str) -> Path:
     """Train `stage` of the tiny run again for 6 steps, its middle steps (2 to 5, from reseed to save_if_due)
     under `strict()`, the rest (setup, logging, checkpoints, export) under `relaxed()`."""
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    shutil.rmtree(run / "train_state" / stage)
+    run = untrained_copy(tiny_run, tmp_path / "run", stage)
     reseed, save_if_due = Trainer.reseed, Trainer.save_if_due
 
     def strict_reseed(self, step):

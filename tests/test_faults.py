@@ -290,6 +290,13 @@ def test_sampling_faults_are_clear_errors(tiny_run, pipe, tmp_path):
 # ---- datasets: no merged classes, no leaks, content-true fingerprints --------------------------------
 
 
+def listing_error(folder: Path) -> str:
+    """The DatasetError message with which listing `folder` as a folder dataset stops."""
+    with pytest.raises(DatasetError) as error:
+        list_dataset(DataConfig(name="", path=str(folder)))
+    return str(error.value)
+
+
 @pytest.mark.parametrize("names", [("red-car", "red_car"), ("Cat", "cat"), ("a b", "a  b")])
 def test_classes_a_prompt_cannot_tell_apart_are_refused(tmp_path, names):
     root = tmp_path / "classes"
@@ -365,9 +372,7 @@ def test_captions_in_a_metadata_file_other_than_jsonl_are_refused_not_lost(flowe
     """Before: with no metadata.jsonl the folder was read as class_index files, its captions ignored: img_0001.png
     files became one class 'img' captioned "Draw an img"."""
     (flowers_folder / name).write_text("file_name,text\ntulips_0000.jpg,a red tulip\n")
-    with pytest.raises(DatasetError) as error:
-        list_dataset(DataConfig(name="", path=str(flowers_folder)))
-    assert str(error.value) == (
+    assert listing_error(flowers_folder) == (
         f"'{flowers_folder / name}' is not read: captions come from metadata.jsonl only (one {{\"file_name\": "
         f"\"a.png\", \"text\": \"a red circle\"}} per line), and without it the folder would be read as classes named "
         f"by folders or file names. Convert it to metadata.jsonl, or remove it if the classes are meant")
@@ -380,9 +385,7 @@ def test_metadata_jsonl_lines_without_a_caption_are_refused(jsonl_folder, text):
     lines = (jsonl_folder / "metadata.jsonl").read_text().splitlines()
     lines[2] = json.dumps({"file_name": "images/2.png", "text": text})
     (jsonl_folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(DatasetError) as error:
-        list_dataset(DataConfig(name="", path=str(jsonl_folder)))
-    assert str(error.value) == (
+    assert listing_error(jsonl_folder) == (
         f"{jsonl_folder / 'metadata.jsonl'}: line 3: 'text' of 'images/2.png' is empty or holds an empty caption (got "
         f"{text!r}); an empty caption is the unconditional prompt, so the image would be trained with no caption at "
         f"all. Write its caption, or delete the line")
@@ -448,9 +451,7 @@ def test_held_out_folders_without_training_folders_are_refused(tmp_path):
         for name in classes:
             (root / split / name).mkdir(parents=True)
             shape_image("circle", (16, 16)).save(root / split / name / "0.png")
-    with pytest.raises(DatasetError) as error:
-        list_dataset(DataConfig(name="", path=str(root)))
-    assert str(error.value) == (
+    assert listing_error(root) == (
         f"held-out class folder '{root / 'Test' / 'bird'}' has no training folder (no 'bird' in '{root / 'Train'}'), "
         f"so the model would never learn class 'bird'; add its training images there, or remove the held-out folder")
     # a test/ folder beside class folders, with no train/ folder: not a class called 'test'
@@ -458,9 +459,7 @@ def test_held_out_folders_without_training_folders_are_refused(tmp_path):
     for name in ["cat", "dog", "test"]:
         (root / name).mkdir(parents=True)
         shape_image("circle", (16, 16)).save(root / name / "0.png")
-    with pytest.raises(DatasetError) as error:
-        list_dataset(DataConfig(name="", path=str(root)))
-    assert str(error.value) == (
+    assert listing_error(root) == (
         f"'{root / 'test'}' is named like a held-out split, but '{root}' has no train/ folder beside it, so it would be "
         f"read as a class called 'test'. Put the training class folders in '{root / 'train'}' (with the held-out ones "
         f"in '{root / 'test'}'), or rename the folder if 'test' really is a class")
@@ -471,9 +470,7 @@ def test_image_files_beside_class_folders_are_refused_not_left_out(flowers_folde
     folder made the dataset that one class, every tulips_0001.jpg left out without a word (stray files likewise)."""
     (flowers_folder / "extra").mkdir()
     shape_image("circle", (16, 16)).save(flowers_folder / "extra" / "a.png")
-    with pytest.raises(DatasetError) as error:
-        list_dataset(DataConfig(name="", path=str(flowers_folder)))
-    assert str(error.value) == (
+    assert listing_error(flowers_folder) == (
         f"'{flowers_folder}' has sub-folders (extra) and also 10 image file(s) directly in it (orchids_0000.jpg, "
         f"orchids_0001.jpg, orchids_0002.jpg ...), which would not be read: only the sub-folders are read (one per "
         f"class, or train/ and test/ ones). Move the images into their class folders, or the sub-folders out if the "
@@ -491,9 +488,7 @@ def test_image_files_beside_class_folders_are_refused_not_left_out(flowers_folde
     for split in ("Train", "Test"):  # train/ holding only files (Hugging Face's split folders)
         for kind in ("circle", "square"):
             shutil.rmtree(class_folder / split / kind)
-    with pytest.raises(DatasetError) as error:
-        list_dataset(DataConfig(name="", path=str(class_folder)))
-    assert str(error.value) == (
+    assert listing_error(class_folder) == (
         f"'{class_folder / 'Train'}' is a split folder but holds 1 image file(s) directly (stray.png), which would not "
         f"be read: a split folder holds one sub-folder per class. Move the images into class folders in it, or set "
         f"data.path to '{class_folder / 'Train'}' if it is a dataset of its own")
@@ -507,9 +502,7 @@ def test_a_folder_of_images_beside_train_and_test_is_refused_not_left_out(tmp_pa
     for folder in ("Train/cat", "Test/cat", "zebra"):
         shape_image("circle", (16, 16)).save(root / folder / "0.png")
     (root / "docs" / "notes.txt").write_text("not images: no error")
-    with pytest.raises(DatasetError) as error:
-        list_dataset(DataConfig(name="", path=str(root)))
-    assert str(error.value) == (
+    assert listing_error(root) == (
         f"'{root / 'zebra'}' holds images but would not be read: beside '{root / 'Train'}' only split folders (test, "
         f"train, training, val, valid, validation) are read. Move it into '{root / 'Train'}' if it is a class (or its "
         f"class folders, if it holds them), or move it out of '{root}'")
@@ -523,9 +516,7 @@ def test_sub_folders_of_images_in_a_class_folder_are_refused_not_left_out(class_
     (class_folder / "circle" / "big").mkdir()
     shape_image("circle", (64, 64)).save(class_folder / "circle" / "big" / "0.png")
     (class_folder / "square" / ".ipynb_checkpoints").mkdir()  # hidden, and no images: not refused
-    with pytest.raises(DatasetError) as error:
-        list_dataset(DataConfig(name="", path=str(class_folder)))
-    assert str(error.value) == (
+    assert listing_error(class_folder) == (
         f"class folder '{class_folder / 'circle'}' has sub-folders of images (big), which would not be read: a class's "
         f"images are the files directly in its folder. Move them up into '{class_folder / 'circle'}', or make each "
         f"sub-folder a class folder of its own")
