@@ -61,13 +61,16 @@ def initial_latents(scheduler, shape: tuple[int, ...], dtype: torch.dtype, devic
 
 def guided_prediction(unet: UNet2DConditionModel, scheduler, latents: torch.Tensor, t: torch.Tensor,
                       prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
-                      guidance_scale: float, guidance_rescale: float = 0.0) -> torch.Tensor:
+                      guidance_scale: float, guidance_rescale: float = 0.0,
+                      unet_timestep: torch.Tensor | None = None) -> torch.Tensor:
     """The guided model output: uncond + s * (cond - uncond); the conditional one alone without negatives.
-    `guidance_rescale` > 0 pulls its std back towards the conditional output's (Lin et al. 2024, section 3.4)."""
+    `guidance_rescale` > 0 pulls its std back towards the conditional output's (Lin et al. 2024, section 3.4).
+    `unet_timestep`: the UNet's copy of the timestep `t`, on the latents' device (default: `t` itself)."""
+    unet_timestep = t if unet_timestep is None else unet_timestep
     if negative_embeds is None:
-        return unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=prompt_embeds).sample
+        return unet(scheduler.scale_model_input(latents, t), unet_timestep, encoder_hidden_states=prompt_embeds).sample
     model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-    output = unet(model_input, t, encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds])).sample
+    output = unet(model_input, unet_timestep, encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds])).sample
     uncond, cond = output.chunk(2)
     guided = uncond + guidance_scale * (cond - uncond)
     return rescale_noise_cfg(guided, cond, guidance_rescale) if guidance_rescale > 0 else guided
@@ -172,16 +175,23 @@ def denoise(unet: UNet2DConditionModel, scheduler, latents: torch.Tensor, prompt
 
     Raises ValueError when the schedule repeats a timestep (multistep solvers then divide by a zero
     step) and FloatingPointError when the result is not finite: never NaN images without a word.
+    The scheduler's timesteps are left on the host; `on_step` gets the host timestep.
     """
-    timesteps = scheduler.timesteps
+    # The schedule stays on the host and the UNet reads one copy of it on the latents' device, made here once.
+    # set_timesteps(device=...) puts the timesteps on the GPU, and diffusers' DDIM and DDPM then read the step's
+    # timestep back on the host at every step (`prev_timestep >= 0`, `(self.timesteps == t).nonzero()`), waiting
+    # for the GPU each time; the schedulers keep their sigmas on the host for that reason already ("to avoid too
+    # much CPU/GPU communication"). Host scalars in a device computation are kernel arguments: no copy, no wait.
+    scheduler.timesteps = timesteps = scheduler.timesteps.cpu()
+    unet_timesteps = timesteps.to(latents.device)
     check_distinct_timesteps(scheduler)
     # stochastic schedulers (DDPM, Euler ancestral, ...) draw their noise from the same generator; DDIM takes eta
     accepts = inspect.signature(scheduler.step).parameters
     extra = {k: v for k, v in (("generator", generator), ("eta", eta)) if k in accepts}
     guided = guided_steps(len(timesteps), guidance_interval)
-    for i, t in enumerate(progress(timesteps)):
-        model_output = guided_prediction(unet, scheduler, latents, t, prompt_embeds,
-                                         negative_embeds if i in guided else None, guidance_scale, guidance_rescale)
+    for i, (t, unet_timestep) in enumerate(zip(progress(timesteps), unet_timesteps)):
+        model_output = guided_prediction(unet, scheduler, latents, t, prompt_embeds, negative_embeds if i in guided
+                                         else None, guidance_scale, guidance_rescale, unet_timestep)
         step = scheduler.step(model_output, t, latents, **extra)
         before, latents = latents, step.prev_sample
         if on_step is not None:

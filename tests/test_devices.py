@@ -1,6 +1,7 @@
 """Device hygiene that a CPU can check: no host sync inside a training step, precision chosen per stage,
 accelerate's launcher settings respected. The CUDA variants run on a GPU and skip here."""
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from common.training import Trainer
 from conftest import tiny_config
 from ldm.train import main as ldm_main
 from ldm.train_clip import main as clip_main
+from pipelines.generate import SCHEDULERS
 from vae.train import main as vae_main
 
 SYNCING = ["item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy"]
@@ -138,6 +140,33 @@ def test_a_sampling_step_makes_every_tensor_on_the_pipeline_device(pipe, schedul
         torch.set_default_device(None)
         pipe.scheduler = original
     assert images.shape[0] == count and images.device.type == "cpu" and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_a_sampling_step_never_reads_the_device(pipe, monkeypatch, name):
+    """What a CPU can check of host syncs in sampling: the UNet, latents and text states live on the 'meta'
+    device, whose values cannot be read, as a GPU's cannot without waiting for it. The schedule is set there as
+    set_timesteps(device=...) sets it, readable once (the one wait the loop allows, before its first step); the
+    finiteness check after the last step reads too. Every step of every scheduler `generate` offers must then run
+    without reading a value (the stochastic ones draw from a host generator and copy to the device, which is
+    diffusers' way of keeping a seed's images the same on every device). Before: DDIM and DDPM compared the
+    timestep, on the device, at every step."""
+    from ldm.sampling import denoise
+
+    scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(6)
+    host_timesteps = scheduler.timesteps
+    scheduler.timesteps = device_timesteps = host_timesteps.to("meta")
+    to_host = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self: host_timesteps if self is device_timesteps else to_host(self))
+    monkeypatch.setattr(torch, "isfinite", lambda tensor: torch.ones((), dtype=torch.bool))
+    unet = copy.deepcopy(pipe.unet).to("meta")
+    latents = torch.randn(2, unet.config.in_channels, 4, 4, device="meta")
+    text_states = torch.randn(2, 16, unet.config.cross_attention_dim, device="meta")
+    steps = []
+    latents = denoise(unet, scheduler, latents, text_states, text_states, 3.0, torch.Generator().manual_seed(0),
+                      lambda i, *rest: steps.append(i), eta=0.5, guidance_interval=(0.0, 0.5))
+    assert steps == list(range(len(host_timesteps))) and latents.device.type == "meta"
 
 
 def test_evaluates_classifier_steps_make_every_tensor_on_its_device(monkeypatch):
