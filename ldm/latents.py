@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,7 @@ class LatentCache:
     manifest: dict
     resident: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, std) (N, C, h, w) on a device
 
-    @property
+    @cached_property  # read at every training step: counted once, not over every image each step
     def num_captions(self) -> torch.Tensor:  # (N,) how many captions each image has
         return (self.captions_per_image >= 0).sum(1)
 
