@@ -321,7 +321,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             height, width: image size in pixels (default: the training size).
             output_type: "pil", "np", "pt" (images in [0, 1]) or "latent".
             return_dict: return a LatentPipelineOutput rather than a tuple.
-            callback_on_step_end: `fn(pipe, step_index, timestep, tensors) -> dict` after each step;
+            callback_on_step_end: `fn(pipe, step_index, timestep, tensors) -> dict` after each step (the
+                timestep as a 0-dim tensor on the host, where reading it waits for nothing);
                 it may return replacements for the tensors named in `callback_on_step_end_tensor_inputs`
                 (`latents`, `prompt_embeds`, `negative_prompt_embeds` are used from then on).
             prompt_embeds, negative_prompt_embeds: (B, L, D) text states to use instead of `prompt` /
