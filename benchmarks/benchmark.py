@@ -2,7 +2,7 @@
 diffusion than the pixel-space model it replaces?
 
     python benchmarks/benchmark.py [--config configs/mnist.yaml] [--device cuda] [--batch-sizes 256,1024,4096]
-                                   [--compile max-autotune] [--out benchmarks/results.json]
+                                   [--compile max-autotune] [--out FILE (default: default_out)]
 
 Measures, on this machine, for the config's models (randomly initialised: speed does not depend on
 the weights), in the precision train-ldm resolves for this device (bf16 on a GPU, fp32 on a CPU):
@@ -68,10 +68,19 @@ def batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def default_out(device_type: str, compile_mode: str) -> str:
+    """One results file per device and compile mode, so that measuring a GPU, or compiling, never writes over
+    the CPU's eager results that BENCHMARKS.md quotes."""
+    device = "" if device_type == "cpu" else f"-{device_type}"
+    compiled = "" if compile_mode == "no" else f"-compile-{compile_mode}"
+    return f"benchmarks/results{device}{compiled}.json"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/mnist.yaml")
-    parser.add_argument("--out", default="benchmarks/results.json")
+    parser.add_argument("--out", help="where the results go (default: benchmarks/results.json on a CPU, "
+                                      "results-cuda.json on a GPU, with -compile-MODE added when compiling)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is a GPU, else cpu")
     parser.add_argument("--batch-sizes", type=batch_sizes,
                         help="training batch sizes to measure (default: the config's ldm.batch_size on a CPU, 256,1024,4096 on a GPU)")
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device; leave --device out to "
                      f"measure on the CPU")
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.out = args.out or default_out(device_type, args.compile)
     if device_type == "cpu" and torch.cuda.is_available():
         os.environ["ACCELERATE_USE_CPU"] = "true"  # the commands (and this script's children) then stay on the CPU
     try:

@@ -68,6 +68,22 @@ def test_a_measurement_that_runs_out_of_memory_is_reported_not_a_failure(monkeyp
     assert capsys.readouterr().out.splitlines()[-1] == benchmark.RESULT + '{"out_of_memory": true, "batch": 4096}'
 
 
+def test_each_device_and_compile_mode_has_its_own_results_file_by_default(monkeypatch):
+    """A GPU run, or a compiled one, without --out does not write over the CPU's eager results that BENCHMARKS.md quotes."""
+    asked = []
+
+    def stop_at_the_out_check(path, *rest):
+        asked.append(path)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(benchmark, "writable_file", stop_at_the_out_check)
+    for flags in ([], ["--compile", "max-autotune"]):
+        with pytest.raises(SystemExit):
+            benchmark.main(["--device", "cpu", *flags])
+    assert asked == ["benchmarks/results.json", "benchmarks/results-compile-max-autotune.json"]
+    assert benchmark.default_out("cuda", "no") == "benchmarks/results-cuda.json"
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--batch-sizes", "256,x", "argument --batch-sizes: expected whole numbers separated by commas, e.g. 256,1024 (got '256,x')"),
     ("--sample-batch-sizes", "0", "argument --sample-batch-sizes: batch sizes must be at least 1 (got '0')"),
