@@ -119,12 +119,14 @@ def zero_shot_accuracy(model: CLIPModel, tokenizer, dataset: ImageDataset, batch
         embedding = F.normalize(model.get_text_features(input_ids=inputs).pooler_output, dim=-1).mean(0)
         class_embeddings.append(F.normalize(embedding, dim=-1))
     text = torch.stack(class_embeddings)  # (K, D)
-    correct = 0
-    for batch in image_batches(dataset, batch_size):
-        image = F.normalize(model.get_image_features(pixel_values=batch["pixel_values"].to(device)).pooler_output, dim=-1)
-        predicted = torch.tensor(classes, device=device)[(image @ text.T).argmax(1)]
-        correct += (predicted == batch["label"].to(device)).sum().item()
-    return correct / len(dataset)
+    class_labels = torch.tensor(classes, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)  # read once at the end, not per batch
+    pin = device.type == "cuda"
+    for batch in image_batches(dataset, batch_size, pin_memory=pin):
+        pixels, labels = batch["pixel_values"].to(device, non_blocking=pin), batch["label"].to(device, non_blocking=pin)
+        image = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        correct += (class_labels[(image @ text.T).argmax(1)] == labels).sum()
+    return correct.item() / len(dataset)
 
 
 def main(config: Config, args: argparse.Namespace | None = None) -> dict:

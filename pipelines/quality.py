@@ -123,12 +123,12 @@ def real_images(dataset: ImageDataset) -> torch.Tensor:
 @torch.no_grad()
 def classify(model: DigitClassifier, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C, H, W) in [-1, 1] -> predicted labels (N,), features (N, 128)."""
-    labels, features = [], []
+    labels, features = [], []  # on the device, copied to the host once
     for start in range(0, len(images), 512):
         logits, feats = model(images[start:start + 512].to(device))
-        labels.append(logits.argmax(1).cpu())
-        features.append(feats.cpu())
-    return torch.cat(labels), torch.cat(features)
+        labels.append(logits.argmax(1))
+        features.append(feats)
+    return torch.cat(labels).cpu(), torch.cat(features).cpu()
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -169,12 +169,12 @@ def near_copy_rate(images: torch.Tensor, train_images: torch.Tensor, ratio: floa
     neighbours = min(neighbours, len(flat_train) - 1)  # small datasets: compare with as many as there are
     if neighbours < 1:
         return float("nan")  # one training image: no ratio to test
-    copies = 0
+    copies = torch.zeros((), dtype=torch.long, device=flat_train.device)  # read once at the end
     for start in range(0, len(images), 256):
         d = torch.cdist(images[start:start + 256].flatten(1).float(), flat_train)
         nearest = d.topk(neighbours + 1, largest=False).values  # (n, 51), ascending
-        copies += (nearest[:, 0] < ratio * nearest[:, 1:].mean(1)).sum().item()
-    return copies / len(images)
+        copies += (nearest[:, 0] < ratio * nearest[:, 1:].mean(1)).sum()
+    return copies.item() / len(images)
 
 
 @torch.no_grad()

@@ -191,6 +191,40 @@ def test_evaluates_classifier_steps_make_every_tensor_on_its_device(monkeypatch)
     assert not model.training and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_measuring_loops_read_the_device_once_however_many_batches(tmp_path, monkeypatch):
+    """train-vae's held-out PSNR/SSIM and latent scale, train-clip's zero-shot accuracy and evaluate's classifier
+    and near-copy test read their result to the host once, at the end: one batch and several read equally
+    often. Before: every batch read its sums (or copied its outputs) back, which waits for a GPU each time."""
+    from common.data import load_train_and_holdout
+    from ldm.train_clip import initial_clip, zero_shot_accuracy
+    from pipelines.quality import DigitClassifier, classify, near_copy_rate
+    from vae.model import build_vae
+    from vae.reconstruct import latent_std, reconstruction_metrics
+
+    config = tiny_config(tmp_path / "run")
+    train_set, holdout_set = load_train_and_holdout(config.data)
+    torch.manual_seed(0)
+    vae = build_vae(config.vae, config.data.channels, config.data.image_size).eval()
+    clip, tokenizer, _ = initial_clip(config, train_set.captions)
+    classifier = DigitClassifier(config.data.channels, 10).eval()
+    images = torch.rand(1100, 1, 16, 16) * 2 - 1
+    measures = {  # (one batch, several batches)
+        "reconstruction_metrics": [lambda size=size: reconstruction_metrics(vae, train_set, 64, size) for size in (64, 8)],
+        "latent_std": [lambda size=size: latent_std(vae, train_set, 64, size) for size in (64, 8)],
+        "zero_shot_accuracy": [lambda size=size: zero_shot_accuracy(clip.eval(), tokenizer, holdout_set, size)
+                               for size in (256, 8)],
+        "classify": [lambda n=n: classify(classifier, images[:n], torch.device("cpu")) for n in (100, 1100)],
+        "near_copy_rate": [lambda n=n: near_copy_rate(images[:n], images[:300]) for n in (100, 1100)]}
+    for name, (one_batch, several) in measures.items():
+        reads = []
+        for measure in (one_batch, several):
+            with monkeypatch.context() as patch:
+                counts = count_host_syncs(patch)
+                measure()
+            reads.append(counts)
+        assert reads[0] == reads[1], name
+
+
 def test_the_sync_counter_sees_a_sync(monkeypatch):
     counts = count_host_syncs(monkeypatch)
     value = torch.ones(3).sum()
