@@ -86,7 +86,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     # the ceiling's images through the VAE, which decodes every generated image: how much legibility the latents keep
     ceiling_set = reader_splits(cfg, train_set, holdout_set)[1]
     ceiling_images = train_images if ceiling_set is train_set else holdout
-    decoded = torch.cat([reconstruct(pipe.vae, chunk.to(device)).cpu() for chunk in ceiling_images.split(256)])
+    # left on the device, where they are classified: not read back chunk by chunk
+    decoded = torch.cat([reconstruct(pipe.vae, chunk.to(device)) for chunk in ceiling_images.split(256)])
     vae_ceiling = recognition_rate(classifier, decoded, torch.tensor(ceiling_set.labels), groups, device)
 
     results: dict = {"run": str(run.root)}
