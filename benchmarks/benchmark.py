@@ -2,7 +2,7 @@
 diffusion than the pixel-space model it replaces?
 
     python benchmarks/benchmark.py [--config configs/mnist.yaml] [--device cuda] [--batch-sizes 256,1024,4096]
-                                   [--compile max-autotune] [--out FILE (default: default_out)]
+                                   [--compile max-autotune] [--out FILE]
 
 Measures, on this machine, for the config's models (randomly initialised: speed does not depend on
 the weights), in the precision train-ldm resolves for this device (bf16 on a GPU, fp32 on a CPU):
