@@ -1,6 +1,6 @@
 """The main job: every stage of a config, in order, with the wall time of each.
 
-    python scripts/quickstart.py [configs/mnist.yaml] [--set key=value ...] [--sequential]
+    python scripts/quickstart.py [configs/mnist.yaml] [--set key=value ...] [--sequential | --side-by-side]
 
 Each stage is the same command a user runs (`train-clip`, `train-vae`, `encode-dataset`, `train-ldm`,
 `evaluate`, `generate`), called in this process, so torch, diffusers and transformers are imported
@@ -8,7 +8,9 @@ once (~11 s per command on 2 CPU cores, a tenth of the 10-minute quickstart). On
 CUDA, train-clip and train-vae, which need nothing from each other, run side by side, each on half
 the cores (train-clip in a spawned process whose output goes to run/logs/train-clip.out): two
 small models on one core each keep the cores busier than one after the other on both (measured on
-2 cores: 1.4x the throughput). `--sequential` runs them one after the other instead.
+2 cores: 1.4x the throughput). `--sequential` runs them one after the other instead. On a GPU they run
+one after the other unless `--side-by-side` asks otherwise: two small models each launching their own
+kernels may share one GPU better than one after the other, which has not been measured yet.
 
 Reproducibility (checked on configs/tiny.yaml, every weight file hashed): a quickstart run again on
 the same machine gives the same bits. `--sequential` gives the same bits as the separate commands;
@@ -82,6 +84,14 @@ def stage_one_side_by_side(args: list[str], run_dir: str) -> tuple[float, float]
     return clip_seconds, vae_seconds
 
 
+def stage_one_side_by_side_wanted(sequential: bool, side_by_side: bool, cuda: bool, threads: int) -> bool:
+    """Whether train-clip runs beside train-vae: on a CPU with 2+ threads unless --sequential; on a GPU only with
+    --side-by-side (each process then launches its own kernels on the one GPU)."""
+    if sequential:
+        return False
+    return side_by_side or (not cuda and threads >= 2)
+
+
 def prompts_to_draw(data: DataConfig, count: int = 8) -> list[str]:
     """generate's prompts for the grid: every class, or for a caption dataset (metadata.jsonl, which has no classes for
     --all-classes) its first `count` held-out captions."""
@@ -96,17 +106,18 @@ def prompts_to_draw(data: DataConfig, count: int = 8) -> list[str]:
 
 def main(argv: list[str]) -> None:
     # the commands' own options (so --help tells them, and --set=k=v or --run DIR name the run as the commands read
-    # them: the grid's folder is the run's), plus this script's CONFIG and --sequential
+    # them: the grid's folder is the run's), plus this script's CONFIG and --sequential or --side-by-side
     parser = build_parser(__doc__.strip().splitlines()[0], config_required=False,
                           example="python scripts/quickstart.py configs/mnist.yaml [--set key=value ...] [--sequential]")
     parser.add_argument("config_file", nargs="?", metavar="CONFIG", help="the config of every stage (default: configs/mnist.yaml)")
-    parser.add_argument("--sequential", action="store_true", help="train-clip, then train-vae (else side by side on a CPU)")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--sequential", action="store_true", help="train-clip, then train-vae (else side by side on a CPU)")
+    order.add_argument("--side-by-side", action="store_true", help="train-clip beside train-vae on a GPU too")
     args = parser.parse_args(argv)
     if args.config_file and args.config:
         parser.error(f"give the config once: {args.config_file} or --config {args.config}")
     args.config = args.config_file or args.config or "configs/mnist.yaml"
     common = ["--config", args.config, *(["--run", args.run] if args.run else []), *[f"--set={o}" for o in args.overrides]]
-    sequential = args.sequential
     try:
         config = resolve_config(args)
         if not args.dry_run:  # train-clip's log goes into run/logs/ before any stage has checked the run folder
@@ -121,7 +132,8 @@ def main(argv: list[str]) -> None:
         return
     run_dir = config.run_dir
     timings = [("imports", time.time() - PROCESS_STARTED)]
-    if sequential or torch.cuda.is_available() or torch.get_num_threads() < 2:
+    if not stage_one_side_by_side_wanted(args.sequential, args.side_by_side, torch.cuda.is_available(),
+                                         torch.get_num_threads()):
         stages = [("train-clip", train_clip, common), ("train-vae", train_vae, common)]
     else:
         clip_seconds, vae_seconds = stage_one_side_by_side(common, run_dir)

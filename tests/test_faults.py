@@ -718,10 +718,28 @@ def test_quickstart_help_tells_its_own_arguments(monkeypatch, capsys):
         load_script("quickstart").main(["--help"])
     lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
     assert exit_info.value.code == 0 and lines[:3] == [
-        "usage: quickstart.py [-h] [--config CONFIG] [--run RUN] [--set KEY=VALUE] [--dry-run] [--sequential] [CONFIG]", "",
+        "usage: quickstart.py [-h] [--config CONFIG] [--run RUN] [--set KEY=VALUE] [--dry-run] [--sequential | --side-by-side] "
+        "[CONFIG]", "",
         "The main job: every stage of a config, in order, with the wall time of each."]
     assert "CONFIG           the config of every stage (default: configs/mnist.yaml)" in lines
     assert "--sequential     train-clip, then train-vae (else side by side on a CPU)" in lines
+    assert "--side-by-side   train-clip beside train-vae on a GPU too" in lines
+
+
+@pytest.mark.parametrize("sequential, side_by_side, cuda, threads, wanted", [
+    (False, False, False, 2, True), (False, False, False, 1, False), (True, False, False, 2, False),
+    (False, False, True, 16, False), (False, True, True, 16, True), (False, True, False, 1, True)])
+def test_quickstart_runs_stage_one_side_by_side_on_a_cpu_and_on_a_gpu_when_asked(sequential, side_by_side, cuda,
+                                                                                  threads, wanted):
+    quickstart = load_script("quickstart")
+    assert quickstart.stage_one_side_by_side_wanted(sequential, side_by_side, cuda, threads) is wanted
+
+
+def test_quickstart_refuses_sequential_and_side_by_side_together(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("quickstart").main([str(TINY), "--sequential", "--side-by-side"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        ": error: argument --side-by-side: not allowed with argument --sequential")
 
 
 def test_quickstart_refuses_two_configs(monkeypatch, capsys):
