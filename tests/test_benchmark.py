@@ -77,6 +77,7 @@ def test_each_device_and_compile_mode_has_its_own_results_file_by_default(monkey
         raise SystemExit(0)
 
     monkeypatch.setattr(benchmark, "writable_file", stop_at_the_out_check)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # as --device cpu sets it on a CUDA machine: undone after the test
     for flags in ([], ["--compile", "max-autotune"]):
         with pytest.raises(SystemExit):
             benchmark.main(["--device", "cpu", *flags])
