@@ -169,6 +169,31 @@ def test_a_sampling_step_never_reads_the_device(pipe, monkeypatch, name):
     assert steps == list(range(len(host_timesteps))) and latents.device.type == "meta"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.set_sync_debug_mode)")
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_sampling_steps_run_under_cuda_sync_debug_mode_error(tiny_run, name):
+    """On a GPU: from the end of the first step to the start of the last one, the pipeline runs with
+    torch.cuda.set_sync_debug_mode('error'), with a CUDA generator (a CPU one copies its noise over at every
+    step of the stochastic schedulers, diffusers' way of keeping a seed's images the same on every device)."""
+    from pipelines import LatentPipeline
+
+    pipe = LatentPipeline.from_pretrained(tiny_run).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+
+    def strict_between_steps(pipeline, i, t, tensors):
+        last = i == len(pipeline.scheduler.timesteps) - 1
+        torch.cuda.set_sync_debug_mode("default" if last else "error")
+        return {}
+
+    try:
+        images = pipe(["Draw a six", "Draw a one"], num_inference_steps=4, output_type="pt",
+                      generator=torch.Generator("cuda").manual_seed(0), callback_on_step_end=strict_between_steps).images
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert images.shape[0] == 2 and torch.isfinite(images).all()
+
+
 def test_evaluates_classifier_steps_make_every_tensor_on_its_device(monkeypatch):
     """As above, for the loop that trains evaluate's classifier (part of every quickstart): from its second
     step on the default device is 'meta'. Before: its augmentation drew on the host (copied to a GPU per step)."""
