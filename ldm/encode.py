@@ -85,8 +85,8 @@ def encode(config: Config, state, run: RunFolder) -> dict:
             # a shard's latents stay on the device until it is written: one copy to the host per shard, so the
             # next batch is read from disk (into pinned memory) while the device still encodes this one
             for batch in image_batches(dataset, config.encode.batch_size, indices=rows,
-                                       num_workers=config.data.num_workers, pin_memory=device.type == "cuda"):
-                posterior = vae.encode(batch["pixel_values"].to(device, non_blocking=True)).latent_dist
+                                       num_workers=config.data.num_workers, device=device):
+                posterior = vae.encode(batch["pixel_values"]).latent_dist
                 means.append(posterior.mean)
                 stds.append(posterior.std)
                 progress.update(len(batch["pixel_values"]))

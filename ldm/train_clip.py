@@ -121,11 +121,9 @@ def zero_shot_accuracy(model: CLIPModel, tokenizer, dataset: ImageDataset, batch
     text = torch.stack(class_embeddings)  # (K, D)
     class_labels = torch.tensor(classes, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)  # read once at the end, not per batch
-    pin = device.type == "cuda"
-    for batch in image_batches(dataset, batch_size, pin_memory=pin):
-        pixels, labels = batch["pixel_values"].to(device, non_blocking=pin), batch["label"].to(device, non_blocking=pin)
-        image = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
-        correct += (class_labels[(image @ text.T).argmax(1)] == labels).sum()
+    for batch in image_batches(dataset, batch_size, device=device):
+        image = F.normalize(model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output, dim=-1)
+        correct += (class_labels[(image @ text.T).argmax(1)] == batch["label"]).sum()
     return correct.item() / len(dataset)
 
 

@@ -23,9 +23,8 @@ def reconstruction_metrics(vae: AutoencoderKL, dataset: ImageDataset, limit: int
     of a class-ordered dataset, not the first few)."""
     device = next(vae.parameters()).device
     psnrs, ssims = [], []  # on the device, read once at the end (a read per batch would wait for a GPU each time)
-    for batch in image_batches(dataset, batch_size, indices=spread_indices(len(dataset), limit),
-                               pin_memory=device.type == "cuda"):
-        images = batch["pixel_values"].to(device, non_blocking=True)
+    for batch in image_batches(dataset, batch_size, indices=spread_indices(len(dataset), limit), device=device):
+        images = batch["pixel_values"]
         recon = reconstruct(vae, images)
         psnrs.append(psnr(recon, images))
         ssims.append(ssim(recon, images))
@@ -50,10 +49,8 @@ def latent_std(vae: AutoencoderKL, dataset: ImageDataset, limit: int, batch_size
     device = next(vae.parameters()).device
     generator = torch.Generator(device=device).manual_seed(0)
     total, total_sq, count = 0.0, 0.0, 0  # float64 sums on the device, read once at the end
-    for batch in image_batches(dataset, batch_size, indices=scale_sample(len(dataset), limit),
-                               pin_memory=device.type == "cuda"):
-        images = batch["pixel_values"].to(device, non_blocking=True)
-        latents = vae.encode(images).latent_dist.sample(generator=generator).double()
+    for batch in image_batches(dataset, batch_size, indices=scale_sample(len(dataset), limit), device=device):
+        latents = vae.encode(batch["pixel_values"]).latent_dist.sample(generator=generator).double()
         total, total_sq, count = total + latents.sum(), total_sq + latents.pow(2).sum(), count + latents.numel()
     mean = float(total) / count
     return (float(total_sq) / count - mean**2) ** 0.5

@@ -135,11 +135,15 @@ def spread_indices(length: int, count: int) -> list[int]:
 
 
 def image_batches(dataset: torch.utils.data.Dataset, batch_size: int, limit: int | None = None,
-                  indices: list[int] | None = None, num_workers: int = 0, pin_memory: bool = False) -> Iterator[dict]:
-    """The dataset's images in order (or `indices`), un-augmented, in batches (in pinned memory, for copies to a
-    GPU that do not block, with `pin_memory`)."""
+                  indices: list[int] | None = None, num_workers: int = 0,
+                  device: torch.device | None = None) -> Iterator[dict]:
+    """The dataset's images in order (or `indices`), un-augmented, in batches; with `device`, each batch's tensors
+    on it (read into pinned memory for a GPU, so that the copy does not wait for the work queued there)."""
     if indices is None:
         indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
+    pin = device is not None and device.type == "cuda"
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
-    yield from loader
+                                         shuffle=False, num_workers=num_workers, pin_memory=pin)
+    for batch in loader:
+        yield batch if device is None else {k: v.to(device, non_blocking=pin) if torch.is_tensor(v) else v
+                                            for k, v in batch.items()}
