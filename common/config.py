@@ -208,7 +208,8 @@ class EvalConfig:
 class Config:
     run_dir: str = ""  # default: checkpoints/<config file name>
     seed: int = 0
-    # deterministic kernels in the training stages: on a GPU, bit-identical reruns of one seed (slower); a CPU's repeat anyway
+    # deterministic kernels in the training stages: on a GPU, bit-identical reruns of one seed (slower); a CPU's repeat anyway.
+    # Strict: an op with no deterministic kernel stops the stage (common/devices.py use_deterministic_kernels)
     deterministic: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)

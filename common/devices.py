@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -138,14 +139,35 @@ def use_deterministic_kernels(enabled: bool) -> None:
     """Deterministic kernels or the fastest ones, set per stage (the flags are process-wide, so a stage after a
     deterministic one in the same process is not slowed). On a GPU, atomic adds (cuDNN's convolution backward
     algorithms, index and embedding backward) sum in a different order each run, so two runs of one seed
-    drift apart; deterministic ones make them repeat bit for bit, at some cost in speed. An op with no
-    deterministic kernel warns (warn_only) instead of stopping the run. A CPU's kernels already repeat."""
+    drift apart; deterministic ones make them repeat bit for bit, at some cost in speed. A CPU's kernels
+    already repeat.
+
+    Strict, as accelerate's `set_seed(deterministic=True)` is: `warn_only=True` is not a gentler version of
+    it, since the flash and memory-efficient attention backward read that flag and then take their
+    non-deterministic path. An op with no deterministic kernel stops the stage instead (see
+    `deterministic_refusal`); none of this project's training steps uses one (tests/test_devices.py)."""
     if enabled:  # cuBLAS reads this when the process makes its first handle: set it before any CUDA matmul
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.deterministic = enabled
     if enabled:  # benchmark mode picks the fastest algorithm per run, so runs could differ
         torch.backends.cudnn.benchmark = False
+
+
+def deterministic_refusal(error: RuntimeError) -> UserError | None:
+    """torch's refusal of a kernel under deterministic=true, as an error naming the config key and the fix;
+    None for any other error."""
+    message = str(error)
+    op = re.match(r"(\S+) does not have a deterministic implementation, but you set", message)
+    if op:
+        return UserError(f"deterministic=true: {op[1]} has no deterministic kernel on this device, so this stage "
+                         f"cannot repeat bit for bit; set deterministic=false (--set deterministic=false) to train "
+                         f"with the fastest kernels")
+    if "CUBLAS_WORKSPACE_CONFIG" in message and "Deterministic behavior was enabled" in message:
+        return UserError(f"deterministic=true: cuBLAS repeats only with CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) "
+                         f"in the environment, but it is {os.environ.get('CUBLAS_WORKSPACE_CONFIG')!r}; unset it or "
+                         f"set it to :4096:8, or set deterministic=false")
+    return None
 
 
 def process_state() -> PartialState:

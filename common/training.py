@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 from common.checkpoint import (finite_or_none, load_tensors, optimizer_from_tensors, optimizer_to_tensors, remove_leftovers,
                                save_tensors, writable_folder)
 from common.config import Config, TrainConfig, dump_config, to_dict
-from common.devices import (make_accelerator, precision_change, refuse_launcher_accumulation, resolve_mixed_precision,
-                            resolve_trackers, stage_setup)
+from common.devices import (deterministic_refusal, make_accelerator, precision_change, refuse_launcher_accumulation,
+                            resolve_mixed_precision, resolve_trackers, stage_setup)
 from common.errors import RunFolderError
 from common.images import save_image
 from common.loop import StopSignals, TrainingDiverged, TrainingInterrupted, ema_decay_at, ema_tensors, lr_factor, update_ema
@@ -176,6 +176,8 @@ class Trainer:
         try:
             with self._signals:
                 yield
+        except RuntimeError as error:  # torch refusing a kernel under deterministic=true: name the key
+            raise deterministic_refusal(error) or error
         finally:
             self._progress.close()
 
@@ -323,9 +325,6 @@ class Trainer:
 
     # ---- resume state ------------------------------------------------------------------------
 
-    def _state_files(self) -> list[Path]:  # newest first; none where the folder does not exist yet
-        return self.run.state_files(self.stage)
-
     def save(self) -> None:
         """Write the full resume state atomically (main process only) and prune old ones."""
         self.accelerator.wait_for_everyone()
@@ -344,7 +343,7 @@ class Trainer:
                     "optimizers": optimizers, "config": to_dict(self.config), "inputs": self.inputs,
                     "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None}
             save_tensors(self.state_dir / f"state-{self.step:08d}.safetensors", tensors, meta)
-            for old in self._state_files()[max(1, self.train.keep_checkpoints):]:
+            for old in self.run.state_files(self.stage)[max(1, self.train.keep_checkpoints):]:
                 old.unlink(missing_ok=True)
         self._saved_step = self.step
         self.accelerator.wait_for_everyone()
@@ -353,7 +352,7 @@ class Trainer:
         """Load the newest complete state file, if any; returns the step to continue from."""
         if self.is_main and self.state_dir.is_dir():
             remove_leftovers(self.state_dir, "state-*")  # from a process killed mid-write
-        for path in self._state_files():
+        for path in self.run.state_files(self.stage):
             try:
                 tensors, meta = load_tensors(path)
             except Exception as error:  # a damaged file (e.g. a disk error): fall back to the one before

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import common.devices
 from common.devices import make_accelerator, resolve_mixed_precision
@@ -267,18 +268,115 @@ def test_training_steps_run_under_cuda_sync_debug_mode_error(tiny_run, tmp_path,
 
 
 def test_deterministic_kernels_are_each_stages_choice(monkeypatch):
-    """config.deterministic sets torch's deterministic algorithms (warning, not stopping, where an op has none),
-    cuDNN's deterministic mode and cuBLAS's workspace; the next stage's Accelerator sets its own choice, so a
-    notebook's later run is not slowed by an earlier one's."""
+    """config.deterministic sets torch's deterministic algorithms, strictly (with warn_only, flash and
+    memory-efficient attention keep their non-deterministic backward), cuDNN's deterministic mode and cuBLAS's
+    workspace; the next stage's Accelerator sets its own choice, so a notebook's later run is not slowed by an
+    earlier one's."""
     import os
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
         make_accelerator("no", deterministic=True)
-        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
         assert torch.backends.cudnn.deterministic and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         make_accelerator("no")
         assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    finally:
+        common.devices.use_deterministic_kernels(False)
+
+
+# torch.use_deterministic_algorithms' list (torch 2.14) of ops that have no deterministic CUDA kernel, as aten
+# names: under deterministic=true they stop a stage on a GPU. ("median.dim": only median with indices.)
+NO_DETERMINISTIC_CUDA_KERNEL = {
+    "avg_pool3d_backward", "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward",
+    "adaptive_max_pool2d_backward", "fractional_max_pool2d_backward", "fractional_max_pool3d_backward",
+    "max_unpool2d", "max_unpool3d", "upsample_linear1d_backward", "upsample_bilinear2d_backward",
+    "upsample_bicubic2d_backward", "upsample_trilinear3d_backward", "_upsample_bilinear2d_aa_backward",
+    "_upsample_bicubic2d_aa_backward", "reflection_pad1d_backward", "reflection_pad2d_backward",
+    "reflection_pad3d_backward", "nll_loss2d_forward", "_ctc_loss_backward", "_embedding_bag_backward",
+    "_embedding_bag_dense_backward", "put", "put_", "histc", "bincount", "median.dim", "nanmedian.dim", "kthvalue",
+    "grid_sampler_2d_backward", "scatter_reduce", "scatter_reduce_",
+}
+
+
+class AtenOps(TorchDispatchMode):
+    """Records the name ('packet.overload') of every aten op run under it, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(f"{func.overloadpacket.__name__}.{func._overloadname}")
+        return func(*args, **(kwargs or {}))
+
+
+def without_deterministic_cuda_kernel(names: set[str]) -> set[str]:
+    return {name for name in names if name in NO_DETERMINISTIC_CUDA_KERNEL or name.split(".")[0] in NO_DETERMINISTIC_CUDA_KERNEL}
+
+
+def test_the_op_recorder_sees_an_op_without_a_deterministic_cuda_kernel():
+    ops = AtenOps()
+    with ops:
+        image = torch.rand(1, 1, 4, 4, requires_grad=True)
+        torch.nn.functional.interpolate(image, scale_factor=2, mode="bilinear").sum().backward()
+    assert without_deterministic_cuda_kernel(ops.names) == {"upsample_bilinear2d_backward.default"}
+
+
+@pytest.mark.parametrize("stage, options", [("vae", ["vae.augment=true"]), ("clip", ["clip.augment=true"]),
+                                             ("ldm", ["ldm.offset_noise=0.1", "ldm.snr_gamma=5"])])
+def test_training_steps_use_no_op_without_a_deterministic_cuda_kernel(tiny_run, tmp_path, monkeypatch, stage, options):
+    """deterministic=true (configs/tiny.yaml's) stops a stage at an op with no deterministic kernel; on a GPU that
+    would be one of torch's list. What a CPU can check: the ops of the middle steps, forward and backward (the
+    VAE's PatchGAN included, from tiny's disc_start=2), are none of them. (On a GPU attention runs other
+    kernels than on the CPU; flash and memory-efficient attention have deterministic backward paths.)"""
+    ops, entered = AtenOps(), []
+
+    def record():
+        if not entered:
+            entered.append(ops.__enter__())
+
+    def stop():
+        if entered:
+            entered.pop().__exit__(None, None, None)
+
+    train_strictly(tiny_run, tmp_path, monkeypatch, stage, record, stop, *options)
+    assert "convolution_backward.default" in ops.names or "mm.default" in ops.names  # the backward pass was seen
+    assert without_deterministic_cuda_kernel(ops.names) == set()
+
+
+def test_evaluators_classifier_training_uses_no_op_without_a_deterministic_cuda_kernel():
+    """evaluate trains its classifier in the process where a deterministic stage may have run (the quickstart):
+    its global pooling to 1x1 is a mean (torch's own shortcut), not adaptive pooling's backward, which has none."""
+    from pipelines.quality import DigitClassifier, fit_classifier
+
+    ops = AtenOps()
+    with ops:
+        fit_classifier(DigitClassifier(1, 10), torch.rand(40, 1, 32, 32) * 2 - 1, torch.randint(10, (40,)), 3, 8)
+    assert "max_pool2d_with_indices_backward.default" in ops.names
+    assert without_deterministic_cuda_kernel(ops.names) == set()
+
+
+def test_an_op_without_a_deterministic_kernel_stops_a_deterministic_stage_naming_the_key(tiny_run, tmp_path, monkeypatch):
+    """torch's refusal (put_ has no deterministic kernel, on the CPU too) becomes a UserError naming the config
+    key and the fix; with deterministic=false the same step trains."""
+    reseed = Trainer.reseed
+
+    def reseed_and_put(self, step):
+        reseed(self, step)
+        if step == 2:
+            torch.zeros(3).put_(torch.tensor([0]), torch.tensor([1.0]))
+
+    monkeypatch.setattr(Trainer, "reseed", reseed_and_put)
+    run = untrained_copy(tiny_run, tmp_path / "run", "ldm")
+    try:
+        with pytest.raises(UserError, match=r"^deterministic=true: put_ has no deterministic kernel on this device, so this "
+                           r"stage cannot repeat bit for bit; set deterministic=false \(--set deterministic=false\) to "
+                           r"train with the fastest kernels$") as caught:
+            ldm_main(tiny_config(run, *quiet_overrides("ldm", 4)))
+        assert isinstance(caught.value.__context__, RuntimeError)
+        ldm_main(tiny_config(run, *quiet_overrides("ldm", 4), "deterministic=false"))
+        assert (run / "train_state" / "ldm" / "state-00000004.safetensors").is_file()
     finally:
         common.devices.use_deterministic_kernels(False)
 
