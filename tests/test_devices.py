@@ -457,6 +457,56 @@ def test_compile_is_per_stage_and_auto_defers_to_the_launcher(monkeypatch):
     make_accelerator("no", "no")
 
 
+def test_compiled_stages_train_and_save_the_models_themselves(tiny_run, tmp_path, monkeypatch):
+    """Every stage trains with compile on, and its checkpoints, EMA and export hold the models themselves,
+    not torch.compile's wrapper. Before: the export declared the UNet as torch's `OptimizedModule`, which
+    no pipeline loads; resume states' keys began `_orig_mod.`, so a run could not resume with compile
+    off; and train-vae stopped at its first GAN step: the adaptive GAN weight backpropagates through the
+    VAE three times (retain_graph), which a compiled model's donated buffers forbid. (The backend here is
+    aot_eager: torch.compile's graph capture and autograd without inductor's code generation, which
+    takes minutes on 2 cores; it has the same wrapper and donated buffers.)"""
+    import json
+
+    from common.checkpoint import load_tensors
+    from ldm.encode import main as encode_main
+    from pipelines import LatentPipeline
+
+    plugin = common.devices.TorchDynamoPlugin
+    monkeypatch.setattr(common.devices, "TorchDynamoPlugin",
+                        lambda backend, mode: plugin(backend="no" if backend == "no" else "aot_eager"))
+    run = tmp_path / "run"
+    config = tiny_config(run, "clip.compile=default", "vae.compile=default", "ldm.compile=default")  # vae.disc_start=2
+    for stage in (clip_main, vae_main, encode_main, ldm_main):
+        stage(config)
+    for stage in ("clip", "vae", "ldm"):
+        setup = json.loads((run / "logs" / f"{stage}.jsonl").read_text().splitlines()[0])
+        assert (setup["event"], setup["compiled"]) == ("setup", True)
+        compiled = load_tensors(max((run / "train_state" / stage).glob("state-*.safetensors")))[0]
+        eager = load_tensors(max((tiny_run / "train_state" / stage).glob("state-*.safetensors")))[0]
+        assert sorted(compiled) == sorted(eager)
+    index = json.loads((run / "model_index.json").read_text())
+    assert (index["unet"], index["vae"], index["text_encoder"]) == (
+        ["diffusers", "UNet2DConditionModel"], ["diffusers", "AutoencoderKL"], ["transformers", "CLIPTextModel"])
+    assert type(LatentPipeline.from_pretrained(run).unet).__name__ == "UNet2DConditionModel"
+
+
+def test_a_resume_state_saved_with_compiles_wrapper_keys_still_resumes(tiny_run, tmp_path, capsys):
+    """States that compiled runs wrote before they saved the models themselves have keys with `_orig_mod.`
+    (model.unet._orig_mod.conv_in.weight); they resume as the same weights."""
+    from common.checkpoint import load_tensors, save_tensors
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    state = max((run / "train_state" / "ldm").glob("state-*.safetensors"))
+    tensors, meta = load_tensors(state)
+    wrapped = {"{}.{}._orig_mod.{}".format(*key.split(".", 2)) if key.startswith(("model.", "ema.")) else key: value
+               for key, value in tensors.items()}
+    assert {"model.unet._orig_mod.conv_in.weight", "ema.unet._orig_mod.conv_in.weight"} <= set(wrapped)
+    save_tensors(state, wrapped, meta)
+    ldm_main(tiny_config(run, *quiet_overrides("ldm", 4)))  # the state's step: nothing more to train
+    assert f"resumed from {state} at step 4" in capsys.readouterr().out
+
+
 def test_accelerate_launch_cpu_on_a_cuda_machine_never_autocasts(monkeypatch, capsys):
     """`accelerate launch --cpu` puts the Accelerator on the CPU even where CUDA is present (ACCELERATE_USE_CPU);
     the precision must follow it, or the launcher's bf16 would autocast on the CPU."""

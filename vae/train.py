@@ -68,7 +68,10 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         trainer.print(f"[vae] training images {training_images.describe()}")
         grid_images = torch.stack([holdout_set[i]["pixel_values"] for i in spread_indices(len(holdout_set), 32)]).to(device)
 
-        with trainer.running(total_steps):
+        # the adaptive GAN weight backpropagates through the VAE three times (retain_graph), which a compiled
+        # model's donated buffers forbid; they are chosen when it compiles, at the first step, GAN on or not
+        whole_graph = torch._functorch.config.patch(donated_buffer=False) if use_gan and trainer.setup["compiled"] else nullcontext()
+        with trainer.running(total_steps), whole_graph:
             for step in range(start, total_steps):
                 trainer.set_learning_rate(step)
                 trainer.reseed(step)
