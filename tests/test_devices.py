@@ -345,15 +345,19 @@ def test_training_steps_use_no_op_without_a_deterministic_cuda_kernel(tiny_run, 
     assert without_deterministic_cuda_kernel(ops.names) == set()
 
 
-def test_evaluators_classifier_training_uses_no_op_without_a_deterministic_cuda_kernel():
-    """evaluate trains its classifier in the process where a deterministic stage may have run (the quickstart):
-    its global pooling to 1x1 is a mean (torch's own shortcut), not adaptive pooling's backward, which has none."""
-    from pipelines.quality import DigitClassifier, fit_classifier
+def test_evaluate_uses_no_op_without_a_deterministic_cuda_kernel(tiny_run, tmp_path):
+    """evaluate runs in the process where a deterministic stage may have run (the quickstart, a notebook), and
+    torch's setting is process-wide: it trains its classifier (whose global pooling to 1x1 is a mean, torch's own
+    shortcut, not adaptive pooling's backward, which has no deterministic kernel), samples with the tuned
+    guidance and decodes, and none of that uses an op of torch's list."""
+    from pipelines.evaluate import main as evaluate_main
 
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
     ops = AtenOps()
     with ops:
-        fit_classifier(DigitClassifier(1, 10), torch.rand(40, 1, 32, 32) * 2 - 1, torch.randint(10, (40,)), 3, 8)
-    assert "max_pool2d_with_indices_backward.default" in ops.names
+        evaluate_main(tiny_config(run, "evaluate.tune=true", "evaluate.tune_images_per_class=2"))
+    assert {"max_pool2d_with_indices_backward.default", "upsample_nearest2d.default"} <= ops.names  # trained, decoded
     assert without_deterministic_cuda_kernel(ops.names) == set()
 
 
