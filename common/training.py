@@ -134,8 +134,9 @@ class Trainer:
             self.emas[name] = (ema_model, ema_tensors(ema_model), ema_tensors(self.unwrap(name)))
         return model
 
-    def unwrap(self, name: str) -> torch.nn.Module:  # the model itself: no DDP, no torch.compile wrapper (its _orig_mod.
-        return self.accelerator.unwrap_model(self.models[name], keep_torch_compile=False)  # keys, its class name)
+    def unwrap(self, name: str) -> torch.nn.Module:
+        """The model itself: no DDP, no torch.compile wrapper (whose class name and `_orig_mod.` keys would be saved)."""
+        return self.accelerator.unwrap_model(self.models[name], keep_torch_compile=False)
 
     def inference_model(self, name: str) -> torch.nn.Module:
         """The EMA weights where there are some, else the trained ones."""
@@ -366,7 +367,7 @@ class Trainer:
 
     def _load(self, path: Path, tensors: dict, meta: dict) -> None:
         self.run.check_resumable(self.stage, meta.get("config"), self.config, path, meta["step"])
-        tensors = {key.replace("._orig_mod.", ".", 1): value for key, value in tensors.items()}  # older compiled runs'
+        tensors = {key.replace("._orig_mod.", ".", 1): value for key, value in tensors.items()}  # compiled runs before d4e90a2
         saved = meta.get("inputs") or {}
         changed = sorted(k for k in self.inputs if k in saved and saved[k] != self.inputs[k])
         if changed:

@@ -385,6 +385,23 @@ def test_an_op_without_a_deterministic_kernel_stops_a_deterministic_stage_naming
         common.devices.use_deterministic_kernels(False)
 
 
+def test_torchs_refusals_under_deterministic_kernels_name_the_key_and_other_errors_pass(monkeypatch):
+    from common.devices import deterministic_refusal
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    cublas = RuntimeError("Deterministic behavior was enabled with either `torch.use_deterministic_algorithms(True)` or "
+                          "`at::Context::setDeterministicAlgorithms(true)`, but this operation is not deterministic because "
+                          "it uses CuBLAS and you have CUDA >= 10.2. To enable deterministic behavior in this case, you must "
+                          "set an environment variable before running your PyTorch application: CUBLAS_WORKSPACE_CONFIG=:4096:8")
+    assert str(deterministic_refusal(cublas)) == (
+        "deterministic=true: cuBLAS repeats only with CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) in the environment, but "
+        "it is ':0:0'; unset it or set it to :4096:8, or set deterministic=false")
+    kernel = RuntimeError("upsample_bilinear2d_backward_out_cuda does not have a deterministic implementation, but you set "
+                          "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this operation")
+    assert str(deterministic_refusal(kernel)).startswith("deterministic=true: upsample_bilinear2d_backward_out_cuda has no ")
+    assert deterministic_refusal(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) is None
+
+
 def test_stages_in_one_process_may_use_different_precisions():
     """accelerate's process-wide state refuses a second precision; make_accelerator resets it per stage."""
     from accelerate import Accelerator
