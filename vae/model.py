@@ -103,10 +103,11 @@ def discriminator_loss(disc: nn.Module, images: torch.Tensor, recon: torch.Tenso
 
 
 def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-    """||grad rec|| / ||grad gan|| at the decoder's last layer (Esser et al. 2021, eq. 7)."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+    """||grad rec|| / ||grad gan|| at the decoder's last layer (Esser et al. 2021, eq. 7). Each norm is taken
+    before the next backward: under CUDA graphs (compile=reduce-overhead) a replay reuses its outputs' memory."""
+    rec_norm = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0].norm()
+    gan_norm = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0].norm()
+    return (rec_norm / (gan_norm + 1e-4)).clamp(0.0, 1e4).detach()
 
 
 def lpips_backbone_available(net: str) -> bool:
