@@ -44,7 +44,8 @@ from common.devices import (deterministic_refusal, make_accelerator, precision_c
                             resolve_mixed_precision, resolve_trackers, stage_setup)
 from common.errors import RunFolderError
 from common.images import save_image
-from common.loop import StopSignals, TrainingDiverged, TrainingInterrupted, ema_decay_at, ema_tensors, lr_factor, update_ema
+from common.loop import (StopSignals, TrainingDiverged, TrainingInterrupted, ema_decay_at, ema_tensors, lr_factor,
+                         scaled_step, update_ema)
 from common.pretrained import check_init_elsewhere
 from common.run import RunFolder, RunLock
 from common.tracking import hyperparameters, log_images, plot_curves
@@ -154,9 +155,8 @@ class Trainer:
         t = self.train
         lrs = ", ".join(f"{name} {lr:.3g}" for name, lr in self.base_lrs.items())
         self.print(f"[{self.stage}] device {self.device} | mixed precision {self.accelerator.mixed_precision} | "
-                   f"torch.compile {'on' if self.setup['compiled'] else 'off'} | "
-                   f"effective batch {t.batch_size} per process x {self.world_size} processes x "
-                   f"{t.grad_accum} accumulation = {self.global_batch} | lr {lrs}"
+                   f"torch.compile {'on' if self.setup['compiled'] else 'off'} | effective batch {t.batch_size} per process "
+                   f"x {self.world_size} processes x {t.grad_accum} accumulation = {self.global_batch} | lr {lrs}"
                    f"{' (scaled with the batch)' if t.scale_lr else ''}")
 
     # ---- the step ----------------------------------------------------------------------------
@@ -207,19 +207,18 @@ class Trainer:
         update on the device through its `found_inf` input, as it does for GradScaler)."""
         model, optimizer = self.models[name], self.optimizers[name]
         max_norm = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
+        if self.accelerator.scaler is not None:  # fp16: GradScaler skips overflowing steps itself (routine, not divergence)
+            self._grad_norms[name] = scaled_step(self.accelerator.scaler, optimizer.optimizer, model, max_norm)
+            optimizer.zero_grad(set_to_none=True)
+            return torch.ones((), dtype=torch.bool, device=self.device)
         norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
         if norm is None:  # accelerate returns None where it cannot compute it (e.g. some sharded setups)
             finite = torch.ones((), dtype=torch.bool, device=self.device)
         else:
             finite = torch.isfinite(norm)
             self._grad_norms[name] = norm.detach()
-        if self.accelerator.scaler is not None:  # fp16: GradScaler skips inf steps itself while it calibrates,
-            optimizer.step()                     # which is routine, not a sign of divergence
-            optimizer.zero_grad(set_to_none=True)
-            return torch.ones((), dtype=torch.bool, device=self.device)
-        inner = optimizer.optimizer
-        if inner.defaults.get("fused"):
-            inner.found_inf = (~finite).float()
+        if optimizer.optimizer.defaults.get("fused"):
+            optimizer.optimizer.found_inf = (~finite).float()
         elif not bool(finite):  # an unfused optimizer can only skip from the host
             optimizer.zero_grad(set_to_none=True)
             return finite
@@ -232,6 +231,8 @@ class Trainer:
 
         The streak is kept on the device and read every `log_every` steps (and before each checkpoint).
         """
+        if self.accelerator.scaler is not None:  # fp16: one loss-scale update per step, once every optimizer stepped
+            self.accelerator.scaler.update()
         bad = ~torch.as_tensor(finite, device=self.device)
         self._skipped += bad
         self._bad_in_row = (self._bad_in_row + 1) * bad
@@ -265,8 +266,7 @@ class Trainer:
         means = {k: float(v) / self._count for k, v in self._sums.items()}
         self._sums, self._count, self.last_logged = {}, 0, means
         lr = next(iter(self.optimizers.values())).param_groups[0]["lr"] if self.optimizers else 0.0
-        self._progress.set_postfix({k: f"{v:.4g}" for k, v in means.items() if not k.startswith("grad_norm")},
-                                   refresh=False)
+        self._progress.set_postfix({k: f"{v:.4g}" for k, v in means.items() if not k.startswith("grad_norm")}, refresh=False)
         self.write_log({"step": done, "lr": lr, **means})
         if self.trackers:
             self.accelerator.log({f"train/{k}": v for k, v in {"lr": lr, **means}.items()}, step=done)

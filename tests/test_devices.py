@@ -528,6 +528,40 @@ def test_a_resume_state_saved_with_compiles_wrapper_keys_still_resumes(tiny_run,
     assert f"resumed from {state} at step 4" in capsys.readouterr().out
 
 
+def test_fp16_unscales_each_optimizer_once_and_updates_the_scale_once_a_step(tiny_run, tmp_path, monkeypatch):
+    """fp16 (GPUs without bf16: a T4, a V100) scales the loss with a GradScaler. What a CPU can run of it: the
+    accelerator set up as accelerate sets it up on CUDA (autocast, GradScaler), with the CPU's fp16 autocast and
+    a CPU GradScaler. train-vae steps two optimizers once the GAN is on (tiny: from step 2 of 4). Before:
+    accelerate's clip_grad_norm_ for the VAE unscaled both optimizers and its optimizer step updated the scale,
+    so the discriminator's gradients were unscaled again (its logged norm 1/65,536 of fp32's) and the scale
+    was updated twice a step."""
+    import json
+
+    import common.training
+
+    calls = {"unscale_": 0, "update": 0}
+    for method in calls:
+        def counted(self, *args, _method=getattr(torch.amp.GradScaler, method), _name=method, **kwargs):
+            calls[_name] += 1
+            return _method(self, *args, **kwargs)
+        monkeypatch.setattr(torch.amp.GradScaler, method, counted)
+    build = common.training.make_accelerator
+
+    def as_on_cuda(*args, **kwargs):
+        accelerator = build(*args, **kwargs)
+        accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu")
+        return accelerator
+
+    monkeypatch.setattr(common.training, "make_accelerator", as_on_cuda)
+    monkeypatch.setattr(common.training, "resolve_mixed_precision", lambda setting, key: "fp16")
+    run = untrained_copy(tiny_run, tmp_path / "run", "vae")
+    vae_main(tiny_config(run))
+    assert calls == {"unscale_": 2 + 2 * 2, "update": 4}  # steps 0-1: the VAE's; steps 2-3: the VAE's and the disc's
+    fp16, fp32 = ([record["grad_norm_disc"] for record in map(json.loads, (folder / "logs" / "vae.jsonl").read_text().splitlines())
+                   if "grad_norm_disc" in record][-1] for folder in (run, tiny_run))
+    assert 0.5 < fp16 / fp32 < 2
+
+
 def test_accelerate_launch_cpu_on_a_cuda_machine_never_autocasts(monkeypatch, capsys):
     """`accelerate launch --cpu` puts the Accelerator on the CPU even where CUDA is present (ACCELERATE_USE_CPU);
     the precision must follow it, or the launcher's bf16 would autocast on the CPU."""
