@@ -123,9 +123,7 @@ def make_accelerator(mixed_precision: str = "no", compile_mode: str = "auto", tr
     if AcceleratorState._shared_state:  # a stage before this one in the same process: start fresh
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-    if not on_cpu():  # TF32 matmuls and convolutions: fp32 accuracy is not needed for training
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    allow_tf32()
     use_deterministic_kernels(deterministic)
     project = ProjectConfiguration(project_dir=str(logging_dir), logging_dir=str(logging_dir)) if logging_dir else None
     # accumulation is the stages' own (no_sync, loss / grad_accum): accelerate's must stay 1, whatever the env says
@@ -170,6 +168,16 @@ def deterministic_refusal(error: RuntimeError) -> UserError | None:
     return None
 
 
+def allow_tf32() -> None:
+    """TF32 matmuls and convolutions on CUDA (fp32's range, a 10-bit mantissa, several times the speed): training,
+    encoding and sampling do not need fp32's last bits. Every command sets it; torch leaves matmuls in fp32."""
+    if not on_cpu():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def process_state() -> PartialState:
-    """Rank, world size and device for work that trains nothing (encoding): no Accelerator, no precision."""
+    """Rank, world size and device for work that trains nothing (encoding): no Accelerator, no precision;
+    TF32 on a GPU."""
+    allow_tf32()
     return PartialState(cpu=on_cpu())

@@ -20,7 +20,7 @@ from common.checkpoint import writable_folder, write_bytes
 from common.cli import run_cli
 from common.config import Config
 from common.config_checks import seed_problem
-from common.devices import on_cpu, refuse_multi_process
+from common.devices import allow_tf32, on_cpu, refuse_multi_process
 from common.errors import RunFolderError, UserError
 from common.images import make_grid, prompt_grid, save_image
 from ldm.sampling import check_distinct_timesteps
@@ -50,6 +50,7 @@ def load_pipeline(run_dir: str | Path, device: str | torch.device | None = None,
     except (OSError, ValueError, EnvironmentError) as error:
         raise RunFolderError(f"cannot load the pipeline in {run_dir}: {str(error).splitlines()[0][:300]}") from None
     pipe.to(device)
+    allow_tf32()  # as every command, for the fp32 VAE
     if device.type == "cuda":  # the VAE stays in fp32: fp16 VAE decoders can overflow to NaN
         pipe.unet.to(torch.float16)
         pipe.text_encoder.to(torch.float16)

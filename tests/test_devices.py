@@ -402,6 +402,31 @@ def test_torchs_refusals_under_deterministic_kernels_name_the_key_and_other_erro
     assert deterministic_refusal(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) is None
 
 
+def test_every_command_turns_tf32_on_on_a_gpu(tiny_run, monkeypatch):
+    """torch leaves CUDA matmuls in fp32: the training stages, encode-dataset and the pipeline of generate and
+    evaluate turn TF32 on, on a GPU (on the CPU there is nothing to set)."""
+    import pipelines.generate
+
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        common.devices.allow_tf32()
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        with monkeypatch.context() as gpu:
+            gpu.setattr(common.devices, "on_cpu", lambda: False)
+            common.devices.allow_tf32()
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    calls = []
+    monkeypatch.setattr(common.devices, "allow_tf32", lambda: calls.append("stage"))
+    monkeypatch.setattr(pipelines.generate, "allow_tf32", lambda: calls.append("pipeline"))
+    make_accelerator("no")
+    common.devices.process_state()  # encode-dataset's
+    pipelines.generate.load_pipeline(tiny_run, "cpu")
+    assert calls == ["stage", "stage", "pipeline"]
+
+
 def test_stages_in_one_process_may_use_different_precisions():
     """accelerate's process-wide state refuses a second precision; make_accelerator resets it per stage."""
     from accelerate import Accelerator
