@@ -108,7 +108,8 @@ def main(argv: list[str]) -> None:
     # the commands' own options (so --help tells them, and --set=k=v or --run DIR name the run as the commands read
     # them: the grid's folder is the run's), plus this script's CONFIG and --sequential or --side-by-side
     parser = build_parser(__doc__.strip().splitlines()[0], config_required=False,
-                          example="python scripts/quickstart.py configs/mnist.yaml [--set key=value ...] [--sequential]")
+                          example="python scripts/quickstart.py configs/mnist.yaml [--set key=value ...] "
+                                  "[--sequential | --side-by-side]")
     parser.add_argument("config_file", nargs="?", metavar="CONFIG", help="the config of every stage (default: configs/mnist.yaml)")
     order = parser.add_mutually_exclusive_group()
     order.add_argument("--sequential", action="store_true", help="train-clip, then train-vae (else side by side on a CPU)")

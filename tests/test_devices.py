@@ -22,18 +22,23 @@ from vae.train import main as vae_main
 SYNCING = ["item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy"]
 
 
-def count_host_syncs(monkeypatch) -> dict:
-    """Count every call that copies a tensor's value to Python or the host (what would wait for a GPU)."""
-    counts = {name: 0 for name in SYNCING}
-    for name in SYNCING:
-        original = getattr(torch.Tensor, name)
+def count_calls(monkeypatch, owner: type, names: list[str]) -> dict:
+    """Count every call of the methods `names` of the class `owner` (they still run)."""
+    counts = {name: 0 for name in names}
+    for name in names:
+        original = getattr(owner, name)
 
         def wrapped(self, *args, _original=original, _name=name, **kwargs):
             counts[_name] += 1
             return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(torch.Tensor, name, wrapped)
+        monkeypatch.setattr(owner, name, wrapped)
     return counts
+
+
+def count_host_syncs(monkeypatch) -> dict:
+    """Count every call that copies a tensor's value to Python or the host (what would wait for a GPU)."""
+    return count_calls(monkeypatch, torch.Tensor, SYNCING)
 
 
 STAGES = {"vae": vae_main, "clip": clip_main, "ldm": ldm_main}
@@ -563,12 +568,7 @@ def test_fp16_unscales_each_optimizer_once_and_updates_the_scale_once_a_step(tin
 
     import common.training
 
-    calls = {"unscale_": 0, "update": 0}
-    for method in calls:
-        def counted(self, *args, _method=getattr(torch.amp.GradScaler, method), _name=method, **kwargs):
-            calls[_name] += 1
-            return _method(self, *args, **kwargs)
-        monkeypatch.setattr(torch.amp.GradScaler, method, counted)
+    calls = count_calls(monkeypatch, torch.amp.GradScaler, ["unscale_", "update"])
     build = common.training.make_accelerator
 
     def as_on_cuda(*args, **kwargs):
