@@ -43,9 +43,10 @@ def ema_tensors(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.
 def update_ema(ema: tuple[list[torch.Tensor], list[torch.Tensor]], model: tuple[list[torch.Tensor], list[torch.Tensor]],
                decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model for the parameters, one fused kernel for all of them;
-    buffers (e.g. BatchNorm statistics) are copied. Both arguments come from `ema_tensors`."""
+    buffers (e.g. BatchNorm statistics) are copied. Both arguments come from `ema_tensors`. (no_grad reads the
+    parameters as they are: detaching each first would add one dispatched op per parameter to every step.)"""
     (ema_params, ema_buffers), (params, buffers) = ema, model
-    torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
     if ema_buffers:
         torch._foreach_copy_(ema_buffers, buffers)
 
