@@ -139,8 +139,8 @@ def vae_train(config: Config, device: torch.device, options: dict) -> dict:
         images = torch.rand(cfg.batch_size, data.channels, data.image_size, data.image_size, device=device) * 2 - 1
 
         def loss() -> torch.Tensor:  # as vae/train.py's step: the discriminator frozen for the generator's loss
-            with frozen(disc) if disc is not None else nullcontext() as judge:
-                total, _, recon = autoencoder_loss(autoencoder, images, cfg, perceptual, judge, autoencoder.vae.decoder.conv_out.weight)
+            with frozen(list(disc.parameters())) if disc is not None else nullcontext():
+                total, _, recon = autoencoder_loss(autoencoder, images, cfg, perceptual, disc, autoencoder.vae.decoder.conv_out.weight)
             return total if disc is None else total + discriminator_loss(disc, images, recon)
         step = train_step_fn(torch.nn.ModuleList([autoencoder, disc or torch.nn.Identity()]), loss, device, options["precision"])
         seconds = timed(step, device, 2, options["repeats"])

@@ -51,14 +51,14 @@ def update_ema(ema: tuple[list[torch.Tensor], list[torch.Tensor]], model: tuple[
         torch._foreach_copy_(ema_buffers, buffers)
 
 
-def scaled_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+def scaled_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
                 max_norm: float) -> torch.Tensor:
     """fp16's optimizer step: unscale this optimizer's gradients, clip them, step (GradScaler skips a step whose
     gradients overflowed); returns their norm. The caller updates the scale once per training step, after every
     optimizer. (accelerate's clip_grad_norm_ unscales every optimizer, and its optimizer step updates the scale:
     train-vae's second optimizer, the discriminator's, had its gradients unscaled twice.)"""
     scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     scaler.step(optimizer)
     return norm.detach()
 

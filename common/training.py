@@ -202,16 +202,16 @@ class Trainer:
         self.accelerator.backward(loss)
 
     def optimizer_step(self, name: str) -> torch.Tensor:
-        """Clip and apply the gradients; a non-finite gradient norm applies nothing. Returns that
-        norm's finiteness as a device tensor: nothing here waits for the GPU (fused AdamW skips the
-        update on the device through its `found_inf` input, as it does for GradScaler)."""
-        model, optimizer = self.models[name], self.optimizers[name]
+        """Clip and apply the gradients (the optimizer's list of them: walking the model costs host time every step);
+        a non-finite gradient norm applies nothing. Returns that norm's finiteness as a device tensor: nothing here
+        waits for the GPU (fused AdamW skips the update on the device through its `found_inf` input, as for GradScaler)."""
+        optimizer, params = self.optimizers[name], self.optimizers[name].param_groups[0]["params"]
         max_norm = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
         if self.accelerator.scaler is not None:  # fp16: GradScaler skips overflowing steps itself (routine, not divergence)
-            self._grad_norms[name] = scaled_step(self.accelerator.scaler, optimizer.optimizer, model, max_norm)
+            self._grad_norms[name] = scaled_step(self.accelerator.scaler, optimizer.optimizer, params, max_norm)
             optimizer.zero_grad(set_to_none=True)
             return torch.ones((), dtype=torch.bool, device=self.device)
-        norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        norm = self.accelerator.clip_grad_norm_(params, max_norm)
         if norm is None:  # accelerate returns None where it cannot compute it (e.g. some sharded setups)
             finite = torch.ones((), dtype=torch.bool, device=self.device)
         else:

@@ -148,6 +148,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         labels = torch.tensor(train_set.labels, device=device)
 
         model = trainer.add("clip", clip_model)
+        logit_scale = trainer.unwrap("clip").logit_scale  # found once: unwrapping walks the model
         trainer.describe_batch()
         total_steps = steps_for(cfg.max_steps, cfg.epochs, len(train_set), trainer.global_batch)
         start = trainer.resume()
@@ -180,7 +181,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                         trainer.backward(loss / cfg.grad_accum)
                 trainer.check_finite(trainer.optimizer_step("clip"), step)
                 trainer.update_ema(step)
-                trainer.log(step, loss=loss.detach(), scale=trainer.unwrap("clip").logit_scale.exp().detach())
+                trainer.log(step, loss=loss.detach(), scale=logit_scale.exp().detach())
                 trainer.save_if_due(step)
         trainer.save_final()
 

@@ -272,6 +272,26 @@ def test_training_steps_run_under_cuda_sync_debug_mode_error(tiny_run, tmp_path,
     assert (run / "train_state" / stage / "state-00000006.safetensors").is_file()
 
 
+@pytest.mark.parametrize("stage", ["ldm", "vae", "clip"])
+def test_a_training_step_never_walks_a_model(tiny_run, tmp_path, monkeypatch, stage):
+    """Walking a model's modules or parameters (model.parameters(), accelerate's unwrap_model) is host work a GPU
+    waits for at every step; the middle steps of each stage do none (train-vae's with its GAN on from step 2).
+    Before: clipping walked the model being stepped, train-vae the discriminator it froze, train-clip the model to
+    read its logit scale."""
+    walks = []
+    walking = []
+    named_modules = torch.nn.Module.named_modules
+
+    def recorded(self, *args, **kwargs):
+        if walking:
+            walks.append(type(self).__name__)
+        return named_modules(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "named_modules", recorded)
+    train_strictly(tiny_run, tmp_path, monkeypatch, stage, lambda: walking.append(True), walking.clear)
+    assert walks == []
+
+
 class AtenOpCount(TorchDispatchMode):
     """Counts the aten ops dispatched under it, forward and backward: on a GPU, each is a kernel launch or at
     least a trip through the dispatcher, the host's work per step."""

@@ -28,14 +28,16 @@ from vae.reconstruct import latent_std, reconstruction_grid, reconstruction_metr
 
 
 @contextlib.contextmanager
-def frozen(module: torch.nn.Module):
-    """Use a module without accumulating gradients into it (the discriminator in the VAE's step)."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
+def frozen(params: list[torch.nn.Parameter]):
+    """Use a module's parameters without accumulating gradients into them (the discriminator's in the VAE's step).
+    The list is made once, before the loop: walking the module at every step costs the host time a GPU waits for."""
+    flags = [p.requires_grad for p in params]
     try:
-        yield module
+        for p in params:
+            p.requires_grad_(False)
+        yield
     finally:
-        for p, flag in zip(module.parameters(), flags):
+        for p, flag in zip(params, flags):
             p.requires_grad_(flag)
 
 
@@ -55,6 +57,8 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
         last_layer = trainer.unwrap("vae").vae.decoder.conv_out.weight  # where the GAN weight is balanced
         use_gan = cfg.disc_start >= 0 and cfg.disc_weight > 0
         disc = trainer.add("disc", PatchDiscriminator(config.data.channels, cfg.disc_channels, cfg.disc_layers)) if use_gan else None
+        judge = trainer.unwrap("disc") if use_gan else None  # the discriminator as the VAE's loss reads it: no DDP
+        judge_params = list(judge.parameters()) if use_gan else []
         perceptual = build_perceptual_loss(cfg)
         if perceptual is not None:
             perceptual.to(device)
@@ -80,8 +84,9 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
                     images, _ = training_images.batch(step, micro)  # (B, C, H, W) in [-1, 1]
                     if cfg.augment:
                         images = augment_batch(images, config.data.augment)
-                    with trainer.no_sync("vae", micro), frozen(trainer.unwrap("disc")) if gan_on else nullcontext() as judge:
-                        loss, terms, recon = autoencoder_loss(autoencoder, images, cfg, perceptual, judge, last_layer)
+                    with trainer.no_sync("vae", micro), frozen(judge_params) if gan_on else nullcontext():
+                        loss, terms, recon = autoencoder_loss(autoencoder, images, cfg, perceptual, judge if gan_on else None,
+                                                              last_layer)
                         trainer.backward(loss / cfg.grad_accum)
                     if gan_on:
                         with trainer.no_sync("disc", micro):
