@@ -32,6 +32,14 @@ def _floats(node: Any, prefix: str = "") -> list[tuple[str, float]]:
     return found
 
 
+def cuda_graphs_with_accumulation(stage: str, what: str, grad_accum: int) -> str:
+    """Why `what` (a setting that turns CUDA graphs on for `stage`) cannot train with `grad_accum` > 1 micro-batches."""
+    return (f"{what} replays CUDA graphs, and each replay writes its outputs into the same memory: with "
+            f"{stage}.grad_accum={grad_accum}, the gradients one micro-batch leaves would be overwritten by the next "
+            f"one's backward (pytorch/pytorch#169545). Set {stage}.grad_accum=1 with a larger {stage}.batch_size, "
+            f"or {stage}.compile=default")
+
+
 def template_problem(template: str) -> str | None:
     """Why a caption template cannot be formatted with a class's fields, or None if it can."""
     if not template.strip():  # the empty prompt is classifier-free guidance's unconditional one
@@ -88,6 +96,8 @@ def validate(config: Config) -> None:
         require(stage.epochs >= 0, f"{name}.epochs", f"must be >= 0, got {stage.epochs}")
         require(stage.batch_size >= 1, f"{name}.batch_size", f"must be >= 1, got {stage.batch_size}")
         require(stage.grad_accum >= 1, f"{name}.grad_accum", f"must be >= 1, got {stage.grad_accum}")
+        require(stage.compile != "reduce-overhead" or stage.grad_accum == 1, f"{name}.compile",
+                "is " + cuda_graphs_with_accumulation(name, "reduce-overhead, which", stage.grad_accum))
         require(stage.lr > 0, f"{name}.lr", f"must be > 0, got {stage.lr}")
         require(stage.warmup_steps >= 0, f"{name}.warmup_steps", f"must be >= 0, got {stage.warmup_steps}")
         require(0.0 <= stage.min_lr_ratio <= 1.0, f"{name}.min_lr_ratio", f"must be in [0, 1], got {stage.min_lr_ratio}")

@@ -12,6 +12,7 @@ from accelerate.tracking import get_available_trackers
 from accelerate.utils import (DynamoBackend, GradientAccumulationPlugin, ProjectConfiguration, TorchDynamoPlugin,
                                parse_flag_from_env)
 
+from common.config_checks import cuda_graphs_with_accumulation
 from common.errors import UserError
 
 
@@ -41,15 +42,24 @@ def refuse_multi_process(command: str) -> None:
                         f"launch, or with --num_processes 1")
 
 
-def refuse_launcher_accumulation(key: str = "grad_accum") -> None:
-    """The stages accumulate their own micro-batches (`key`); accelerate would also divide every loss by the
-    ACCELERATE_GRADIENT_ACCUMULATION_STEPS that `accelerate launch --gradient_accumulation_steps` or a DeepSpeed
-    `accelerate config` set, silently shrinking the gradients while the effective batch stayed the same."""
+def check_accumulation(stage: str, compile_setting: str, grad_accum: int) -> None:
+    """The stages accumulate their own micro-batches (`<stage>.grad_accum`). So accelerate must not: it would
+    also divide every loss by the ACCELERATE_GRADIENT_ACCUMULATION_STEPS that `accelerate launch
+    --gradient_accumulation_steps` or a DeepSpeed `accelerate config` set, silently shrinking the gradients
+    while the effective batch stayed the same. Nor may the launcher's CUDA graphs (its dynamo mode
+    reduce-overhead, or backend cudagraphs, taken by `compile: auto`) run with several micro-batches; the
+    config's own `compile: reduce-overhead` is refused with them when the config loads."""
     steps = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1").strip() or "1"
     if steps != "1":
         raise UserError(f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={steps} (from accelerate launch "
                         f"--gradient_accumulation_steps or accelerate config) is not how this toolkit accumulates: "
-                        f"unset it and set {key}={steps} instead")
+                        f"unset it and set {stage}.grad_accum={steps} instead")
+    backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    mode = os.environ.get("ACCELERATE_DYNAMO_MODE", "default")
+    if compile_setting == "auto" and grad_accum > 1 and (backend == "cudagraphs" or backend != "no" and mode == "reduce-overhead"):
+        launcher = "backend cudagraphs" if backend == "cudagraphs" else "mode reduce-overhead"
+        raise UserError(cuda_graphs_with_accumulation(stage, f"accelerate launch's dynamo {launcher} (taken by "
+                                                             f"{stage}.compile=auto)", grad_accum))
 
 
 def resolve_mixed_precision(setting: str, key: str = "mixed_precision") -> str:

@@ -78,6 +78,22 @@ def test_out_of_range_values_are_refused(tmp_path, override, key):
         tiny_config(tmp_path, override)
 
 
+def test_cuda_graphs_with_gradient_accumulation_are_refused_on_load(tmp_path):
+    """CUDA graphs (compile=reduce-overhead) write each replay's outputs into the same memory, so the gradients
+    one micro-batch leaves in .grad would be overwritten by the next one's backward (pytorch/pytorch#169545):
+    on a GPU, an error or wrong gradients after minutes of compiling. Refused when the config loads, before
+    any stage (the quickstart's first) starts; either setting alone is fine."""
+    with pytest.raises(ConfigError) as error:
+        tiny_config(tmp_path, "vae.compile=reduce-overhead", "vae.grad_accum=2")
+    assert str(error.value) == (
+        "config key 'vae.compile' is reduce-overhead, which replays CUDA graphs, and each replay writes its outputs "
+        "into the same memory: with vae.grad_accum=2, the gradients one micro-batch leaves would be overwritten by "
+        "the next one's backward (pytorch/pytorch#169545). Set vae.grad_accum=1 with a larger vae.batch_size, or "
+        "vae.compile=default")
+    assert tiny_config(tmp_path, "ldm.compile=reduce-overhead").ldm.grad_accum == 1
+    assert tiny_config(tmp_path, "ldm.compile=default", "ldm.grad_accum=2").ldm.grad_accum == 2
+
+
 def test_round_trip_through_yaml(tmp_path):
     config = tiny_config(tmp_path, "seed=5", "data.captions=['Draw a {name}']")
     again = from_dict(Config, yaml.safe_load(dump_config(config)))

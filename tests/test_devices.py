@@ -715,6 +715,24 @@ def test_the_run_records_the_precision_it_trained_in_and_a_resume_that_changes_i
             in capsys.readouterr().out)
 
 
+@pytest.mark.parametrize("backend, mode, launcher", [("inductor", "reduce-overhead", "mode reduce-overhead"),
+                                                    ("cudagraphs", "default", "backend cudagraphs")])
+def test_the_launchers_cuda_graphs_with_gradient_accumulation_are_refused(tmp_path, monkeypatch, backend, mode, launcher):
+    """compile=auto takes `accelerate launch --dynamo_backend/--dynamo_mode`; CUDA graphs from there, with
+    grad_accum > 1, are refused as the config's own reduce-overhead is (see test_config), before anything is written."""
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", backend)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", mode)
+    config = tiny_config(tmp_path / "run", "clip.grad_accum=2")
+    with pytest.raises(UserError) as error:
+        Trainer("clip", config, config.clip)
+    assert str(error.value) == (
+        f"accelerate launch's dynamo {launcher} (taken by clip.compile=auto) replays CUDA graphs, and each replay "
+        f"writes its outputs into the same memory: with clip.grad_accum=2, the gradients one micro-batch leaves would "
+        f"be overwritten by the next one's backward (pytorch/pytorch#169545). Set clip.grad_accum=1 with a larger "
+        f"clip.batch_size, or clip.compile=default")
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_launchers_gradient_accumulation_is_refused_not_applied_on_top(tmp_path, monkeypatch):
     """ACCELERATE_GRADIENT_ACCUMULATION_STEPS (accelerate launch --gradient_accumulation_steps, a DeepSpeed
     accelerate config) made accelerator.backward divide every loss by it too: gradients 4x smaller, while the
