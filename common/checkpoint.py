@@ -115,9 +115,18 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict, meta
 
 def check_weights(folder: str | Path, command: str) -> None:
     """Refuse a model folder (`save_pretrained` output) whose safetensors are damaged, naming the file and
-    `command`, before diffusers or transformers fail on it with a bare decoding or OSError."""
+    `command`, before diffusers or transformers fail on it with a bare decoding or OSError; or that holds a
+    NaN or infinite weight, which loads without a word and makes every latent, text state or image it
+    touches NaN (train-ldm would then stop on "non-finite losses", blaming its learning rate)."""
     for path in sorted(Path(folder).glob("*.safetensors")):
         check_safetensors(path, command)
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                weight = f.get_tensor(key)
+                if weight.is_floating_point() and not torch.isfinite(weight).all():
+                    raise DamagedFileError(f"{path} holds non-finite weights (NaN or infinity in {key}): the model "
+                                           f"diverged or the file was changed; re-run `{command} --config ...` to "
+                                           f"write it again")
 
 
 def decode_metadata(header: dict | None) -> dict | None:

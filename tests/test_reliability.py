@@ -137,6 +137,33 @@ def test_a_damaged_latent_shard_is_named_at_train_ldm_and_encoded_again(tiny_run
     assert shard.read_bytes() == whole
 
 
+@pytest.mark.parametrize("component, tensor, command", [
+    ("vae", "encoder.conv_out.weight", "train-vae"), ("text_encoder", "final_layer_norm.weight", "train-clip"),
+    ("unet", "conv_out.bias", "train-ldm")])
+def test_a_model_with_a_nan_weight_is_refused_where_it_is_loaded(tiny_run, tmp_path, component, tensor, command):
+    """A NaN or infinite weight is structurally a whole file, and loads without a word: every latent, text state
+    or image it touches is NaN. Before: encode-dataset cached NaN latents from such a VAE, and train-ldm then
+    stopped on 20 non-finite losses in a row, saying "Lower ldm.lr or check the data"."""
+    from safetensors.torch import load_file, save_file
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    weights = next((run / component).glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors[tensor].view(-1)[0] = float("inf" if component == "unet" else "nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    message = (f"{weights} holds non-finite weights (NaN or infinity in {tensor}): the model diverged or the file was "
+               f"changed; re-run `{command} --config ...` to write it again")
+    with pytest.raises(DamagedFileError) as error:
+        LatentPipeline.from_pretrained(run)
+    assert str(error.value) == message
+    if component != "unet":  # the stages that read it refuse it before writing anything
+        cache = {path.name: path.read_bytes() for path in (run / "latents").iterdir()}
+        with pytest.raises(DamagedFileError) as error:
+            (encode_main if component == "vae" else ldm_main)(tiny_config(run, "ldm.max_steps=6"))
+        assert str(error.value) == message
+        assert {path.name: path.read_bytes() for path in (run / "latents").iterdir()} == cache
+
+
 def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_path):
     """SIGKILL at random moments (checkpoint writes included: one every step); every restart resumes
     from the last complete checkpoint, and the end result equals a run that was never killed."""
