@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
+from common.checkpoint import check_weights
 from common.config import Config
 from common.data import ImageDataset
 from common.errors import UserError
@@ -33,6 +34,7 @@ def load_clip(run: RunFolder) -> CLIPModel:
         raise UserError(f"evaluating a caption dataset needs the run's whole CLIP in {folder} (both towers), which "
                         f"train-clip writes; this run has none (trained before it was saved, or with "
                         f"text_encoder.pretrained). Re-run train-clip --run {run.root} to add it")
+    check_weights(folder, "train-clip")  # a damaged or non-finite file named, not a bare error or NaN scores
     return CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True).eval()
 
 

@@ -2,12 +2,14 @@
 
 import argparse
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from common.checkpoint import DamagedFileError
 from common.config_yaml import load_config
 from common.errors import UserError
 from conftest import ROOT, tiny_config
@@ -66,6 +68,12 @@ def test_metadata_jsonl_with_free_captions_end_to_end(jsonl_folder, tmp_path):
     flags = lambda interval: argparse.Namespace(steps=None, guidance=4.0, guidance_interval=interval)  # noqa: E731
     everywhere, late = (evaluate_main(config, flags(interval)) for interval in (None, [0.5, 1.0]))
     assert late["guidance_interval"] == [0.5, 1.0] and late["clip_score"]["generated"] != everywhere["clip_score"]["generated"]
+
+    # a damaged clip/ is named with the command that writes it again (before: transformers' bare error)
+    weights = tmp_path / "run" / "clip" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(DamagedFileError, match=re.escape(f"{weights} is damaged (") + r"\d+ bytes where its header describes \d+: cut short"):
+        evaluate_main(config)
 
     # a run without the whole CLIP (trained before train-clip saved it) gets a clear error
     shutil.rmtree(tmp_path / "run" / "clip")
