@@ -120,13 +120,18 @@ def check_weights(folder: str | Path, command: str) -> None:
     touches NaN (train-ldm would then stop on "non-finite losses", blaming its learning rate)."""
     for path in sorted(Path(folder).glob("*.safetensors")):
         check_safetensors(path, command)
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                weight = f.get_tensor(key)
-                if weight.is_floating_point() and not torch.isfinite(weight).all():
-                    raise DamagedFileError(f"{path} holds non-finite weights (NaN or infinity in {key}): the model "
-                                           f"diverged or the file was changed; re-run `{command} --config ...` to "
-                                           f"write it again")
+        check_finite_weights(path, command)
+
+
+def check_finite_weights(path: str | Path, command: str) -> None:
+    """Refuse a (whole) safetensors file with a NaN or infinite float tensor, naming it and `command`."""
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            weight = f.get_tensor(key)
+            if weight.is_floating_point() and not torch.isfinite(weight).all():
+                raise DamagedFileError(f"{path} holds non-finite weights (NaN or infinity in {key}): the model "
+                                       f"diverged or the file was changed; re-run `{command} --config ...` to "
+                                       f"write it again")
 
 
 def decode_metadata(header: dict | None) -> dict | None:

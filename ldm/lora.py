@@ -22,7 +22,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from common.checkpoint import check_safetensors, default_file_mode, remove_leftovers
+from common.checkpoint import check_finite_weights, check_safetensors, default_file_mode, remove_leftovers
 from common.errors import RunFolderError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
@@ -197,4 +197,5 @@ def safetensors_only(source, kwargs: dict) -> dict:
             held = f"its tensors, such as '{min(names)}', are not named lora" if names else "it holds no tensors"
             raise ValueError(f"{path} holds no LoRA adapters ({held}): pass the folder that train-ldm with "
                              f"ldm.lora_rank wrote, which holds {LORA_FILE}")
+        check_finite_weights(path, "train-ldm")  # else every image is NaN, and sampling gets the blame
     return {**kwargs, "use_safetensors": True}

@@ -163,6 +163,23 @@ def test_a_damaged_lora_file_is_named(tmp_path):
     assert not pipe.get_list_adapters()
 
 
+def test_a_lora_with_a_nan_weight_is_refused(tmp_path):
+    """Before: it loaded, and every image then failed with "sampling gave non-finite latents ... try fewer steps,
+    another scheduler or a lower guidance scale", blaming the sampler."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(ROOT / "checkpoints" / "mnist-lora" / LORA_FILE)
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, tmp_path / LORA_FILE)
+    pipe = LatentPipeline.from_pretrained(ROOT / "checkpoints" / "mnist")
+    with pytest.raises(DamagedFileError) as error:
+        pipe.load_lora_weights(tmp_path)
+    assert str(error.value) == (f"{tmp_path / LORA_FILE} holds non-finite weights (NaN or infinity in {name}): the model "
+                                f"diverged or the file was changed; re-run `train-ldm --config ...` to write it again")
+    assert not pipe.get_list_adapters()
+
+
 def test_a_model_that_is_not_a_lora_is_named(tmp_path):
     """Before: a UNet's own folder or weights file passed to load_lora_weights failed with diffusers' 'Invalid LoRA
     checkpoint. Make sure all LoRA param names contain `'lora'` substring.', naming no file."""
