@@ -64,8 +64,14 @@ def train_classifier(config: Config, train_set: ImageDataset, holdout_set: Image
         printed, printed_labels = print_font_images(learn)
         key["print_fonts"] = hashlib.sha256(printed.numpy().tobytes() + printed_labels.numpy().tobytes()).hexdigest()[:16]
     if (folder / CLASSIFIER_FILE).is_file():
-        tensors, meta = load_tensors(folder / CLASSIFIER_FILE)
-        if meta and meta.get("key") == key:
+        try:
+            tensors, meta = load_tensors(folder / CLASSIFIER_FILE)
+        except Exception as error:  # a damaged cache (a disk error, a cut-short copy) is only trained again
+            print(f"[evaluate] ignoring the unreadable cached classifier {folder / CLASSIFIER_FILE} "
+                  f"({str(error).splitlines()[0][:120]}); training it again")
+            tensors, meta = {}, None
+        # a non-finite weight would read every image as one class: recognition silently wrong, so trained again
+        if meta and meta.get("key") == key and all(torch.isfinite(t).all() for t in tensors.values()):
             model.load_state_dict(tensors)
             return model.eval(), meta["heldout_accuracy"]
     images, labels = real_images(learn), torch.tensor(learn.labels)

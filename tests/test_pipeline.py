@@ -601,6 +601,34 @@ def test_the_evaluator_classifier_does_not_depend_on_what_ran_before_in_the_proc
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+@pytest.mark.parametrize("damage", ["cut short", "nan weight"])
+def test_a_damaged_cached_evaluator_classifier_is_trained_again(tmp_path, capsys, damage):
+    """run/evaluator/ is a cache: a file cut short (before: a traceback with safetensors' bare 'incomplete metadata')
+    or holding a NaN weight (before: loaded, every image read as one class, recognition silently wrong) is trained
+    again, to the very weights the first training gave."""
+    from common.checkpoint import load_tensors, save_tensors
+    from common.data import load_train_and_holdout
+    from pipelines.quality import CLASSIFIER_FILE, train_classifier
+
+    config = tiny_config(tmp_path / "run", "evaluate.classifier_steps=2")
+    train_set, holdout_set = load_train_and_holdout(config.data)
+    first, ceiling = train_classifier(config, train_set, holdout_set, torch.device("cpu"))
+    cached = tmp_path / "run" / "evaluator" / CLASSIFIER_FILE
+    whole = cached.read_bytes()
+    if damage == "cut short":
+        cached.write_bytes(whole[:len(whole) // 2])
+    else:
+        tensors, meta = load_tensors(cached)
+        next(t for t in tensors.values() if t.is_floating_point()).view(-1)[0] = float("nan")
+        save_tensors(cached, tensors, meta)
+    capsys.readouterr()
+    again, ceiling_again = train_classifier(config, train_set, holdout_set, torch.device("cpu"))
+    assert ceiling_again == ceiling and cached.read_bytes() == whole
+    assert all(torch.equal(first.state_dict()[k], again.state_dict()[k]) for k in first.state_dict())
+    said = capsys.readouterr().out
+    assert ("ignoring the unreadable cached classifier" in said) == (damage == "cut short")
+
+
 def test_a_path_that_is_not_a_whole_run_folder_is_refused_naming_what_is_missing(tiny_run, tmp_path):
     """Before: a file gave AttributeError ('PosixPath' object has no attribute 'count'); a folder without unet/ or
     scheduler/ gave diffusers' "no file named config.json found in directory RUN", naming the run, not the component."""
