@@ -264,11 +264,14 @@ def test_the_sync_counter_sees_a_sync(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.set_sync_debug_mode)")
-@pytest.mark.parametrize("stage", ["ldm", "vae", "clip"])
-def test_training_steps_run_under_cuda_sync_debug_mode_error(tiny_run, tmp_path, monkeypatch, stage):
-    """On a GPU: the middle steps of each training stage run with torch.cuda.set_sync_debug_mode('error')."""
+@pytest.mark.parametrize("stage, options", [("ldm", []), ("vae", []), ("clip", []),
+                                             # 160 training images: step 2 (items 128-191) starts epoch 1
+                                             ("vae", ["vae.batch_size=64"]), ("ldm", ["ldm.batch_size=64"])])
+def test_training_steps_run_under_cuda_sync_debug_mode_error(tiny_run, tmp_path, monkeypatch, stage, options):
+    """On a GPU: the middle steps of each training stage run with torch.cuda.set_sync_debug_mode('error'), a
+    new epoch's first step included (its order is copied over from the host: a pageable copy would wait)."""
     run = train_strictly(tiny_run, tmp_path, monkeypatch, stage, lambda: torch.cuda.set_sync_debug_mode("error"),
-                         lambda: torch.cuda.set_sync_debug_mode("default"))
+                         lambda: torch.cuda.set_sync_debug_mode("default"), *options)
     assert (run / "train_state" / stage / "state-00000006.safetensors").is_file()
 
 

@@ -37,8 +37,13 @@ class StepBatches(torch.utils.data.Sampler):
             # keep this epoch and the one before: a batch may straddle the boundary
             self._permutations = {k: p for k, p in self._permutations.items() if k[0] == epoch - 1}
             # made on the host by name (a CPU generator: the same order on every device), not on torch's default
-            # device, which a caller may have set to the GPU; then copied over once per epoch
-            self._permutations[key] = torch.randperm(self.size, generator=generator, device="cpu").to(device)
+            # device, which a caller may have set to the GPU; then copied over once per epoch, from pinned memory:
+            # torch copies pageable memory to a GPU and then waits for the stream (every kernel queued so far), and
+            # where a batch is most of the data (configs/mnist-gpu.yaml) a new epoch starts nearly every step
+            order = torch.randperm(self.size, generator=generator, device="cpu")
+            if torch.device(device).type == "cuda":
+                order = order.pin_memory()
+            self._permutations[key] = order.to(device, non_blocking=True)
         return self._permutations[key]
 
     def index_tensor(self, step: int, micro: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
