@@ -128,6 +128,8 @@ def check_finite_weights(path: str | Path, command: str) -> None:
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
             weight = f.get_tensor(key)
+            if weight.element_size() == 1:  # isfinite has no kernel for some 8-bit floats (float8_e4m3fn)
+                weight = weight.float()
             if weight.is_floating_point() and not torch.isfinite(weight).all():
                 raise DamagedFileError(f"{path} holds non-finite weights (NaN or infinity in {key}): the model "
                                        f"diverged or the file was changed; re-run `{command} --config ...` to "

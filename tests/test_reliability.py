@@ -164,6 +164,22 @@ def test_a_model_with_a_nan_weight_is_refused_where_it_is_loaded(tiny_run, tmp_p
         assert {path.name: path.read_bytes() for path in (run / "latents").iterdir()} == cache
 
 
+def test_the_finite_weights_check_reads_every_dtype(tmp_path):
+    """8-bit floats (torch's isfinite has no float8_e4m3fn kernel), integers and booleans are read too; a NaN
+    among 8-bit floats is found."""
+    from safetensors.torch import save_file
+
+    from common.checkpoint import check_finite_weights
+
+    path = tmp_path / "weights.safetensors"
+    save_file({"scale": torch.ones(3).to(torch.float8_e4m3fn), "count": torch.arange(3, dtype=torch.int8),
+               "mask": torch.ones(2, dtype=torch.bool)}, path)
+    check_finite_weights(path, "train-ldm")
+    save_file({"scale": torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn)}, path)
+    with pytest.raises(DamagedFileError, match=re.escape("holds non-finite weights (NaN or infinity in scale)")):
+        check_finite_weights(path, "train-ldm")
+
+
 def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_path):
     """SIGKILL at random moments (checkpoint writes included: one every step); every restart resumes
     from the last complete checkpoint, and the end result equals a run that was never killed."""
