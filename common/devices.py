@@ -69,11 +69,15 @@ def resolve_mixed_precision(setting: str, key: str = "mixed_precision") -> str:
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() or None
     main = os.environ.get("RANK", "0") == "0"  # no Accelerator yet: one note per launch, not one per process
     if on_cpu():
-        if main and (setting in ("fp16", "bf16") or launcher in ("fp16", "bf16")):
+        if main and (setting in ("fp16", "bf16") or launcher in ("fp16", "bf16", "fp8")):
             asked = f"{key}={setting}" if setting in ("fp16", "bf16") else f"the launcher's mixed precision {launcher}"
             why = "no CUDA device" if not torch.cuda.is_available() else "accelerate launch --cpu"
             print(f"note: {asked} ignored: {why}, training in fp32 on the CPU")
         return "no"
+    if setting == "auto" and launcher not in (None, "no", "fp16", "bf16"):  # fp8: accelerate's TransformerEngine/torchao
+        raise UserError(f"{key}=auto takes the launcher's mixed precision, {launcher} (accelerate launch --mixed_precision "
+                        f"or accelerate config), which this toolkit does not train in; set {key}=bf16 (or fp16, no) to "
+                        f"override it, or launch with --mixed_precision bf16")
     if setting == "auto":
         return launcher or ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if main and launcher and launcher != setting:

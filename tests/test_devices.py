@@ -546,6 +546,26 @@ def test_mixed_precision_on_cuda_defers_to_the_launcher_unless_the_config_says(
     assert (note in printed) if note else printed == ""
 
 
+def test_a_launchers_precision_this_toolkit_does_not_train_in_is_refused(monkeypatch, capsys):
+    """accelerate config's fp8 (TransformerEngine, torchao or MS-AMP) taken by mixed_precision=auto: before, accelerate
+    failed at the stage's start ("no FP8-compatible backend was installed"), or, with one installed, converted
+    the models' linear layers. Refused up front, naming the key; an explicit config value overrides it; a CPU
+    ignores it as it does bf16."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(UserError) as error:
+        resolve_mixed_precision("auto", "ldm.mixed_precision")
+    assert str(error.value) == (
+        "ldm.mixed_precision=auto takes the launcher's mixed precision, fp8 (accelerate launch --mixed_precision or "
+        "accelerate config), which this toolkit does not train in; set ldm.mixed_precision=bf16 (or fp16, no) to "
+        "override it, or launch with --mixed_precision bf16")
+    assert resolve_mixed_precision("bf16", "ldm.mixed_precision") == "bf16"
+    assert "ldm.mixed_precision=bf16 from the config overrides the launcher's mixed precision fp8" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_mixed_precision("auto", "ldm.mixed_precision") == "no"
+    assert "the launcher's mixed precision fp8 ignored: no CUDA device, training in fp32 on the CPU" in capsys.readouterr().out
+
+
 def test_never_mixed_precision_on_the_cpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
