@@ -42,13 +42,27 @@ def refuse_multi_process(command: str) -> None:
                         f"launch, or with --num_processes 1")
 
 
-def check_accumulation(stage: str, compile_setting: str, grad_accum: int) -> None:
-    """The stages accumulate their own micro-batches (`<stage>.grad_accum`). So accelerate must not: it would
+SHARDING = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
+def check_launcher(stage: str, compile_setting: str, grad_accum: int) -> None:
+    """Refuse, before anything is written, what `accelerate launch` / `accelerate config` may set that a stage
+    cannot train with. FSDP and DeepSpeed shard each model's weights across processes, where the EMA copies,
+    resume states and exported pipeline read each model whole: these models are small enough for plain data
+    parallelism (a whole copy on every GPU).
+
+    The stages accumulate their own micro-batches (`<stage>.grad_accum`). So accelerate must not: it would
     also divide every loss by the ACCELERATE_GRADIENT_ACCUMULATION_STEPS that `accelerate launch
     --gradient_accumulation_steps` or a DeepSpeed `accelerate config` set, silently shrinking the gradients
     while the effective batch stayed the same. Nor may the launcher's CUDA graphs (its dynamo mode
     reduce-overhead, or backend cudagraphs, taken by `compile: auto`) run with several micro-batches; the
     config's own `compile: reduce-overhead` is refused with them when the config loads."""
+    for flag, name in SHARDING.items():
+        if parse_flag_from_env(flag):
+            raise UserError(f"{stage}: accelerate launch runs this stage with {name} ({flag}=true, from accelerate "
+                            f"config), which shards each model's weights across processes; this toolkit's EMA, "
+                            f"checkpoints and exported pipeline read them whole. Its models fit on every GPU: run "
+                            f"`accelerate config` again choosing multi-GPU without {name}, or launch with --multi_gpu")
     steps = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1").strip() or "1"
     if steps != "1":
         raise UserError(f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={steps} (from accelerate launch "

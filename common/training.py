@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from common.checkpoint import (finite_or_none, load_tensors, optimizer_from_tensors, optimizer_to_tensors, remove_leftovers,
                                save_tensors, writable_folder)
 from common.config import Config, TrainConfig, dump_config, to_dict
-from common.devices import (check_accumulation, deterministic_refusal, make_accelerator, precision_change,
+from common.devices import (check_launcher, deterministic_refusal, make_accelerator, precision_change,
                             resolve_mixed_precision, resolve_trackers, stage_setup)
 from common.errors import RunFolderError
 from common.images import save_image
@@ -65,7 +65,7 @@ class Trainer:
         self.run.check_shared_settings(config, stage)
         check_init_elsewhere(train.init_from, self.run.root, stage)  # before anything is written
         self.trackers = resolve_trackers(train.report_to, f"{stage}.report_to")
-        check_accumulation(stage, train.compile, train.grad_accum)
+        check_launcher(stage, train.compile, train.grad_accum)
         self.run.check_writable(stage, self.run.logs, self.run.logs / stage, self.run.train_state(stage), self.run.samples)
         self.accelerator = make_accelerator(resolve_mixed_precision(train.mixed_precision, f"{stage}.mixed_precision"),
                                             train.compile, self.trackers, self.run.logs, config.deterministic)

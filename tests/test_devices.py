@@ -756,6 +756,22 @@ def test_the_launchers_cuda_graphs_with_gradient_accumulation_are_refused(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flag, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_a_launcher_that_shards_the_weights_is_refused(tmp_path, monkeypatch, flag, name):
+    """`accelerate config` with FSDP or DeepSpeed shards each model across processes, where the EMA, the resume
+    states and the export read it whole; refused, naming the setting and the fix, before anything is written."""
+    monkeypatch.setenv(flag, "true")
+    config = tiny_config(tmp_path / "run")
+    with pytest.raises(UserError) as error:
+        Trainer("vae", config, config.vae)
+    assert str(error.value) == (
+        f"vae: accelerate launch runs this stage with {name} ({flag}=true, from accelerate config), which shards each "
+        f"model's weights across processes; this toolkit's EMA, checkpoints and exported pipeline read them whole. Its "
+        f"models fit on every GPU: run `accelerate config` again choosing multi-GPU without {name}, or launch with "
+        f"--multi_gpu")
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_launchers_gradient_accumulation_is_refused_not_applied_on_top(tmp_path, monkeypatch):
     """ACCELERATE_GRADIENT_ACCUMULATION_STEPS (accelerate launch --gradient_accumulation_steps, a DeepSpeed
     accelerate config) made accelerator.backward divide every loss by it too: gradients 4x smaller, while the
