@@ -42,7 +42,8 @@ def refuse_multi_process(command: str) -> None:
                         f"launch, or with --num_processes 1")
 
 
-SHARDING = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+SHARDING = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
+            "ACCELERATE_USE_PARALLELISM_CONFIG": "a parallelism config (tensor, context or sharded data parallel)"}
 
 
 def check_launcher(stage: str, compile_setting: str, grad_accum: int) -> None:

@@ -756,7 +756,8 @@ def test_the_launchers_cuda_graphs_with_gradient_accumulation_are_refused(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("flag, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+@pytest.mark.parametrize("flag, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                                        ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")])
 def test_a_launcher_that_shards_the_weights_is_refused(tmp_path, monkeypatch, flag, name):
     """`accelerate config` with FSDP or DeepSpeed shards each model across processes, where the EMA, the resume
     states and the export read it whole; refused, naming the setting and the fix, before anything is written."""
