@@ -23,6 +23,16 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
 
 
+def check_a_gpu_per_process() -> None:
+    """accelerate gives local process k the GPU cuda:k: more processes on a machine than it has GPUs (say
+    `--num_processes 4` copied onto a one-GPU machine) would stop with CUDA's bare "invalid device ordinal"."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if not on_cpu() and local_rank >= torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        raise UserError(f"accelerate launch started process {local_rank} on this machine, which has {gpus} GPU(s), one "
+                        f"per process: launch with --num_processes {gpus} (or fewer), or add --cpu to train on the CPU")
+
+
 def fits_on(device: torch.device, nbytes: int, share: float = 0.25) -> bool:
     """Whether `nbytes` fit in `share` of the memory `device` has free (GPU memory, or the machine's RAM)."""
     if device.type == "cuda":
@@ -48,7 +58,7 @@ SHARDING = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpee
 
 def check_launcher(stage: str, compile_setting: str, grad_accum: int) -> None:
     """Refuse, before anything is written, what `accelerate launch` / `accelerate config` may set that a stage
-    cannot train with. FSDP and DeepSpeed shard each model's weights across processes, where the EMA copies,
+    cannot train with: more processes than GPUs (`check_a_gpu_per_process`). FSDP and DeepSpeed shard each model's weights across processes, where the EMA copies,
     resume states and exported pipeline read each model whole: these models are small enough for plain data
     parallelism (a whole copy on every GPU).
 
@@ -58,6 +68,7 @@ def check_launcher(stage: str, compile_setting: str, grad_accum: int) -> None:
     while the effective batch stayed the same. Nor may the launcher's CUDA graphs (its dynamo mode
     reduce-overhead, or backend cudagraphs, taken by `compile: auto`) run with several micro-batches; the
     config's own `compile: reduce-overhead` is refused with them when the config loads."""
+    check_a_gpu_per_process()
     for flag, name in SHARDING.items():
         if parse_flag_from_env(flag):
             raise UserError(f"{stage}: accelerate launch runs this stage with {name} ({flag}=true, from accelerate "
@@ -208,5 +219,6 @@ def allow_tf32() -> None:
 def process_state() -> PartialState:
     """Rank, world size and device for work that trains nothing (encoding): no Accelerator, no precision;
     TF32 on a GPU."""
+    check_a_gpu_per_process()
     allow_tf32()
     return PartialState(cpu=on_cpu())

@@ -773,6 +773,29 @@ def test_a_launcher_that_shards_the_weights_is_refused(tmp_path, monkeypatch, fl
     assert not (tmp_path / "run").exists()
 
 
+def test_more_processes_than_gpus_are_refused(tiny_run, tmp_path, monkeypatch):
+    """accelerate gives local process k the GPU cuda:k; a launch with more processes than the machine has GPUs
+    stopped with CUDA's bare 'invalid device ordinal'. Each stage that starts processes (the training stages
+    and encode-dataset) refuses it, naming the fix, before anything is written. (A one-GPU machine is emulated.)"""
+    import ldm.encode
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    message = ("accelerate launch started process 1 on this machine, which has 1 GPU(s), one per process: launch with "
+               "--num_processes 1 (or fewer), or add --cpu to train on the CPU")
+    config = tiny_config(tmp_path / "run")
+    with pytest.raises(UserError) as error:
+        Trainer("clip", config, config.clip)
+    assert str(error.value) == message and not (tmp_path / "run").exists()
+    run = untrained_copy(tiny_run, tmp_path / "encoded", "ldm")
+    shutil.rmtree(run / "latents")
+    with pytest.raises(UserError) as error:
+        ldm.encode.main(tiny_config(run))
+    assert str(error.value) == message and not (run / "latents").exists()
+
+
 def test_the_launchers_gradient_accumulation_is_refused_not_applied_on_top(tmp_path, monkeypatch):
     """ACCELERATE_GRADIENT_ACCUMULATION_STEPS (accelerate launch --gradient_accumulation_steps, a DeepSpeed
     accelerate config) made accelerator.backward divide every loss by it too: gradients 4x smaller, while the
