@@ -2,6 +2,7 @@
 accelerate's launcher settings respected. The CUDA variants run on a GPU and skip here."""
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -333,7 +334,10 @@ def test_a_train_ldm_step_dispatches_few_more_ops_than_its_bare_loop(tiny_run, t
     command_ops = [counter.count for counter in counters]
 
     config = tiny_config(run)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the Trainer trained
+    setup = [record for record in map(json.loads, (run / "logs" / "ldm.jsonl").read_text().splitlines())
+             if record.get("event") == "setup"][-1]  # where and in what precision the Trainer trained, this time
+    device = torch.device(setup["device"])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup["mixed_precision"])
     unet = UNet2DConditionModel.from_pretrained(run / "unet").to(device).train()
     noise_scheduler = build_noise_scheduler(config.ldm)
     size, batch = unet.config.sample_size, config.ldm.batch_size
@@ -342,7 +346,9 @@ def test_a_train_ldm_step_dispatches_few_more_ops_than_its_bare_loop(tiny_run, t
     optimizer = torch.optim.AdamW(unet.parameters(), fused=True)
 
     def bare_step():
-        diffusion_loss(unet, noise_scheduler, latents, text_states, config.ldm).backward()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):  # as accelerate's, on a GPU
+            loss = diffusion_loss(unet, noise_scheduler, latents, text_states, config.ldm)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
