@@ -52,22 +52,25 @@ def refuse_multi_process(command: str) -> None:
                         f"launch, or with --num_processes 1")
 
 
-SHARDING = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
-            "ACCELERATE_USE_PARALLELISM_CONFIG": "a parallelism config (tensor, context or sharded data parallel)"}
+SHARDING = {  # what accelerate launch sets for the ways of training that shard a model across processes
+    "ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
+    "ACCELERATE_USE_PARALLELISM_CONFIG": "a parallelism config (tensor, context or sharded data parallel)",
+}
 
 
 def check_launcher(stage: str, compile_setting: str, grad_accum: int) -> None:
     """Refuse, before anything is written, what `accelerate launch` / `accelerate config` may set that a stage
-    cannot train with: more processes than GPUs (`check_a_gpu_per_process`). FSDP and DeepSpeed shard each model's weights across processes, where the EMA copies,
-    resume states and exported pipeline read each model whole: these models are small enough for plain data
-    parallelism (a whole copy on every GPU).
-
-    The stages accumulate their own micro-batches (`<stage>.grad_accum`). So accelerate must not: it would
-    also divide every loss by the ACCELERATE_GRADIENT_ACCUMULATION_STEPS that `accelerate launch
-    --gradient_accumulation_steps` or a DeepSpeed `accelerate config` set, silently shrinking the gradients
-    while the effective batch stayed the same. Nor may the launcher's CUDA graphs (its dynamo mode
-    reduce-overhead, or backend cudagraphs, taken by `compile: auto`) run with several micro-batches; the
-    config's own `compile: reduce-overhead` is refused with them when the config loads."""
+    cannot train with:
+    - more processes on a machine than it has GPUs (`check_a_gpu_per_process`);
+    - FSDP, DeepSpeed, Megatron-LM or a parallelism config, which shard each model across processes, where the
+      EMA copies, resume states and exported pipeline read it whole (these models fit on every GPU);
+    - accelerate's own gradient accumulation (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, from `accelerate launch
+      --gradient_accumulation_steps` or a DeepSpeed config): the stages accumulate their own micro-batches
+      (`<stage>.grad_accum`), and accelerate would divide every loss by it once more, silently shrinking the
+      gradients while the effective batch stayed the same;
+    - the launcher's CUDA graphs (dynamo mode reduce-overhead, or backend cudagraphs, which `compile: auto`
+      takes) with several micro-batches; the config's own `compile: reduce-overhead` is refused with them when
+      the config loads."""
     check_a_gpu_per_process()
     for flag, name in SHARDING.items():
         if parse_flag_from_env(flag):
