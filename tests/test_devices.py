@@ -744,6 +744,16 @@ def test_the_run_records_the_precision_it_trained_in_and_a_resume_that_changes_i
             in capsys.readouterr().out)
 
 
+def trainer_refusal(tmp_path, stage: str, *overrides: str) -> str:
+    """The message of the UserError that `stage`'s Trainer raises on the tiny config with `overrides`, having
+    written nothing."""
+    config = tiny_config(tmp_path / "run", *overrides)
+    with pytest.raises(UserError) as error:
+        Trainer(stage, config, getattr(config, stage))
+    assert not (tmp_path / "run").exists()
+    return str(error.value)
+
+
 @pytest.mark.parametrize("backend, mode, launcher", [("inductor", "reduce-overhead", "mode reduce-overhead"),
                                                     ("cudagraphs", "default", "backend cudagraphs")])
 def test_the_launchers_cuda_graphs_with_gradient_accumulation_are_refused(tmp_path, monkeypatch, backend, mode, launcher):
@@ -751,15 +761,11 @@ def test_the_launchers_cuda_graphs_with_gradient_accumulation_are_refused(tmp_pa
     grad_accum > 1, are refused as the config's own reduce-overhead is (see test_config), before anything is written."""
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", backend)
     monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", mode)
-    config = tiny_config(tmp_path / "run", "clip.grad_accum=2")
-    with pytest.raises(UserError) as error:
-        Trainer("clip", config, config.clip)
-    assert str(error.value) == (
+    assert trainer_refusal(tmp_path, "clip", "clip.grad_accum=2") == (
         f"accelerate launch's dynamo {launcher} (taken by clip.compile=auto) replays CUDA graphs, and each replay "
         f"writes its outputs into the same memory: with clip.grad_accum=2, the gradients one micro-batch leaves would "
         f"be overwritten by the next one's backward (pytorch/pytorch#169545). Set clip.grad_accum=1 with a larger "
         f"clip.batch_size, or clip.compile=default")
-    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("flag, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
@@ -768,15 +774,11 @@ def test_a_launcher_that_shards_the_weights_is_refused(tmp_path, monkeypatch, fl
     """`accelerate config` with FSDP or DeepSpeed shards each model across processes, where the EMA, the resume
     states and the export read it whole; refused, naming the setting and the fix, before anything is written."""
     monkeypatch.setenv(flag, "true")
-    config = tiny_config(tmp_path / "run")
-    with pytest.raises(UserError) as error:
-        Trainer("vae", config, config.vae)
-    assert str(error.value) == (
+    assert trainer_refusal(tmp_path, "vae") == (
         f"vae: accelerate launch runs this stage with {name} ({flag}=true, from accelerate config), which shards each "
         f"model's weights across processes; this toolkit's EMA, checkpoints and exported pipeline read them whole. Its "
         f"models fit on every GPU: run `accelerate config` again choosing multi-GPU without {name}, or launch with "
         f"--multi_gpu")
-    assert not (tmp_path / "run").exists()
 
 
 def test_more_processes_than_gpus_are_refused(tiny_run, tmp_path, monkeypatch):
@@ -791,10 +793,7 @@ def test_more_processes_than_gpus_are_refused(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     message = ("accelerate launch started process 1 on this machine, which has 1 GPU(s), one per process: launch with "
                "--num_processes 1 (or fewer), or add --cpu to train on the CPU")
-    config = tiny_config(tmp_path / "run")
-    with pytest.raises(UserError) as error:
-        Trainer("clip", config, config.clip)
-    assert str(error.value) == message and not (tmp_path / "run").exists()
+    assert trainer_refusal(tmp_path, "clip") == message
     run = untrained_copy(tiny_run, tmp_path / "encoded", "ldm")
     shutil.rmtree(run / "latents")
     with pytest.raises(UserError) as error:
@@ -808,9 +807,6 @@ def test_the_launchers_gradient_accumulation_is_refused_not_applied_on_top(tmp_p
     effective batch said "x 1 accumulation". The stages accumulate themselves (grad_accum)."""
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
     assert make_accelerator("no").gradient_accumulation_steps == 1
-    with pytest.raises(UserError) as error:
-        Trainer("ldm", tiny_config(tmp_path / "run"), tiny_config(tmp_path / "run").ldm)
-    assert str(error.value) == ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4 (from accelerate launch --gradient_accumulation_steps "
-                                "or accelerate config) is not how this toolkit accumulates: unset it and set "
-                                "ldm.grad_accum=4 instead")
-    assert not (tmp_path / "run").exists()
+    assert trainer_refusal(tmp_path, "ldm") == (
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4 (from accelerate launch --gradient_accumulation_steps or accelerate "
+        "config) is not how this toolkit accumulates: unset it and set ldm.grad_accum=4 instead")
