@@ -40,6 +40,7 @@ def main(config: Config, args: argparse.Namespace | None = None) -> dict:
     cfg = config.ldm
     with Trainer("ldm", config, cfg) as trainer:
         run, device = trainer.run, trainer.device
+        check_whole_unet_compiled(trainer)
 
         # Inputs: the latent cache (checked against the VAE and dataset it was made from) and the text encoder
         run.check_finished("vae", "vae")
@@ -136,6 +137,19 @@ def training_batch(cache: LatentCache, rows: torch.Tensor, caption_states: torch
     chosen = torch.where(dropped, empty_caption, chosen)
     variant = torch.randint(caption_states.shape[1], (len(rows),), device=rows.device)
     return latents, caption_states[chosen.to(device), variant.to(device)]
+
+
+def check_whole_unet_compiled(trainer: Trainer) -> None:
+    """accelerate's regional compilation (`accelerate launch --dynamo_use_regional_compilation`, or accelerate
+    config; it reaches an explicit ldm.compile too, through the environment) compiles the UNet's layers one by
+    one, and diffusers' UNet then stops at its first step: it tests `if self.conv_norm_out:`, which a compiled
+    layer answers with TypeError ("GroupNorm does not support len()")."""
+    plugin = trainer.accelerator.state.dynamo_plugin
+    if trainer.setup["compiled"] and getattr(plugin, "use_regional_compilation", False):
+        raise UserError("train-ldm: accelerate's regional compilation (--dynamo_use_regional_compilation, or accelerate "
+                        "config) compiles the UNet's layers one by one, which diffusers' UNet cannot run (its "
+                        "`if self.conv_norm_out:` fails on a compiled layer); compile the whole UNet: launch without "
+                        "regional compilation")
 
 
 def check_lora_base(config: Config) -> None:
