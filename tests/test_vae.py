@@ -96,3 +96,23 @@ def test_the_latent_scale_is_measured_on_every_class():
     assert counts.min() >= 150 and counts.max() <= 260  # about 205 of each digit
     assert sorted({train.labels[i] for i in range(2048)}) == [0, 1, 2, 3, 4]  # what the first 2,048 would be
     assert scale_sample(len(train), 2048) == chosen  # seeded
+
+
+def test_the_vaes_training_forward_compiles_with_dynamic_shapes(tmp_path):
+    """`accelerate launch --dynamo_use_dynamic` (compile=auto takes it): train-vae stopped at its first step, since
+    diffusers' posterior.sample() draws randn(mean.shape), which torch.compile cannot trace with symbolic sizes
+    ("SymIntArrayRef expected to contain only concrete integers"). The forward now draws with randn_like: the very
+    numbers posterior.sample() gives (the runs' weights stay bit for bit the same), and it compiles dynamically
+    (aot_eager: graph capture without inductor's code generation)."""
+    from vae.model import AutoencoderWithPosterior
+
+    torch.manual_seed(0)
+    vae = build_vae(tiny_config(tmp_path).vae, 1, 16)
+    model = AutoencoderWithPosterior(vae)
+    images = torch.rand(8, 1, 16, 16) * 2 - 1
+    torch.manual_seed(1)
+    expected = vae.decode(vae.encode(images).latent_dist.sample()).sample
+    torch.manual_seed(1)
+    assert torch.equal(model(images)[0], expected)
+    reconstruction, _ = torch.compile(model, backend="aot_eager", dynamic=True)(images)
+    assert reconstruction.shape == (8, 1, 16, 16) and torch.isfinite(reconstruction).all()

@@ -162,7 +162,11 @@ class AutoencoderWithPosterior(nn.Module):
 
     def forward(self, images: torch.Tensor):  # (N, C, H, W) -> (N, C, H, W), posterior over (N, c, h, w)
         posterior = self.vae.encode(images).latent_dist
-        return self.vae.decode(posterior.sample()).sample, posterior
+        # posterior.sample()'s draw, number for number (contiguous, as its randn(mean.shape) is; the mean is a
+        # strided view), but from randn_like: that randn fails under torch.compile with dynamic shapes
+        # (accelerate launch --dynamo_use_dynamic: "SymIntArrayRef expected to contain only concrete integers")
+        noise = torch.randn_like(posterior.mean, memory_format=torch.contiguous_format)
+        return self.vae.decode(posterior.mean + posterior.std * noise).sample, posterior
 
 
 def autoencoder_loss(model: nn.Module, images: torch.Tensor, config: VAEConfig, perceptual: PerceptualLoss | None = None,
