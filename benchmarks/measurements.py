@@ -137,9 +137,10 @@ def vae_train(config: Config, device: torch.device, options: dict) -> dict:
         disc = (PatchDiscriminator(data.channels, cfg.disc_channels, cfg.disc_layers).to(device).train()
                 if cfg.disc_start >= 0 and cfg.disc_weight > 0 else None)
         images = torch.rand(cfg.batch_size, data.channels, data.image_size, data.image_size, device=device) * 2 - 1
+        disc_params = list(disc.parameters()) if disc is not None else []  # once, as vae/train.py makes it
 
         def loss() -> torch.Tensor:  # as vae/train.py's step: the discriminator frozen for the generator's loss
-            with frozen(list(disc.parameters())) if disc is not None else nullcontext():
+            with frozen(disc_params) if disc is not None else nullcontext():
                 total, _, recon = autoencoder_loss(autoencoder, images, cfg, perceptual, disc, autoencoder.vae.decoder.conv_out.weight)
             return total if disc is None else total + discriminator_loss(disc, images, recon)
         step = train_step_fn(torch.nn.ModuleList([autoencoder, disc or torch.nn.Identity()]), loss, device, options["precision"])

@@ -27,8 +27,8 @@ def check_a_gpu_per_process() -> None:
     """accelerate gives local process k the GPU cuda:k: more processes on a machine than it has GPUs (say
     `--num_processes 4` copied onto a one-GPU machine) would stop with CUDA's bare "invalid device ordinal"."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    if not on_cpu() and local_rank >= torch.cuda.device_count():
-        gpus = torch.cuda.device_count()
+    gpus = 0 if on_cpu() else torch.cuda.device_count()
+    if gpus and local_rank >= gpus:
         raise UserError(f"accelerate launch started process {local_rank} on this machine, which has {gpus} GPU(s), one "
                         f"per process: launch with --num_processes {gpus} (or fewer), or add --cpu to train on the CPU")
 

@@ -296,15 +296,17 @@ def test_a_training_step_never_walks_a_model(tiny_run, tmp_path, monkeypatch, st
     assert walks == []
 
 
-class AtenOpCount(TorchDispatchMode):
-    """Counts the aten ops dispatched under it, forward and backward: on a GPU, each is a kernel launch or at
-    least a trip through the dispatcher, the host's work per step."""
+class AtenOps(TorchDispatchMode):
+    """Records the name ('packet.overload') of every aten op run under it, forward and backward, and counts the
+    calls: on a GPU each is a kernel launch, or at least a trip through the dispatcher, the host's work per step."""
 
     def __init__(self):
         super().__init__()
+        self.names: set[str] = set()
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(f"{func.overloadpacket.__name__}.{func._overloadname}")
         self.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -319,11 +321,11 @@ def test_a_train_ldm_step_dispatches_few_more_ops_than_its_bare_loop(tiny_run, t
 
     from ldm.model import build_noise_scheduler, diffusion_loss
 
-    counters: list[AtenOpCount] = []  # one per middle step
-    counting: list[AtenOpCount] = []
+    counters: list[AtenOps] = []  # one per middle step
+    counting: list[AtenOps] = []
 
     def count_step():
-        counters.append(AtenOpCount())
+        counters.append(AtenOps())
         counting.append(counters[-1].__enter__())
 
     def stop_counting():
@@ -353,7 +355,7 @@ def test_a_train_ldm_step_dispatches_few_more_ops_than_its_bare_loop(tiny_run, t
         optimizer.zero_grad(set_to_none=True)
 
     bare_step()  # the optimizer's state is made on its first step
-    with AtenOpCount() as bare:
+    with AtenOps() as bare:
         bare_step()
     assert len(command_ops) == 4 and bare.count > 500
     assert max(command_ops) - bare.count <= 60, (command_ops, bare.count)
@@ -389,18 +391,6 @@ NO_DETERMINISTIC_CUDA_KERNEL = {
     "_embedding_bag_dense_backward", "put", "put_", "histc", "bincount", "median.dim", "nanmedian.dim", "kthvalue",
     "grid_sampler_2d_backward", "scatter_reduce", "scatter_reduce_",
 }
-
-
-class AtenOps(TorchDispatchMode):
-    """Records the name ('packet.overload') of every aten op run under it, forward and backward."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(f"{func.overloadpacket.__name__}.{func._overloadname}")
-        return func(*args, **(kwargs or {}))
 
 
 def without_deterministic_cuda_kernel(names: set[str]) -> set[str]:
